@@ -1,0 +1,307 @@
+"""Stage 1: run every image and caption of a manifest through its teacher, once, into a store.
+
+The job is resumable chunk by chunk (finished chunks carry a marker and are never recomputed), can be
+split over torchrun ranks (each takes a contiguous share of the unfinished chunks of one store), and
+overlaps image decoding (DataLoader workers) with the teacher's forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed, split_evenly
+from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, Encoder, build_encoder
+from pipeline.errors import CusaError, ImageError
+from pipeline.images import load_image
+from pipeline.manifest import Manifest, read_manifest
+from teacher_cache.neighbors import build_neighbor_table, save_index
+from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
+
+ON_BAD_IMAGE = ("fail", "skip")
+
+
+@dataclass
+class BuildConfig:
+    annotations: str
+    out: str
+    format: str = "auto"
+    image_root: str | None = None
+    split: str = "all"
+    text_teacher: str = DEFAULT_TEXT_TEACHER
+    image_teacher: str = DEFAULT_IMAGE_TEACHER
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    neighbors: int = 32
+    index: str = "Flat"
+    on_bad_image: str = "fail"
+    overwrite: bool = False
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    progress: bool = True
+    csv_image_column: str = "image"
+    csv_caption_column: str = "caption"
+    csv_id_column: str | None = None
+
+
+@dataclass
+class ModalityStats:
+    rows: int = 0  # rows embedded by this run (resumed rows are not counted)
+    seconds: float = 0.0
+    skipped_chunks: int = 0  # chunks already finished by an earlier run
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class BuildSummary:
+    store: str
+    counts: dict
+    dims: dict
+    teachers: dict
+    fingerprint: str
+    complete: bool
+    images: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)
+    neighbors: dict = field(default_factory=dict)
+    skipped_images: list = field(default_factory=list)
+    size_bytes: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: Encoder, chunk_rows: int) -> StoreLayout:
+    """What the store records about a manifest and its teachers (no embeddings yet)."""
+    split_fps = {s: manifest.select_split(s).fingerprint() for s in manifest.splits() if s}
+    return StoreLayout(
+        fingerprint=manifest.fingerprint(),
+        split_fingerprints=split_fps,
+        image_ids=[im.image_id for im in manifest.images],
+        image_paths=[im.path for im in manifest.images],
+        image_splits=[im.split for im in manifest.images],
+        captions=[c.text for c in manifest.captions],
+        caption_image_rows=manifest.caption_image_rows(),
+        teachers={"image": image_encoder.identity(), "text": text_encoder.identity()},
+        dims={"images": int(image_encoder.dim), "texts": int(text_encoder.dim)},
+        chunk_rows=chunk_rows,
+        source=str(manifest.source),
+    )
+
+
+def normalize_rows(emb: np.ndarray, what: str) -> np.ndarray:
+    emb = np.asarray(emb, dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    if not np.isfinite(emb).all() or (norms == 0).any():
+        bad = np.flatnonzero((~np.isfinite(emb).all(axis=1)) | (norms[:, 0] == 0))
+        raise CusaError(f"the teacher returned zero or non-finite embeddings for {what} rows {bad[:5].tolist()}")
+    return emb / norms
+
+
+class _ImageRows(Dataset):
+    """Decodes and preprocesses image rows in DataLoader workers; a bad file becomes an error record."""
+
+    def __init__(self, manifest: Manifest, preprocess: Callable):
+        self.manifest = manifest
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.manifest.images)
+
+    def __getitem__(self, row: int):
+        try:
+            img = load_image(self.manifest.image_path(row), row=row)
+            return row, self.preprocess(img), None
+        except ImageError as exc:
+            return row, None, str(exc)
+
+
+def _collate(items):
+    rows = [r for r, _, _ in items]
+    tensors = [t for _, t, _ in items if t is not None]
+    errors = {r: e for r, _, e in items if e is not None}
+    batch = torch.stack(tensors) if tensors else None
+    return rows, batch, errors
+
+
+def _chunk_batches(store: Store, modality: str, chunks: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches that never cross a chunk boundary, so each chunk can be written as soon as it is done."""
+    batches = []
+    for c in chunks:
+        start, stop = store.chunk_range(modality, c)
+        for lo in range(start, stop, batch_size):
+            batches.append(list(range(lo, min(lo + batch_size, stop))))
+    return batches
+
+
+def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
+                  show: bool) -> ModalityStats:
+    stats = ModalityStats()
+    if not chunks:
+        return stats
+    t0 = time.perf_counter()
+    total = sum(store.chunk_range("images", c)[1] - store.chunk_range("images", c)[0] for c in chunks)
+    bar = tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True)
+    needs_pixels = getattr(encoder, "needs_pixels", True)
+    if needs_pixels:
+        loader = DataLoader(
+            _ImageRows(manifest, encoder.preprocess),
+            batch_sampler=_chunk_batches(store, "images", chunks, cfg.batch_size),
+            num_workers=cfg.workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if cfg.workers > 0 else None,
+            persistent_workers=False,
+        )
+        batches = iter(loader)
+    else:
+        ids = [im.image_id for im in manifest.images]
+        batches = (
+            (rows, None, {}) for rows in _chunk_batches(store, "images", chunks, cfg.batch_size)
+        )
+    for c in chunks:
+        start, stop = store.chunk_range("images", c)
+        out = np.zeros((stop - start, store.dims["images"]), dtype=np.float32)
+        bad_rows: list[dict] = []
+        filled = 0
+        while filled < stop - start:
+            rows, batch, errors = next(batches)
+            for row, message in errors.items():
+                if cfg.on_bad_image == "fail":
+                    raise ImageError(f"{message} (use --on-bad-image skip to leave such rows out)")
+                im = manifest.images[row]
+                bad_rows.append({"row": int(row), "id": im.image_id, "path": im.path, "reason": message})
+            good = [r for r in rows if r not in errors]
+            if good:
+                emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids([ids[r] for r in good])
+                out[np.asarray(good) - start] = normalize_rows(emb, "image")
+            filled += len(rows)
+            bar.update(len(rows))
+        store.write_chunk("images", c, out, bad_rows=bad_rows)
+        stats.rows += stop - start
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
+                 show: bool) -> ModalityStats:
+    stats = ModalityStats()
+    if not chunks:
+        return stats
+    t0 = time.perf_counter()
+    total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
+    bar = tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True)
+    texts = [c.text for c in manifest.captions]
+    for c in chunks:
+        start, stop = store.chunk_range("texts", c)
+        out = np.empty((stop - start, store.dims["texts"]), dtype=np.float32)
+        for lo in range(start, stop, cfg.batch_size):
+            hi = min(lo + cfg.batch_size, stop)
+            out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
+            bar.update(hi - lo)
+        store.write_chunk("texts", c, out)
+        stats.rows += stop - start
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bool) -> dict:
+    """The teacher k-NN table of one modality; rows skipped for bad images take no part."""
+    marker = store.neighbors_marker(modality)
+    if marker and marker.get("k_requested") == k and marker.get("factory") == factory:
+        return marker
+    emb = store.load(modality)
+    valid = np.flatnonzero(np.linalg.norm(emb, axis=1) > 0)
+    n = emb.shape[0]
+    k_eff = min(k, max(len(valid) - 1, 0))
+    ids = np.full((n, k_eff), -1, dtype=np.int64)
+    sims = np.zeros((n, k_eff), dtype=np.float32)
+    t0 = time.perf_counter()
+    writer = None
+    if k_eff > 0:
+        table = build_neighbor_table(emb[valid], k_eff, factory=factory, progress=show)
+        ids[valid] = valid[table.ids]
+        sims[valid] = table.sims
+        writer = lambda path: save_index(table.index, path)  # noqa: E731 - deferred until the table is stored
+    info = {"k_requested": k, "factory": factory, "rows": int(len(valid)), "seconds": time.perf_counter() - t0}
+    store.write_neighbors(modality, ids, sims, index_bytes_writer=writer, **info)
+    return {"modality": modality, "k": k_eff, **info}
+
+
+def build_store(cfg: BuildConfig) -> BuildSummary:
+    """Build (or resume) the store described by ``cfg``; returns the summary of this run."""
+    if cfg.on_bad_image not in ON_BAD_IMAGE:
+        raise CusaError(f"--on-bad-image must be one of {ON_BAD_IMAGE}, got {cfg.on_bad_image!r}")
+    if cfg.neighbors < 0:
+        raise CusaError(f"--neighbors must be ≥ 0, got {cfg.neighbors}")
+    t_start = time.perf_counter()
+    manifest = read_manifest(
+        cfg.annotations, format=cfg.format, image_root=cfg.image_root, image_column=cfg.csv_image_column,
+        caption_column=cfg.csv_caption_column, id_column=cfg.csv_id_column,
+    ).select_split(cfg.split)
+    if not manifest.images:
+        raise CusaError(f"{cfg.annotations}: no images in split {cfg.split!r}")
+    ctx = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(cfg.device, ctx)
+        image_encoder = build_encoder(cfg.image_teacher, "image", device=device)
+        text_encoder = build_encoder(cfg.text_teacher, "text", device=device)
+        layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows)
+        show = cfg.progress and ctx.is_main
+        lock = BuildLock(Path(cfg.out))
+        try:
+            if ctx.is_main:
+                lock.acquire()
+                store = Store.create_or_resume(cfg.out, layout, overwrite=cfg.overwrite)
+            ctx.barrier()
+            if not ctx.is_main:
+                store = Store.create_or_resume(cfg.out, layout)
+            progress = store.progress()
+            ctx.barrier()  # every rank has read the same progress before anyone writes
+            stats = {}
+            for modality, embed, encoder in (("images", _embed_images, image_encoder),
+                                             ("texts", _embed_texts, text_encoder)):
+                pending = [c for c in range(store.n_chunks(modality)) if c not in progress.done[modality]]
+                mine = split_evenly(pending, ctx.rank, ctx.world_size)
+                st = embed(store, manifest, encoder, mine, cfg, show)
+                st.skipped_chunks = store.n_chunks(modality) - len(pending)
+                stats[modality] = st
+            ctx.barrier()
+            neighbors = {}
+            if ctx.is_main:
+                if cfg.neighbors > 0:
+                    for modality in MODALITIES:
+                        neighbors[modality] = _build_neighbors(store, modality, cfg.neighbors, cfg.index, show)
+                summary = BuildSummary(
+                    store=str(store.path), counts=store.counts, dims=store.dims, teachers=store.teachers,
+                    fingerprint=store.fingerprint, complete=True,
+                    images={**asdict(stats["images"]), "rows_per_s": stats["images"].rows_per_s},
+                    texts={**asdict(stats["texts"]), "rows_per_s": stats["texts"].rows_per_s},
+                    neighbors=neighbors, world_size=ctx.world_size,
+                )
+                store.finalize({k: v for k, v in summary.to_dict().items()
+                                if k in ("images", "texts", "world_size")})
+                summary.skipped_images = store.skipped_images
+                summary.size_bytes = store.size_bytes()
+                summary.seconds = time.perf_counter() - t_start
+            else:
+                summary = BuildSummary(store=str(store.path), counts=store.counts, dims=store.dims,
+                                       teachers=store.teachers, fingerprint=store.fingerprint, complete=False,
+                                       world_size=ctx.world_size)
+        finally:
+            lock.release()
+    finally:
+        shutdown_distributed(ctx)
+    return summary

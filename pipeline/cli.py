@@ -1,0 +1,306 @@
+"""`cusa-cache`: build, inspect, query and verify teacher caches; write the built-in demo set."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.errors import CusaError
+from teacher_cache.errors import StoreError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # teachers resolve from local files unless a user opts in
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def user_errors(fn):
+    """Turn every error caused by user input into a one-line click error (exit 1, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (CusaError, StoreError, ValueError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except OSError as exc:
+            raise click.ClickException(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}") from None
+
+    return wrapper
+
+
+def emit(payload: dict, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(payload, indent=2, default=_json_default) if as_json else human)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Teacher caches for CUSA: every image and caption embedded once by its uni-modal teacher."""
+
+
+@main.command()
+@click.argument("annotations", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store folder to create or resume.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "karpathy", "caption-json", "csv"]))
+@click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to "
+              "[default: the annotation file's folder].")
+@click.option("--split", default="all", show_default=True, help="all, train, val, test (or any split label).")
+@click.option("--text-teacher", default=None, help="Encoder spec [default: minilm-l6].")
+@click.option("--image-teacher", default=None, help="Encoder spec [default: efficientnet-lite0].")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Image decoding processes (overlapped with the teacher's forward pass).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--neighbors", "k", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Teacher neighbors kept per row (self excluded); 0 skips the table.")
+@click.option("--index", "factory", default="Flat", show_default=True,
+              help="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32.")
+@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]))
+@click.option("--overwrite", is_flag=True, help="Replace a store built from another manifest or teacher.")
+@click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Rows per stored chunk (the unit of resumption).")
+@click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
+@click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
+@click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher, batch_size, workers, device, k,
+          factory, on_bad_image, overwrite, chunk_rows, image_column, caption_column, id_column, as_json):
+    """Embed every image and caption of ANNOTATIONS with the teachers into the store --out."""
+    from pipeline.build import BuildConfig, build_store
+    from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+
+    cfg = BuildConfig(
+        annotations=annotations, out=out, format=fmt, image_root=image_root, split=split,
+        text_teacher=text_teacher or DEFAULT_TEXT_TEACHER, image_teacher=image_teacher or DEFAULT_IMAGE_TEACHER,
+        batch_size=batch_size, workers=workers, device=device, neighbors=k, index=factory,
+        on_bad_image=on_bad_image, overwrite=overwrite, chunk_rows=chunk_rows, progress=not as_json,
+        csv_image_column=image_column, csv_caption_column=caption_column, csv_id_column=id_column,
+    )
+    summary = build_store(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    d = summary.to_dict()
+    lines = [f"store     {d['store']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, "
+             f"{human_bytes(d['size_bytes'])} on disk, {d['seconds']:.1f} s)"]
+    for modality in ("images", "texts"):
+        st = d[modality]
+        lines.append(f"{modality:<9} {d['counts'][modality]} rows × {d['dims'][modality]} dims; this run embedded "
+                     f"{st.get('rows', 0)} rows in {st.get('seconds', 0):.1f} s ({st.get('rows_per_s', 0):.1f} rows/s), "
+                     f"{st.get('skipped_chunks', 0)} chunks were already done")
+    for modality, info in d["neighbors"].items():
+        lines.append(f"neighbors {modality}: K={info.get('k')} with {info.get('factory')}")
+    if d["skipped_images"]:
+        lines.append(f"skipped   {len(d['skipped_images'])} bad images (listed in the store's attributes):")
+        lines.extend(f"          row {s['row']}: {s['reason']}" for s in d["skipped_images"][:20])
+    emit(d, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def info(store_path, as_json):
+    """Counts, dims, teachers, fingerprint, completeness and size of a store."""
+    from teacher_cache.store import MODALITIES, Store
+
+    store = Store.open(store_path)
+    prog = store.progress()
+    attrs = store.attrs
+    d = {
+        "store": str(store.path),
+        "complete": store.complete,
+        "format_version": attrs["format_version"],
+        "counts": store.counts,
+        "dims": store.dims,
+        "teachers": store.teachers,
+        "fingerprint": store.fingerprint,
+        "split_fingerprints": store.split_fingerprints,
+        "splits": {s: int(n) for s, n in zip(*np.unique(store.image_splits, return_counts=True))},
+        "chunk_rows": store.chunk_rows,
+        "chunks_done": {m: len(prog.done[m]) for m in MODALITIES},
+        "chunks_total": {m: store.n_chunks(m) for m in MODALITIES},
+        "neighbors": attrs.get("neighbors") or {m: store.neighbors_marker(m) for m in MODALITIES},
+        "skipped_images": store.skipped_images,
+        "size_bytes": store.size_bytes(),
+        "created": attrs.get("created"),
+        "completed": attrs.get("completed"),
+        "source": attrs.get("source"),
+    }
+    lines = [f"store        {d['store']}",
+             f"status       {'complete' if d['complete'] else 'INCOMPLETE (re-run the build command to resume)'}",
+             f"images       {d['counts']['images']} × {d['dims']['images']}  "
+             f"(chunks {d['chunks_done']['images']}/{d['chunks_total']['images']})",
+             f"captions     {d['counts']['texts']} × {d['dims']['texts']}  "
+             f"(chunks {d['chunks_done']['texts']}/{d['chunks_total']['texts']})",
+             "splits       " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
+             f"image teacher {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
+             f"text teacher  {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
+             f"fingerprint  {d['fingerprint']}"]
+    for m, n in (d["neighbors"] or {}).items():
+        if n:
+            lines.append(f"neighbors    {m}: K={n.get('k')} {n.get('factory')}")
+    lines.append(f"size         {human_bytes(d['size_bytes'])}")
+    if d["skipped_images"]:
+        lines.append(f"skipped      {len(d['skipped_images'])} bad images")
+    emit(d, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.option("--image", "image", default=None, help="Image row number or image id.")
+@click.option("--caption", "caption", default=None, type=int, help="Caption row number.")
+@click.option("--query", "query", default=None, help="Free text, embedded with the store's text teacher.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def neighbors(store_path, image, caption, query, k, as_json):
+    """Nearest images or captions of one row (or a text query) by the teacher."""
+    from teacher_cache.neighbors import load_index, search
+    from teacher_cache.store import Store
+
+    chosen = [x is not None for x in (image, caption, query)]
+    if sum(chosen) != 1:
+        raise click.UsageError("give exactly one of --image, --caption, --query")
+    store = Store.open(store_path, require_complete=True)
+    if image is not None:
+        modality = "images"
+        row = _image_row(store, image)
+        ids, sims = _row_neighbors(store, modality, row, k)
+        query_d = {"image_row": row, "image_id": store.image_ids[row], "path": store.image_paths[row]}
+    elif caption is not None:
+        modality = "texts"
+        if not 0 <= caption < store.counts["texts"]:
+            raise CusaError(f"{store_path}: caption row {caption} is out of range [0, {store.counts['texts']})")
+        row = caption
+        ids, sims = _row_neighbors(store, modality, row, k)
+        query_d = {"caption_row": row, "caption": store.captions[row]}
+    else:
+        from pipeline.encoders import build_encoder
+
+        modality = "texts"
+        encoder = build_encoder(store.teachers["text"]["spec"], "text")
+        q = encoder.encode([query]).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        if store.index_path("texts").is_file():
+            found, scores = search(load_index(store.index_path("texts")), q, k)
+            ids, sims = found[0], scores[0]
+        else:
+            scores = store.load("texts") @ q[0]
+            ids = np.argsort(-scores)[:k]
+            sims = scores[ids]
+        query_d = {"query": query}
+    results = []
+    for rank, (nid, sim) in enumerate(zip(ids.tolist(), sims.tolist()), start=1):
+        if nid < 0:
+            continue
+        if modality == "images":
+            first = np.flatnonzero(store.caption_image_rows == nid)
+            results.append({"rank": rank, "image_row": nid, "image_id": store.image_ids[nid],
+                            "path": store.image_paths[nid], "similarity": round(float(sim), 4),
+                            "caption": store.captions[first[0]] if len(first) else ""})
+        else:
+            img = int(store.caption_image_rows[nid])
+            results.append({"rank": rank, "caption_row": nid, "caption": store.captions[nid],
+                            "image_row": img, "image_id": store.image_ids[img],
+                            "similarity": round(float(sim), 4)})
+    head = " ".join(f"{k_}={v}" for k_, v in query_d.items())
+    lines = [f"nearest {modality} to {head}"]
+    for r in results:
+        if modality == "images":
+            lines.append(f"{r['rank']:>3}. {r['similarity']:.3f}  row {r['image_row']}  {r['path']}  — {r['caption']}")
+        else:
+            lines.append(f"{r['rank']:>3}. {r['similarity']:.3f}  row {r['caption_row']}  {r['caption']}  "
+                         f"(image {r['image_id']})")
+    emit({"modality": modality, **query_d, "neighbors": results}, as_json, "\n".join(lines))
+
+
+def _image_row(store, image: str) -> int:
+    ids = store.image_ids
+    matches = np.flatnonzero(ids == image)
+    if len(matches):
+        return int(matches[0])
+    try:
+        row = int(image)
+    except ValueError:
+        raise CusaError(f"{store.path}: no image with id {image!r}") from None
+    if not 0 <= row < store.counts["images"]:
+        raise CusaError(f"{store.path}: image row {row} is out of range [0, {store.counts['images']})")
+    return row
+
+
+def _row_neighbors(store, modality: str, row: int, k: int):
+    ids, sims = store.neighbors(modality)
+    if k <= ids.shape[1]:
+        return ids[row, :k], sims[row, :k]
+    # more than the table keeps: exact search over the stored rows
+    emb = store.load(modality)
+    scores = emb @ emb[row]
+    scores[row] = -np.inf
+    order = np.argsort(-scores)[:k]
+    return order, scores[order]
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def verify(store_path, as_json):
+    """Re-check chunk checksums, completeness, row norms and NaN/Inf; exit 1 if anything is wrong."""
+    from teacher_cache.store import Store
+    from teacher_cache.verify import verify_store
+
+    report = verify_store(Store.open(store_path))
+    d = report.to_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        checked = ", ".join(f"{m} {n} chunks" for m, n in d["chunks_checked"].items())
+        click.echo(f"{d['store']}: {'OK' if report.ok else 'PROBLEMS FOUND'} (checked {checked})")
+        for p in d["problems"]:
+            click.echo(f"  - {p}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", "n_images", default=600, show_default=True, type=click.IntRange(min=10))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def demo_data(out, n_images, seed, as_json):
+    """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON."""
+    from pipeline.demo_data import write_demo_dataset
+
+    summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed)
+    emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

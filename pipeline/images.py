@@ -1,0 +1,97 @@
+"""Safe image decoding: every image comes out as a fully decoded RGB picture or as a one-line ImageError."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import ImageError
+
+# Pillow's own default: larger images are refused as likely decompression bombs.
+DEFAULT_MAX_PIXELS = 89_478_485
+_WHITE = (255, 255, 255)
+
+
+def load_image(
+    path: str | os.PathLike[str], row: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode ``path`` into an RGB image, upright per its EXIF orientation.
+
+    Grayscale, palette, alpha (composited on white), CMYK and 16-bit/float images are converted to
+    8-bit RGB. Missing, empty, truncated, undecodable and over-large (> ``max_pixels``) files raise
+    ImageError naming the path and, when given, the manifest row.
+    """
+    path = Path(path)
+    where = f"{path} (image row {row})" if row is not None else str(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(f"{where}: file not found") from None
+    except OSError as e:
+        raise ImageError(f"{where}: cannot read file ({e.strerror or e})") from None
+    if path.is_dir():
+        raise ImageError(f"{where}: is a directory, not an image file")
+    if size == 0:
+        raise ImageError(f"{where}: empty file (0 bytes)")
+    try:
+        # Opening our own file object keeps the decoded image usable after the file is closed.
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            # The size check below replaces Pillow's bomb warning with a refusal.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{where}: refused, {width}x{height} = {width * height} pixels exceeds the limit of "
+                    f"{max_pixels} (possible decompression bomb)"
+                )
+            # Decode everything now: a truncated file must fail here, not later inside a batch.
+            img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{where}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{where}: not an image file, or a format Pillow cannot read") from None
+    except MemoryError:
+        raise
+    except OSError as e:
+        reason = str(e) or type(e).__name__
+        raise ImageError(f"{where}: truncated or corrupt image data ({reason})") from None
+    except Exception as e:  # decoders signal malformed data with many exception types
+        raise ImageError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # broken orientation metadata should not lose an otherwise good image
+        pass
+    try:
+        return _to_rgb(img)
+    except (ValueError, OSError) as e:
+        raise ImageError(f"{where}: cannot convert {img.mode} image to RGB ({e})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit (and 32-bit int images, which Pillow uses for 16-bit data) are scaled by 255/65535.
+        values = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        # Float images are conventionally in [0, 1]; anything larger is taken as already 0..255.
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
+        gray = np.clip(np.rint(np.nan_to_num(values * scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,149 @@
+"""Stage 2's read path: teacher similarity blocks for a training batch, straight from the cache.
+
+A batch is B (image, caption) rows. ``SoftLabelSource.block(image_rows, caption_rows)`` returns
+T_ii [B, B] = cos(teacher(img_r), teacher(img_s)) and T_tt [B, B] likewise for captions, as float32
+tensors without gradient. No teacher model is involved: the rows were embedded once by ``cusa-cache build``.
+
+Modes:
+- ``dense``: one matmul of the B cached rows. Rows come from the modality held in memory (moved to the
+  GPU once on CUDA), or, with ``stream=True``, are read chunk-wise from the store by a prefetching
+  thread that runs ahead of the training loop.
+- ``sparse``: only the pairs listed in each row's cached top-K teacher neighbors keep their similarity
+  (and a row always sees itself and rows of the same item at similarity 1); every other pair is -inf,
+  i.e. zero probability after the teacher softmax. Needs only the neighbor table, not the embeddings.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from teacher_cache.errors import StoreError
+from teacher_cache.store import Store
+
+SOFT_LABEL_MODES = ("dense", "sparse")
+
+
+@dataclass
+class _Modality:
+    store: Store
+    name: str  # "images" | "texts"
+    emb: torch.Tensor | None = None  # [N, D] float16, in memory when not streaming
+    nbr_ids: torch.Tensor | None = None  # [N, K] int64 for sparse mode
+    nbr_sims: torch.Tensor | None = None
+
+
+class SoftLabelSource:
+    """Teacher similarity blocks for batches of store rows (see the module docstring)."""
+
+    def __init__(self, image_store: Store, text_store: Store | None = None, *, mode: str = "dense",
+                 k: int | None = None, stream: bool = False, device: str | torch.device = "cpu",
+                 prefetch: int = 4):
+        if mode not in SOFT_LABEL_MODES:
+            raise ValueError(f"soft-label mode must be one of {SOFT_LABEL_MODES}, got {mode!r}")
+        text_store = text_store or image_store
+        for store in {id(image_store): image_store, id(text_store): text_store}.values():
+            if not store.complete:
+                raise StoreError(f"{store.path}: the store is incomplete; re-run its `cusa-cache build` to finish it")
+        self.mode = mode
+        self.stream = stream
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.k = k
+        self._mods = {"images": _Modality(image_store, "images"), "texts": _Modality(text_store, "texts")}
+        for mod in self._mods.values():
+            if mode == "sparse":
+                ids, sims = mod.store.neighbors(mod.name)
+                kk = ids.shape[1] if k is None else k
+                if kk > ids.shape[1]:
+                    raise StoreError(f"{mod.store.path}: sparse soft labels with K={kk}, but the {mod.name} neighbor "
+                                     f"table keeps {ids.shape[1]}; rebuild with `cusa-cache build --neighbors {kk}`")
+                mod.nbr_ids = torch.from_numpy(np.ascontiguousarray(ids[:, :kk])).to(self.device)
+                mod.nbr_sims = torch.from_numpy(np.ascontiguousarray(sims[:, :kk])).to(self.device)
+            elif not stream:
+                mod.emb = torch.from_numpy(mod.store.load(mod.name).astype(np.float16)).to(self.device)
+
+    # ------------------------------------------------------------------ blocks
+    def rows(self, modality: str, index: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Cached teacher rows (float32, on the source's device) by store row."""
+        mod = self._mods[modality]
+        index_np = _as_numpy(index)
+        if mod.emb is not None:
+            return mod.emb[torch.as_tensor(index_np, device=self.device)].float()
+        return torch.from_numpy(mod.store.rows(modality, index_np)).to(self.device)
+
+    def block(self, image_rows, caption_rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T_ii, T_tt): B×B teacher similarities of the batch's images and captions."""
+        return self._block("images", image_rows), self._block("texts", caption_rows)
+
+    def _block(self, modality: str, rows) -> torch.Tensor:
+        if self.mode == "sparse":
+            return self._sparse_block(modality, rows)
+        emb = self.rows(modality, rows)
+        return _cosine_block(emb)
+
+    def _sparse_block(self, modality: str, rows) -> torch.Tensor:
+        mod = self._mods[modality]
+        r = torch.as_tensor(_as_numpy(rows), device=self.device)
+        nbr = mod.nbr_ids[r]  # [B, K]
+        sims = mod.nbr_sims[r]
+        hit = nbr[:, :, None] == r[None, None, :]  # [B, K, B]: column s is row r's k-th neighbor
+        values = torch.where(hit, sims[:, :, None], torch.full_like(sims[:, :, None], -torch.inf)).amax(dim=1)
+        same = r[:, None] == r[None, :]  # the row itself and repeats of the same item
+        values = torch.where(same, torch.ones_like(values), values)
+        return values.float()
+
+    def blocks(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Blocks for a known sequence of batches, computed ``prefetch`` batches ahead in a thread.
+
+        This is how streamed mode hides the store's read latency behind the training step.
+        """
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = object()
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                for image_rows, caption_rows in batches:
+                    q.put(self.block(image_rows, caption_rows))
+            except BaseException as exc:  # surfaced in the consumer
+                failure.append(exc)
+            finally:
+                q.put(stop)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while True:
+            item = q.get()
+            if item is stop:
+                break
+            yield item
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def memory_bytes(self) -> int:
+        """Bytes this source keeps resident for its teacher rows or neighbor tables."""
+        total = 0
+        for mod in self._mods.values():
+            for t in (mod.emb, mod.nbr_ids, mod.nbr_sims):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def _cosine_block(emb: torch.Tensor) -> torch.Tensor:
+    # rows are stored unit-norm in float16; renormalise in float32 so the diagonal is exactly 1
+    emb = torch.nn.functional.normalize(emb.float(), dim=1)
+    return emb @ emb.T
+
+
+def _as_numpy(index) -> np.ndarray:
+    if isinstance(index, torch.Tensor):
+        return index.detach().cpu().numpy().astype(np.int64)
+    return np.asarray(index, dtype=np.int64)

@@ -1,0 +1,524 @@
+"""The teacher cache on disk: a Zarr v3 store of L2-normalised teacher embeddings.
+
+The layout is documented in data/README.md. Rows are the join key: row i of ``images/emb`` is image i of
+the manifest the store was built from, row j of ``texts/emb`` is caption j. A build writes every row chunk
+followed by a small progress marker (so an interrupted build resumes chunk by chunk), then the neighbor
+tables, then the per-chunk checksums into the attributes, and the completion mark last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+
+from teacher_cache.errors import StoreError, StoreMismatch
+
+FORMAT_VERSION = 1
+MODALITIES = ("images", "texts")
+DEFAULT_CHUNK_ROWS = 2048
+_PROGRESS_DIR = "_progress"
+_FAISS_DIR = "faiss"
+_LOCK_FILE = "_build.lock"
+
+
+def _compressor() -> zarr.codecs.BloscCodec:
+    # Blosc (numcodecs) with byte shuffle suits float16 rows; zstd keeps it small without slowing reads.
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def chunk_checksum(rows: np.ndarray) -> str:
+    """sha256 of the float16 bytes of a row chunk, exactly as stored."""
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float16).tobytes()).hexdigest()
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class StoreLayout:
+    """Everything a store records about its rows, independent of any model code."""
+
+    fingerprint: str
+    split_fingerprints: dict[str, str]
+    image_ids: list[str]
+    image_paths: list[str]
+    image_splits: list[str]
+    captions: list[str]
+    caption_image_rows: np.ndarray
+    teachers: dict[str, dict]  # {"image": identity, "text": identity}
+    dims: dict[str, int]  # {"images": D_i, "texts": D_t}
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    source: str = ""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"images": len(self.image_ids), "texts": len(self.captions)}
+
+
+@dataclass
+class ChunkProgress:
+    """What the store already holds: finished chunk indices per modality, with their checksums."""
+
+    done: dict[str, dict[int, dict]] = field(default_factory=lambda: {m: {} for m in MODALITIES})
+
+
+class Store:
+    """A teacher cache: open with :meth:`open` (read) or :meth:`create_or_resume` (build)."""
+
+    def __init__(self, path: Path, group: zarr.Group, writable: bool):
+        self.path = Path(path)
+        self._group = group
+        self._writable = writable
+        self._cache: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, require_complete: bool = False) -> "Store":
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a cusa store (no zarr.json); build one with `cusa-cache build`")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            attrs = dict(group.attrs)
+        except Exception as exc:  # a damaged root document
+            raise StoreError(f"{path}: cannot read the store's root attributes ({exc})") from exc
+        if "format_version" not in attrs:
+            raise StoreError(f"{path}: not a cusa store (no format_version attribute)")
+        version = attrs["format_version"]
+        if version != FORMAT_VERSION:
+            raise StoreMismatch(
+                f"{path}: store format version {version}, this cusa reads version {FORMAT_VERSION}; "
+                "rebuild it with `cusa-cache build ... --overwrite`",
+                field="format_version",
+            )
+        store = cls(path, group, writable=False)
+        if require_complete and not store.complete:
+            raise StoreError(
+                f"{path}: the store is incomplete (the build was interrupted); "
+                "re-run the same `cusa-cache build` command to finish it"
+            )
+        return store
+
+    @classmethod
+    def create_or_resume(cls, path: str | os.PathLike, layout: StoreLayout, *, overwrite: bool = False) -> "Store":
+        """Create a new store for ``layout``, or reopen a matching one to resume its build.
+
+        A store built from another manifest, teacher or format version is refused (naming the field that
+        differs) unless ``overwrite`` is set, in which case it is deleted first.
+        """
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a folder; choose another --out")
+        ours = {_LOCK_FILE}
+        entries = [p for p in path.iterdir() if p.name not in ours] if path.exists() else []
+        if entries and overwrite:
+            for entry in entries:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            entries = []
+        if entries:
+            if not (path / "zarr.json").is_file():
+                raise StoreError(f"{path}: exists and is not a cusa store; pass --overwrite or choose another --out")
+            if (path / _PROGRESS_DIR).is_dir() and "format_version" not in _root_attrs(path):
+                # killed while creating the empty layout: nothing was computed yet, so start again
+                return cls._create(path, layout)
+            existing = cls.open(path)
+            existing.check_matches(layout)
+            group = zarr.open_group(str(path), mode="r+")
+            return cls(path, group, writable=True)
+        return cls._create(path, layout)
+
+    @classmethod
+    def _create(cls, path: Path, layout: StoreLayout) -> "Store":
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _PROGRESS_DIR).mkdir(exist_ok=True)  # first: marks the folder as a store being created
+        for entry in path.iterdir():
+            if entry.name not in (_LOCK_FILE, _PROGRESS_DIR):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        group = zarr.open_group(str(path), mode="a")
+        n_img, n_txt = len(layout.image_ids), len(layout.captions)
+        cr = layout.chunk_rows
+        group.create_array("images/emb", shape=(n_img, layout.dims["images"]), dtype="float16",
+                           chunks=(min(cr, max(n_img, 1)), layout.dims["images"]), compressors=_compressor(),
+                           fill_value=0)
+        group.create_array("texts/emb", shape=(n_txt, layout.dims["texts"]), dtype="float16",
+                           chunks=(min(cr, max(n_txt, 1)), layout.dims["texts"]), compressors=_compressor(),
+                           fill_value=0)
+        for name, values in (
+            ("images/ids", layout.image_ids),
+            ("images/paths", layout.image_paths),
+            ("images/split", layout.image_splits),
+            ("texts/captions", layout.captions),
+        ):
+            arr = group.create_array(name, shape=(len(values),), dtype=str, chunks=(max(len(values), 1),))
+            if values:
+                arr[:] = np.asarray(values, dtype=str)
+        rows = group.create_array("texts/image_row", shape=(n_txt,), dtype="int64", chunks=(max(n_txt, 1),))
+        if n_txt:
+            rows[:] = np.asarray(layout.caption_image_rows, dtype=np.int64)
+        (path / _PROGRESS_DIR / "images").mkdir(parents=True, exist_ok=True)
+        (path / _PROGRESS_DIR / "texts").mkdir(parents=True, exist_ok=True)
+        # The root attributes are written last so a half-created store is recognisably not a store yet.
+        group.attrs.update({
+            "cusa_store": True,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": layout.fingerprint,
+            "split_fingerprints": layout.split_fingerprints,
+            "teachers": layout.teachers,
+            "counts": layout.counts,
+            "dims": layout.dims,
+            "chunk_rows": cr,
+            "source": layout.source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "complete": False,
+        })
+        return cls(path, group, writable=True)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def attrs(self) -> dict:
+        return dict(self._group.attrs)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._group.attrs["fingerprint"]
+
+    @property
+    def split_fingerprints(self) -> dict[str, str]:
+        return dict(self._group.attrs.get("split_fingerprints", {}))
+
+    @property
+    def teachers(self) -> dict[str, dict]:
+        return dict(self._group.attrs["teachers"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._group.attrs["counts"])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return dict(self._group.attrs["dims"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._group.attrs["chunk_rows"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._group.attrs.get("complete", False))
+
+    def check_matches(self, layout: StoreLayout) -> None:
+        """Refuse to resume into a store that another manifest or teacher built; name the field."""
+        if self.fingerprint != layout.fingerprint:
+            raise StoreMismatch(
+                f"{self.path}: built from another manifest (fingerprint {self.fingerprint[:12]}…, this one "
+                f"{layout.fingerprint[:12]}…); pass --overwrite to rebuild or choose another --out",
+                field="fingerprint",
+            )
+        for role in ("image", "text"):
+            mine, theirs = self.teachers.get(role), layout.teachers.get(role)
+            if mine != theirs:
+                diff = _first_difference(mine or {}, theirs or {})
+                raise StoreMismatch(
+                    f"{self.path}: built with another {role} teacher ({diff}); pass --overwrite to rebuild "
+                    "or choose another --out",
+                    field=f"teachers.{role}",
+                )
+        if self.chunk_rows != layout.chunk_rows:
+            raise StoreMismatch(
+                f"{self.path}: built with --chunk-rows {self.chunk_rows}, not {layout.chunk_rows}; "
+                "resume with the same value or pass --overwrite",
+                field="chunk_rows",
+            )
+
+    def rows_for(self, fingerprint: str, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+        """Store rows (images, captions) of the dataset with ``fingerprint``: the whole store or one split.
+
+        Raises StoreMismatch naming the field when the dataset is neither.
+        """
+        if fingerprint == self.fingerprint:
+            return np.arange(self.counts["images"]), np.arange(self.counts["texts"])
+        for split, fp in self.split_fingerprints.items():
+            if fp == fingerprint:
+                splits = self.image_splits
+                image_rows = np.flatnonzero(splits == split)
+                keep = np.isin(self.caption_image_rows, image_rows)
+                return image_rows, np.flatnonzero(keep)
+        raise StoreMismatch(
+            f"{self.path}: the {what} (fingerprint {fingerprint[:12]}…) is not the manifest this store was built "
+            f"from ({self.fingerprint[:12]}…) nor one of its splits ({', '.join(self.split_fingerprints) or 'none'}); "
+            "build a store for it with `cusa-cache build`",
+            field="fingerprint",
+        )
+
+    # ------------------------------------------------------------------ row metadata
+    def _strings(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            # zarr hands back numpy's variable-width StringDType; plain fixed-width str arrays compare and index
+            # the same everywhere numpy is used
+            self._cache[name] = np.array(self._group[name][:].tolist(), dtype=str)
+        return self._cache[name]
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self._strings("images/ids")
+
+    @property
+    def image_paths(self) -> np.ndarray:
+        return self._strings("images/paths")
+
+    @property
+    def image_splits(self) -> np.ndarray:
+        return self._strings("images/split")
+
+    @property
+    def captions(self) -> np.ndarray:
+        return self._strings("texts/captions")
+
+    @property
+    def caption_image_rows(self) -> np.ndarray:
+        if "texts/image_row" not in self._cache:
+            self._cache["texts/image_row"] = np.asarray(self._group["texts/image_row"][:], dtype=np.int64)
+        return self._cache["texts/image_row"]
+
+    @property
+    def skipped_images(self) -> list[dict]:
+        return list(self._group.attrs.get("skipped_images", []))
+
+    # ------------------------------------------------------------------ embeddings
+    def array(self, modality: str) -> zarr.Array:
+        _check_modality(modality)
+        return self._group[f"{modality}/emb"]
+
+    def load(self, modality: str) -> np.ndarray:
+        """The whole modality as float32 in memory (COCO's 600K captions × 768 dims ≈ 1.8 GB)."""
+        key = f"{modality}/emb:f32"
+        if key not in self._cache:
+            self._cache[key] = np.asarray(self.array(modality)[:], dtype=np.float32)
+        return self._cache[key]
+
+    def rows(self, modality: str, index: np.ndarray) -> np.ndarray:
+        """float32 rows by index, read through the row chunks that hold them (no full load)."""
+        index = np.asarray(index, dtype=np.int64)
+        arr = self.array(modality)
+        if index.size == 0:
+            return np.zeros((0, arr.shape[1]), dtype=np.float32)
+        return np.asarray(arr.get_orthogonal_selection((index, slice(None))), dtype=np.float32)
+
+    def n_chunks(self, modality: str) -> int:
+        n = self.counts[modality]
+        return (n + self.chunk_rows - 1) // self.chunk_rows
+
+    def chunk_range(self, modality: str, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.counts[modality])
+
+    def iter_chunks(self, modality: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) per stored chunk, in order: the streaming read path."""
+        arr = self.array(modality)
+        for c in range(self.n_chunks(modality)):
+            start, stop = self.chunk_range(modality, c)
+            yield start, np.asarray(arr[start:stop], dtype=np.float32)
+
+    # ------------------------------------------------------------------ build-side writes
+    def progress(self) -> ChunkProgress:
+        """Finished chunks per modality, read from their markers."""
+        prog = ChunkProgress()
+        for modality in MODALITIES:
+            folder = self.path / _PROGRESS_DIR / modality
+            if not folder.is_dir():
+                continue
+            for marker in folder.glob("*.json"):
+                try:
+                    payload = json.loads(marker.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue  # a marker torn by a kill counts as not written: the chunk is redone
+                prog.done[modality][int(payload["chunk"])] = payload
+        return prog
+
+    def write_chunk(self, modality: str, chunk: int, emb: np.ndarray, bad_rows: list[dict] | None = None) -> None:
+        """Write one finished row chunk (L2-normalised float rows) and then its progress marker."""
+        self._require_writable()
+        start, stop = self.chunk_range(modality, chunk)
+        if emb.shape != (stop - start, self.dims[modality]):
+            raise StoreError(
+                f"{self.path}: chunk {chunk} of {modality} expects shape {(stop - start, self.dims[modality])}, "
+                f"got {emb.shape}"
+            )
+        rows16 = np.ascontiguousarray(emb, dtype=np.float16)
+        self.array(modality)[start:stop] = rows16
+        _atomic_write_json(
+            self.path / _PROGRESS_DIR / modality / f"{chunk:08d}.json",
+            {"chunk": chunk, "start": start, "stop": stop, "checksum": chunk_checksum(rows16),
+             "bad_rows": bad_rows or []},
+        )
+
+    def neighbors_marker(self, modality: str) -> dict | None:
+        marker = self.path / _PROGRESS_DIR / f"neighbors_{modality}.json"
+        try:
+            return json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write_neighbors(self, modality: str, ids: np.ndarray, sims: np.ndarray, index_bytes_writer=None,
+                        **info) -> None:
+        """Store the k-NN table (and the saved FAISS index, through ``index_bytes_writer(path)``)."""
+        self._require_writable()
+        n, k = ids.shape
+        base = f"neighbors/{modality}"
+        rows_per_chunk = max(1, min(n, 65536))
+        for name, values, dtype in (("ids", ids, "int64"), ("sims", sims, "float32")):
+            arr = self._group.create_array(f"{base}/{name}", shape=(n, k), dtype=dtype,
+                                           chunks=(rows_per_chunk, k), compressors=_compressor(), overwrite=True)
+            arr[:] = np.asarray(values, dtype=dtype)
+        if index_bytes_writer is not None:
+            (self.path / _FAISS_DIR).mkdir(exist_ok=True)
+            index_bytes_writer(self.path / _FAISS_DIR / f"{modality}.index")
+        _atomic_write_json(self.path / _PROGRESS_DIR / f"neighbors_{modality}.json",
+                           {"modality": modality, "k": int(k), **info})
+
+    def finalize(self, summary: dict) -> None:
+        """Gather chunk checksums into the attributes and write the completion mark, last."""
+        self._require_writable()
+        prog = self.progress()
+        checksums = {}
+        skipped: list[dict] = []
+        for modality in MODALITIES:
+            n = self.n_chunks(modality)
+            missing = [c for c in range(n) if c not in prog.done[modality]]
+            if missing:
+                raise StoreError(f"{self.path}: cannot finish, {modality} chunks {missing[:5]} are not written")
+            checksums[modality] = [prog.done[modality][c]["checksum"] for c in range(n)]
+            for c in range(n):
+                skipped.extend(prog.done[modality][c].get("bad_rows", []))
+        neighbors = {m: self.neighbors_marker(m) for m in MODALITIES}
+        self._group.attrs.update({"checksums": checksums, "skipped_images": skipped, "neighbors": neighbors,
+                                  "build": summary})
+        self._group.attrs["complete"] = True
+        self._group.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def mark_incomplete(self) -> None:
+        self._require_writable()
+        self._group.attrs["complete"] = False
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise StoreError(f"{self.path}: opened read-only")
+
+    # ------------------------------------------------------------------ neighbors
+    def has_neighbors(self, modality: str) -> bool:
+        return self.neighbors_marker(modality) is not None or "neighbors" in self._group.attrs and \
+            bool((self._group.attrs.get("neighbors") or {}).get(modality))
+
+    def neighbors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [N, K], sims float32 [N, K]) from the teacher k-NN table, self excluded."""
+        _check_modality(modality)
+        key = f"neighbors/{modality}"
+        if key not in self._cache:
+            try:
+                ids = np.asarray(self._group[f"{key}/ids"][:], dtype=np.int64)
+                sims = np.asarray(self._group[f"{key}/sims"][:], dtype=np.float32)
+            except KeyError as exc:
+                raise StoreError(f"{self.path}: has no {modality} neighbor table; rebuild with --neighbors K") from exc
+            self._cache[key] = (ids, sims)
+        return self._cache[key]
+
+    def index_path(self, modality: str) -> Path:
+        return self.path / _FAISS_DIR / f"{modality}.index"
+
+    # ------------------------------------------------------------------ size
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+class BuildLock:
+    """One build per store: a lock file holding the owner's host and pid; a dead owner's lock is taken over."""
+
+    def __init__(self, store_path: Path):
+        self.path = Path(store_path) / _LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and not self._is_stale(holder):
+                    raise StoreError(
+                        f"{self.path.parent}: another build is running on this store "
+                        f"(host {holder.get('host')}, pid {holder.get('pid')}); wait for it or stop it"
+                    )
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise StoreError(f"{self.path}: could not take the build lock")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @staticmethod
+    def _is_stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # cannot see another host's processes: assume alive
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "BuildLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _root_attrs(path: Path) -> dict:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}) or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
+    return "identity differs"

@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real demo dataset (rendered PNGs, 5 captions each) and a teacher cache built from it
+with the real built-in teachers. Both are session-scoped: tests that modify a store copy it first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEMO_IMAGES = 60  # 42 train / 9 val / 9 test images, 5 captions each
+DEMO_CHUNK_ROWS = 16
+DEMO_NEIGHBORS = 8
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False, help="also run the long randomized variants")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="long randomized variant: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from pipeline.demo_data import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, n_images=DEMO_IMAGES, seed=0, image_size=96)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_dir, tmp_path_factory) -> Path:
+    """A complete teacher cache of the demo train split (real efficientnet-lite0 + MiniLM teachers)."""
+    from pipeline.build import BuildConfig, build_store
+
+    out = tmp_path_factory.mktemp("cache") / "store"
+    build_store(BuildConfig(annotations=str(demo_dir / "train.json"), out=str(out), workers=0, batch_size=16,
+                            chunk_rows=DEMO_CHUNK_ROWS, neighbors=DEMO_NEIGHBORS, progress=False, device="cpu"))
+    return out
+
+
+@pytest.fixture
+def cache_copy(demo_cache, tmp_path) -> Path:
+    """A private copy of the demo cache that a test may damage."""
+    dst = tmp_path / "store"
+    shutil.copytree(demo_cache, dst)
+    return dst

@@ -1,0 +1,95 @@
+"""`cusa-train` and `cusa-eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline.cli import emit, user_errors
+from train.config import LOSS_CHOICES, PRESETS, build_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training annotations.")
+@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache (cusa-cache build).")
+@click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
+              "frozen:efficientnet-lite0+minilm-l6) or open_clip:ARCH[:CHECKPOINT].")
+@click.option("--val-data", default=None, type=click.Path(dir_okay=False),
+              help="Validation annotations: the best epoch is chosen on these, never on test.")
+@click.option("--preset", default="paper", show_default=True, type=click.Choice(sorted(PRESETS)))
+@click.option("--loss", default=None, type=click.Choice(LOSS_CHOICES),
+              help="Terms: contrastive only, +csa, +usa, or cusa (all) [default: cusa].")
+@click.option("--epochs", default=None, type=click.IntRange(min=1))
+@click.option("--batch-size", default=None, type=click.IntRange(min=2))
+@click.option("--lr", default=None, type=float)
+@click.option("--seed", default=None, type=int)
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder [default: runs/cusa].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML/JSON file of settings (overrides the preset).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any setting, e.g. --set csa.rate=0.2 --set soft_labels.mode=sparse (repeatable).")
+@click.option("--split", default=None, help="Split of --data to train on [default: train].")
+@click.option("--val-split", default=None, help="Split of --val-data [default: val].")
+@click.option("--workers", default=None, type=click.IntRange(min=0))
+@click.option("--image-cache", default=None, type=click.Path(file_okay=False),
+              help="Image soft labels from this store instead of --cache.")
+@click.option("--text-cache", default=None, type=click.Path(file_okay=False),
+              help="Caption soft labels from this store instead of --cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@user_errors
+def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
+               config_file, overrides, split, val_split, workers, image_cache, text_cache, as_json):
+    """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
+    from train.trainer import train
+
+    flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "out": out,
+             "split": split, "val_split": val_split, "workers": workers, "image_cache": image_cache,
+             "text_cache": text_cache}
+    cfg = build_config(preset, config_file, flags, list(overrides))
+    summary = train(cfg, resume=resume, show_progress=not as_json)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    best = summary.get("best_val")
+    human = [f"run       {summary['out']}  ({summary['epochs']} epochs, {summary['steps']} steps, "
+             f"{summary['seconds']:.1f} s on {summary['device']})",
+             f"terms     {', '.join(summary['loss_terms'])}",
+             f"checkpoint {summary['checkpoint']}"]
+    if best:
+        human.append(f"best val  epoch {summary['best_epoch'] + 1}: rsum {best['rsum']:.1f}")
+    emit(summary, as_json, "\n".join(human))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(exists=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Annotations to evaluate on.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
+@user_errors
+def eval_main(run, data, split, device, batch_size, workers, as_json):
+    """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images)."""
+    from train.evaluation_run import evaluate_run
+
+    result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
+                          progress=not as_json)
+    from train.evaluate import format_table
+
+    table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                                                "rsum")}}
+    title = f"{result['checkpoint']} on {data} [{split}]: {result['images']} images, {result['captions']} captions"
+    human = format_table(table, title=title)
+    if "coco_1k" in result:
+        human += "\n" + format_table({"COCO 1K (5-fold mean)": result["coco_1k"]})
+    emit(result, as_json, human)

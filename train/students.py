@@ -1,0 +1,257 @@
+"""Students: models that yield the four embeddings CUSA trains — cross (retrieval, contrastive, CSA) and uni (USA)
+for each modality.
+
+Two kinds, named by one spec string:
+- "frozen:IMAGE_SPEC+TEXT_SPEC" — `FeatureStudent` on features of two frozen backbones (the encoder registry's spec
+  strings, e.g. "frozen:efficientnet-lite0+minilm-l6"); the trainer computes those features once. A small MLP
+  adapter per modality is shared by the cross and uni heads: with a frozen backbone and separate heads, the
+  uni-modal loss (USA) could otherwise never change the cross embeddings that retrieval uses.
+- "open_clip:ARCH[:CHECKPOINT]" — `OpenClipStudent`, full fine-tuning of an open_clip model as in the paper; the
+  heads sit on CLIP's projected embeddings. CHECKPOINT is an open_clip pretrained tag or a local file; without
+  it the model is randomly initialised. ARCH may also be open_clip's "local-dir:/path" (a folder holding
+  open_clip_config.json and optionally weights).
+
+Every embedding is returned L2-normalised in float32. This module never imports a teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_STUDENT = "frozen:efficientnet-lite0+minilm-l6"
+EMBEDDING_KEYS: tuple[str, ...] = ("image_cross", "text_cross", "image_uni", "text_uni")
+_SPEC_HELP = "expected 'frozen:IMAGE_SPEC+TEXT_SPEC' or 'open_clip:ARCH[:CHECKPOINT]'"
+# open_clip's own model-name schemas: the rest of the string is the model source, not ARCH:CHECKPOINT.
+_OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A parsed student spec. Fields not used by a kind are None."""
+
+    kind: str                       # "frozen" | "open_clip"
+    image_spec: str | None = None   # frozen: encoder registry spec of the image backbone
+    text_spec: str | None = None    # frozen: encoder registry spec of the text backbone
+    arch: str | None = None         # open_clip: architecture name (or "local-dir:/path", "hf-hub:org/repo")
+    pretrained: str | None = None   # open_clip: pretrained tag or checkpoint file; None = random init
+
+    def __str__(self) -> str:
+        if self.kind == "frozen":
+            return f"frozen:{self.image_spec}+{self.text_spec}"
+        return f"open_clip:{self.arch}" + (f":{self.pretrained}" if self.pretrained else "")
+
+
+def parse_student_spec(spec: str) -> StudentSpec:
+    """Parse "frozen:IMAGE_SPEC+TEXT_SPEC" or "open_clip:ARCH[:CHECKPOINT]"; ValueError (one line) otherwise.
+
+    The frozen form splits at the first "+", so an image spec must not contain "+" (a text spec may).
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"student spec {spec!r}: {_SPEC_HELP}")
+    kind, rest = spec.split(":", 1)
+    kind, rest = kind.strip(), rest.strip()
+    if kind == "frozen":
+        image_spec, plus, text_spec = rest.partition("+")
+        image_spec, text_spec = image_spec.strip(), text_spec.strip()
+        if not plus or not image_spec or not text_spec:
+            raise ValueError(f"student spec {spec!r}: a frozen student needs both backbones, "
+                             "as 'frozen:IMAGE_SPEC+TEXT_SPEC' (e.g. 'frozen:efficientnet-lite0+minilm-l6')")
+        return StudentSpec(kind="frozen", image_spec=image_spec, text_spec=text_spec)
+    if kind in ("open_clip", "open-clip", "openclip"):
+        if rest.startswith(_OPEN_CLIP_SCHEMAS):
+            arch, pretrained = rest, ""
+        else:
+            arch, _, pretrained = rest.partition(":")
+        arch, pretrained = arch.strip(), pretrained.strip()
+        if not arch or arch in _OPEN_CLIP_SCHEMAS:
+            raise ValueError(f"student spec {spec!r}: missing the architecture, as 'open_clip:ARCH[:CHECKPOINT]' "
+                             "(e.g. 'open_clip:ViT-B-32:openai')")
+        return StudentSpec(kind="open_clip", arch=arch, pretrained=pretrained or None)
+    raise ValueError(f"student spec {spec!r}: unknown kind {kind!r}; {_SPEC_HELP}")
+
+
+class ProjectionHead(nn.Module):
+    """LayerNorm(d) → Linear(d, d_out), the CUSA head; Linear weights N(0, 0.02), bias 0 as in the reference."""
+
+    def __init__(self, d: int, d_out: int | None = None, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, d_out if d_out is not None else d)
+        nn.init.normal_(self.proj.weight, mean=0.0, std=init_std)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+class Adapter(nn.Module):
+    """LayerNorm(d_in) → Linear(d_in, hidden) → GELU → [Dropout] → Linear(hidden, d_out).
+
+    The trainable trunk on frozen features that both heads of a modality share; the LayerNorm also makes the
+    student indifferent to the scale of whatever backbone produced the features.
+    """
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(d_in),
+            nn.Linear(d_in, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            nn.Linear(hidden, d_out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    # Heads may run in bf16 under autocast; similarities and losses want float32.
+    return F.normalize(x.float(), dim=-1)
+
+
+class _TwoHeadStudent(nn.Module):
+    """Cross and uni heads for both modalities on top of modality features `_image_features`/`_text_features`."""
+
+    cross_head_v: ProjectionHead
+    cross_head_t: ProjectionHead
+    uni_head_v: ProjectionHead
+    uni_head_t: ProjectionHead
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _text_features(self, texts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"image_cross", "text_cross", "image_uni", "text_uni"}: each [B, embed_dim], L2-normalised float32."""
+        f_v = self._image_features(images)
+        f_t = self._text_features(texts)
+        return {
+            "image_cross": _normalized(self.cross_head_v(f_v)),
+            "text_cross": _normalized(self.cross_head_t(f_t)),
+            "image_uni": _normalized(self.uni_head_v(f_v)),
+            "text_uni": _normalized(self.uni_head_t(f_t)),
+        }
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Cross-modal image embeddings (the ones retrieval uses)."""
+        return _normalized(self.cross_head_v(self._image_features(images)))
+
+    def encode_texts(self, texts: torch.Tensor) -> torch.Tensor:
+        """Cross-modal text embeddings (the ones retrieval uses)."""
+        return _normalized(self.cross_head_t(self._text_features(texts)))
+
+    def encode_images_uni(self, images: torch.Tensor) -> torch.Tensor:
+        """Uni-modal image embeddings (image-image retrieval)."""
+        return _normalized(self.uni_head_v(self._image_features(images)))
+
+    def encode_texts_uni(self, texts: torch.Tensor) -> torch.Tensor:
+        """Uni-modal text embeddings (text-text similarity)."""
+        return _normalized(self.uni_head_t(self._text_features(texts)))
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters an optimizer should update."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+
+class FeatureStudent(_TwoHeadStudent):
+    """Student on precomputed features of frozen backbones: per modality an adapter, then cross and uni heads."""
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 256, hidden: int = 512,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.image_dim, self.text_dim, self.embed_dim = image_dim, text_dim, embed_dim
+        self.adapter_v = Adapter(image_dim, hidden, embed_dim, dropout)
+        self.adapter_t = Adapter(text_dim, hidden, embed_dim, dropout)
+        self.cross_head_v = ProjectionHead(embed_dim)
+        self.cross_head_t = ProjectionHead(embed_dim)
+        self.uni_head_v = ProjectionHead(embed_dim)
+        self.uni_head_t = ProjectionHead(embed_dim)
+
+    def _check(self, feats: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+        if feats.ndim != 2 or feats.shape[1] != dim:
+            raise ValueError(f"{name}: expected [batch, {dim}] features, got shape {tuple(feats.shape)}")
+        # Cached features are float16; compute in the adapter's dtype (autocast may lower it further).
+        return feats.to(next(self.adapter_v.parameters()).dtype)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapter_v(self._check(images, self.image_dim, "image features"))
+
+    def _text_features(self, texts: torch.Tensor) -> torch.Tensor:
+        return self.adapter_t(self._check(texts, self.text_dim, "text features"))
+
+
+class OpenClipStudent(_TwoHeadStudent):
+    """An open_clip CLIP model, fully fine-tuned, with CUSA's cross and uni heads on its projected embeddings.
+
+    CLIP's own `logit_scale` (and `logit_bias`) are frozen and unused: CUSA's temperatures live in the loss
+    module. Freezing them (rather than only leaving them out of the optimizer) also keeps DistributedDataParallel
+    from waiting for gradients that never come.
+    """
+
+    def __init__(self, arch: str, pretrained: str | None = None, aug_cfg: dict[str, Any] | None = None,
+                 cache_dir: str | None = None) -> None:
+        super().__init__()
+        import open_clip  # deferred: only this student needs it
+
+        self.arch, self.pretrained = arch, pretrained
+        label = f"open_clip:{arch}" + (f":{pretrained}" if pretrained else "")
+        if not arch.startswith(_OPEN_CLIP_SCHEMAS) and arch.replace("/", "-") not in open_clip.list_models():
+            raise ValueError(f"{label}: unknown open_clip architecture {arch!r} "
+                             "(open_clip.list_models() lists them, e.g. 'ViT-B-32')")
+        try:
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, aug_cfg=aug_cfg, cache_dir=cache_dir,
+                # Random init means random: never fetch default tower weights from a hub.
+                pretrained_image=False, pretrained_text=False,
+            )
+            self.tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
+        except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{label}: cannot build the open_clip model ({detail})") from e
+        self.model = model
+        self.preprocess_train = preprocess_train
+        self.preprocess_val = preprocess_val
+        for name in ("logit_scale", "logit_bias"):
+            param = getattr(model, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(False)
+
+        self.embed_dim = self._projected_dim()
+        self.cross_head_v = ProjectionHead(self.embed_dim)
+        self.cross_head_t = ProjectionHead(self.embed_dim)
+        self.uni_head_v = ProjectionHead(self.embed_dim)
+        self.uni_head_t = ProjectionHead(self.embed_dim)
+
+    @classmethod
+    def from_spec(cls, spec: StudentSpec | str, **kwargs: Any) -> "OpenClipStudent":
+        spec = parse_student_spec(spec) if isinstance(spec, str) else spec
+        if spec.kind != "open_clip":
+            raise ValueError(f"student spec {str(spec)!r} is not an open_clip student")
+        return cls(spec.arch, pretrained=spec.pretrained, **kwargs)
+
+    def _projected_dim(self) -> int:
+        dim = getattr(self.model.visual, "output_dim", None)
+        if isinstance(dim, int):
+            return dim
+        # Towers without the attribute (timm image towers): one short text forward tells the projected width.
+        with torch.no_grad():
+            tokens = self.tokenizer([""])
+            return int(self.model.encode_text(tokens, normalize=False).shape[-1])
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [len(texts), context_length] for `forward`/`encode_texts`."""
+        return self.tokenizer(texts)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images, normalize=False)
+
+    def _text_features(self, texts: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(texts, normalize=False)

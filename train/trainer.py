@@ -1,0 +1,361 @@
+"""`cusa-train`'s loop: contrastive + CSA + USA, soft labels streamed from the teacher cache.
+
+Read top to bottom: set up (data joined to the cache, soft-label source, student, loss, optimizer),
+then per epoch: train, validate, checkpoint. No teacher model is ever built here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
+from teacher_cache.soft_labels import SoftLabelSource
+from teacher_cache.store import Store
+from train.config import TrainConfig
+from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
+from train.evaluate import retrieval_metrics
+from train.losses import CusaLoss
+from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
+
+CHECKPOINT_LAST = "last.pt"
+CHECKPOINT_BEST = "best.pt"
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_feature_cache(cache: str) -> str:
+    p = Path(cache)
+    return str(p.with_name(p.name + "-features"))
+
+
+def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = None,
+                  text_dim: int | None = None) -> torch.nn.Module:
+    spec = parse_student_spec(cfg_student)
+    if spec.kind == "frozen":
+        return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
+                              dropout=frozen_opts["dropout"])
+    return OpenClipStudent.from_spec(spec)
+
+
+@dataclass
+class StudentInputs:
+    """How a student gets its batch inputs: cached backbone features, or decoded images and tokens."""
+
+    kind: str
+    image_feats: torch.Tensor | None = None
+    text_feats: torch.Tensor | None = None
+
+
+def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: str, stores: list[Store],
+                  device: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Backbone features of a dataset for a frozen student (computed once, cached, then reused)."""
+    from train.features import frozen_features
+
+    spec = parse_student_spec(cfg.student)
+    fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
+                         cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                         image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
+                         workers=cfg.workers)
+    return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def embed_for_retrieval(student: torch.nn.Module, manifest, device: str, batch_size: int, workers: int,
+                        feats: tuple[torch.Tensor, torch.Tensor] | None = None, uni: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross (or uni) embeddings of every image and caption of ``manifest``."""
+    student.eval()
+    enc_img = student.encode_images_uni if uni else student.encode_images
+    enc_txt = student.encode_texts_uni if uni else student.encode_texts
+    amp = _autocast(device)
+    if feats is not None:
+        img_f, txt_f = feats
+        with amp:
+            img = torch.cat([enc_img(img_f[i:i + batch_size]).float() for i in range(0, len(img_f), batch_size)])
+            txt = torch.cat([enc_txt(txt_f[i:i + batch_size]).float() for i in range(0, len(txt_f), batch_size)])
+        return img, txt
+    from torch.utils.data import DataLoader
+
+    from train.data import ManifestImages
+
+    loader = DataLoader(ManifestImages(manifest, student.preprocess_val), batch_size=batch_size,
+                        num_workers=workers)
+    img_parts = []
+    with amp:
+        for images in loader:
+            img_parts.append(enc_img(images.to(device)).float())
+        texts = [c.text for c in manifest.captions]
+        txt_parts = [enc_txt(student.tokenize(texts[i:i + batch_size]).to(device)).float()
+                     for i in range(0, len(texts), batch_size)]
+    return torch.cat(img_parts), torch.cat(txt_parts)
+
+
+def _autocast(device: str):
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _cosine_lambda(total_steps: int, lr: float, min_lr: float):
+    def fn(step: int) -> float:
+        t = min(step, total_steps) / max(total_steps, 1)
+        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))) / lr
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Train one run into ``cfg.out``; returns its summary (also written as summary.json)."""
+    device_kind = "cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    ctx = init_distributed(device_kind)
+    try:
+        return _train(cfg, ctx, resume, show_progress)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool) -> dict[str, Any]:
+    device = resolve_device(cfg.device, ctx)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    out = Path(cfg.out)
+    show = show_progress and ctx.is_main
+    last_path = out / CHECKPOINT_LAST
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and last_path.exists():
+            raise ValueError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    seed_everything(cfg.seed + ctx.rank)
+
+    # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
+    manifest = load_split(cfg.data, cfg.split, cfg.format, cfg.image_root)
+    cache = Store.open(cfg.cache, require_complete=True)
+    image_store = Store.open(cfg.image_cache, require_complete=True) if cfg.image_cache else cache
+    text_store = Store.open(cfg.text_cache, require_complete=True) if cfg.text_cache else cache
+    stores = list({str(s.path): s for s in (cache, image_store, text_store)}.values())
+    pairs = join_pairs(manifest, stores)
+    soft = None
+    if cfg.losses.needs_teacher:
+        soft = SoftLabelSource(image_store, text_store, mode=cfg.soft_labels.mode, k=cfg.soft_labels.k,
+                               stream=cfg.soft_labels.stream, device=device)
+
+    spec = parse_student_spec(cfg.student)
+    train_feats = val_feats = None
+    backbone_passes = 0
+    if spec.kind == "frozen":
+        img_f, txt_f, computed = frozen_inputs(cfg, cfg.data, cfg.split, manifest.fingerprint(), [cache], device,
+                                               show)
+        backbone_passes += int(computed)
+        train_feats = (img_f, txt_f)
+        student = build_student(cfg.student, vars(cfg.frozen), img_f.shape[1], txt_f.shape[1])
+    else:
+        student = build_student(cfg.student, vars(cfg.frozen))
+    val_manifest = None
+    if cfg.val_data:
+        val_manifest = load_split(cfg.val_data, cfg.val_split, cfg.format, cfg.image_root)
+        if spec.kind == "frozen":
+            v_img, v_txt, computed = frozen_inputs(cfg, cfg.val_data, cfg.val_split, val_manifest.fingerprint(),
+                                                   [cache], device, show)
+            backbone_passes += int(computed)
+            val_feats = (v_img, v_txt)
+    student.to(device)
+    loss_fn = CusaLoss(cfg.losses).to(device)
+    model = student
+    if ctx.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # norms, biases: no weight decay
+    temps = [p for p in loss_fn.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay + temps, "weight_decay": 0.0},
+    ], lr=cfg.lr)
+    steps_per_epoch = len(epoch_batches(len(pairs), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size))
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(pairs)} training pairs cannot fill one batch of {cfg.batch_size}")
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
+
+    start_epoch, best = 0, {"epoch": None, "rsum": -1.0, "metrics": None}
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        student.load_state_dict(ckpt["student"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch = ckpt["epoch"] + 1
+        best = ckpt["best"]
+        _set_rng_state(ckpt["rng"][ctx.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+    if ctx.is_main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    if ctx.is_main and start_epoch == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    t_run = time.perf_counter()
+    history = []
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        batches = epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world_size)
+        global_batches = epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, 0, 1) \
+            if cfg.gather and ctx.enabled else None
+        if spec.kind == "frozen":
+            inputs = ((train_feats[0][torch.as_tensor(pairs.image_rows[b])],
+                       train_feats[1][torch.as_tensor(pairs.caption_rows[b])]) for b in batches)
+        else:
+            inputs = ((im.to(device, non_blocking=True), tok.to(device, non_blocking=True)) for im, tok in
+                      pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers))
+        block_rows = [_store_rows(pairs, image_store, text_store, b if global_batches is None else
+                                  _global_rows(global_batches, i, cfg.batch_size, ctx.world_size))
+                      for i, b in enumerate(batches)]
+        blocks = soft.blocks(block_rows) if soft is not None else iter(lambda: (None, None), 0)
+        sums: dict[str, float] = {}
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
+                   dynamic_ncols=True, leave=False)
+        t_epoch = time.perf_counter()
+        for step, (b, (x_img, x_txt), (t_ii, t_tt)) in enumerate(zip(batches, inputs, blocks)):
+            t0 = time.perf_counter()
+            image_ids = torch.as_tensor(pairs.image_rows[b], device=device)
+            with _autocast(device):
+                emb = model(x_img, x_txt)
+            if cfg.gather and ctx.enabled:
+                emb, image_ids = _gather(emb, image_ids)
+            terms = loss_fn(emb["image_cross"], emb["text_cross"], emb["image_uni"], emb["text_uni"], image_ids,
+                            t_ii, t_tt)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_fn.clamp_()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if ctx.is_main and (step % cfg.log_every == 0 or step == len(batches) - 1):
+                record = {"kind": "step", "epoch": epoch, "step": epoch * steps_per_epoch + step,
+                          **{k: float(v.detach()) for k, v in terms.items()}, **loss_fn.temperatures(),
+                          "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
+                _append_jsonl(metrics_path, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
+        bar.close()
+        epoch_record = {"kind": "epoch", "epoch": epoch, **{k: v / max(len(batches), 1) for k, v in sums.items()},
+                        **loss_fn.temperatures(), "lr": scheduler.get_last_lr()[0],
+                        "epoch_time": time.perf_counter() - t_epoch}
+        if val_manifest is not None and ctx.is_main:
+            img, txt = embed_for_retrieval(student, val_manifest, device, cfg.eval_batch_size, cfg.workers, val_feats)
+            val = retrieval_metrics(img, txt, val_manifest.caption_image_rows())
+            epoch_record["val"] = val
+            if val["rsum"] > best["rsum"]:
+                best = {"epoch": epoch, "rsum": val["rsum"], "metrics": val}
+        elif val_manifest is None:
+            best = {"epoch": epoch, "rsum": None, "metrics": None}  # no validation: the last epoch is kept
+        if ctx.is_main:
+            _append_jsonl(metrics_path, epoch_record)
+            history.append(epoch_record)
+            rng = _rng_state()
+            payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(),
+                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                       "best": best, "rng": rng, "config": cfg.to_dict(), "student_spec": cfg.student,
+                       "dims": _student_dims(student)}
+            save_checkpoint(last_path, payload)
+            if best["epoch"] == epoch:
+                shutil.copyfile(last_path, out / CHECKPOINT_BEST)
+            if show:
+                msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_record.get('loss', float('nan')):.4f}"
+                if "val" in epoch_record:
+                    msg += f"  val rsum {epoch_record['val']['rsum']:.1f} (best {best['rsum']:.1f} @ {best['epoch'] + 1})"
+                tqdm.write(msg)
+        ctx.barrier()
+
+    summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
+               "best_val": best["metrics"], "train_pairs": len(pairs), "dropped_pairs": len(pairs.dropped),
+               "seconds": time.perf_counter() - t_run, "backbone_passes": backbone_passes,
+               "teacher_passes": 0, "loss_terms": list(cfg.losses.terms), "device": device,
+               "world_size": ctx.world_size, "checkpoint": str(out / (CHECKPOINT_BEST if
+                                                                    (out / CHECKPOINT_BEST).exists() else
+                                                                    CHECKPOINT_LAST))}
+    if ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _student_dims(student) -> dict:
+    if isinstance(student, FeatureStudent):
+        return {"image_dim": student.image_dim, "text_dim": student.text_dim}
+    return {}
+
+
+def _store_rows(pairs: TrainingPairs, image_store: Store, text_store: Store, b: np.ndarray):
+    return (pairs.store_image_rows[str(image_store.path)][pairs.image_rows[b]],
+            pairs.store_caption_rows[str(text_store.path)][pairs.caption_rows[b]])
+
+
+def _global_rows(global_batches: list[np.ndarray], i: int, batch_size: int, world: int) -> np.ndarray:
+    # with feature gathering the loss sees every rank's rows, in rank order
+    return global_batches[i][: (len(global_batches[i]) // world) * world]
+
+
+def _gather(emb: dict[str, torch.Tensor], image_ids: torch.Tensor):
+    """All-gather embeddings (with gradient) and image ids across ranks."""
+    from torch.distributed.nn.functional import all_gather
+
+    gathered = {k: torch.cat(all_gather(v), dim=0) for k, v in emb.items()}
+    ids = [torch.empty_like(image_ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(ids, image_ids)
+    return gathered, torch.cat(ids)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
