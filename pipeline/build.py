@@ -22,6 +22,7 @@ from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, Encod
 from pipeline.errors import CusaError, ImageError
 from pipeline.images import load_image
 from pipeline.manifest import Manifest, read_manifest
+from teacher_cache.errors import StoreError
 from teacher_cache.neighbors import build_neighbor_table, save_index
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
 
@@ -53,8 +54,8 @@ class BuildConfig:
 
 @dataclass
 class ModalityStats:
-    rows: int = 0  # rows embedded by this run (resumed rows are not counted)
-    seconds: float = 0.0
+    rows: int = 0  # rows embedded by this run, all ranks together (resumed rows are not counted)
+    seconds: float = 0.0  # wall time until every rank had written its share
     skipped_chunks: int = 0  # chunks already finished by an earlier run
 
     @property
@@ -146,11 +147,9 @@ def _chunk_batches(store: Store, modality: str, chunks: list[int], batch_size: i
 
 
 def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
-                  show: bool) -> ModalityStats:
-    stats = ModalityStats()
+                  show: bool, rank: int) -> None:
     if not chunks:
-        return stats
-    t0 = time.perf_counter()
+        return
     total = sum(store.chunk_range("images", c)[1] - store.chunk_range("images", c)[0] for c in chunks)
     bar = tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True)
     needs_pixels = getattr(encoder, "needs_pixels", True)
@@ -183,23 +182,19 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
                 bad_rows.append({"row": int(row), "id": im.image_id, "path": im.path, "reason": message})
             good = [r for r in rows if r not in errors]
             if good:
-                emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids([ids[r] for r in good])
+                emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids(
+                    [ids[r] for r in good], paths=[manifest.images[r].path for r in good])
                 out[np.asarray(good) - start] = normalize_rows(emb, "image")
             filled += len(rows)
             bar.update(len(rows))
-        store.write_chunk("images", c, out, bad_rows=bad_rows)
-        stats.rows += stop - start
+        store.write_chunk("images", c, out, bad_rows=bad_rows, rank=rank)
     bar.close()
-    stats.seconds = time.perf_counter() - t0
-    return stats
 
 
 def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
-                 show: bool) -> ModalityStats:
-    stats = ModalityStats()
+                 show: bool, rank: int) -> None:
     if not chunks:
-        return stats
-    t0 = time.perf_counter()
+        return
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
     bar = tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True)
     texts = [c.text for c in manifest.captions]
@@ -210,11 +205,8 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
             hi = min(lo + cfg.batch_size, stop)
             out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
             bar.update(hi - lo)
-        store.write_chunk("texts", c, out)
-        stats.rows += stop - start
+        store.write_chunk("texts", c, out, rank=rank)
     bar.close()
-    stats.seconds = time.perf_counter() - t0
-    return stats
 
 
 def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bool) -> dict:
@@ -232,12 +224,24 @@ def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bo
     writer = None
     if k_eff > 0:
         table = build_neighbor_table(emb[valid], k_eff, factory=factory, progress=show)
-        ids[valid] = valid[table.ids]
+        # table ids are positions among the valid rows; -1 (an approximate index found too few) stays -1
+        ids[valid] = np.where(table.ids >= 0, valid[np.maximum(table.ids, 0)], -1)
         sims[valid] = table.sims
-        writer = lambda path: save_index(table.index, path)  # noqa: E731 - deferred until the table is stored
+        if len(valid) == n:
+            # saved only when its ids are store rows: with skipped images they would be positions among the rest
+            writer = lambda path: save_index(table.index, path)  # noqa: E731 - deferred until the table is stored
     info = {"k_requested": k, "factory": factory, "rows": int(len(valid)), "seconds": time.perf_counter() - t0}
     store.write_neighbors(modality, ids, sims, index_bytes_writer=writer, **info)
     return {"modality": modality, "k": k_eff, **info}
+
+
+def _refuse_other_manifest(out: str, manifest: Manifest) -> None:
+    """Refuse a store built from another manifest before loading any teacher (which can take minutes)."""
+    try:
+        existing = Store.open(out)
+    except StoreError:
+        return  # nothing there yet, a half-created store, or another format: create_or_resume decides
+    existing.check_fingerprint(manifest.fingerprint())
 
 
 def build_store(cfg: BuildConfig) -> BuildSummary:
@@ -253,6 +257,8 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
     ).select_split(cfg.split)
     if not manifest.images:
         raise CusaError(f"{cfg.annotations}: no images in split {cfg.split!r}")
+    if not cfg.overwrite:
+        _refuse_other_manifest(cfg.out, manifest)
     ctx = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     try:
         device = resolve_device(cfg.device, ctx)
@@ -275,10 +281,14 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
                                              ("texts", _embed_texts, text_encoder)):
                 pending = [c for c in range(store.n_chunks(modality)) if c not in progress.done[modality]]
                 mine = split_evenly(pending, ctx.rank, ctx.world_size)
-                st = embed(store, manifest, encoder, mine, cfg, show)
-                st.skipped_chunks = store.n_chunks(modality) - len(pending)
-                stats[modality] = st
-            ctx.barrier()
+                t0 = time.perf_counter()
+                embed(store, manifest, encoder, mine, cfg, show, ctx.rank)
+                ctx.barrier()  # the modality is done when every rank has written its share
+                stats[modality] = ModalityStats(
+                    rows=sum(store.chunk_range(modality, c)[1] - store.chunk_range(modality, c)[0] for c in pending),
+                    seconds=time.perf_counter() - t0,
+                    skipped_chunks=store.n_chunks(modality) - len(pending),
+                )
             neighbors = {}
             if ctx.is_main:
                 if cfg.neighbors > 0:

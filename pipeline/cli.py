@@ -191,6 +191,10 @@ def neighbors(store_path, image, caption, query, k, as_json):
     if image is not None:
         modality = "images"
         row = _image_row(store, image)
+        skipped = {int(s["row"]): s for s in store.skipped_images}
+        if row in skipped:
+            raise CusaError(f"{store_path}: image row {row} ({skipped[row]['path']}) was skipped by the build, "
+                            f"it has no embedding: {skipped[row]['reason']}")
         ids, sims = _row_neighbors(store, modality, row, k)
         query_d = {"image_row": row, "image_id": store.image_ids[row], "path": store.image_paths[row]}
     elif caption is not None:
@@ -255,14 +259,17 @@ def _image_row(store, image: str) -> int:
 
 
 def _row_neighbors(store, modality: str, row: int, k: int):
-    ids, sims = store.neighbors(modality)
-    if k <= ids.shape[1]:
-        return ids[row, :k], sims[row, :k]
-    # more than the table keeps: exact search over the stored rows
+    if store.has_neighbors(modality):
+        ids, sims = store.neighbors(modality)
+        if k <= ids.shape[1]:
+            return ids[row, :k], sims[row, :k]
+    # more than the table keeps (or no table): exact search over the stored rows, skipped (all-zero) rows left out
     emb = store.load(modality)
     scores = emb @ emb[row]
     scores[row] = -np.inf
-    order = np.argsort(-scores)[:k]
+    scores[~np.any(emb != 0, axis=1)] = -np.inf
+    order = np.argsort(-scores, kind="stable")[:k]
+    order = order[np.isfinite(scores[order])]
     return order, scores[order]
 
 

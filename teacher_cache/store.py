@@ -127,13 +127,14 @@ class Store:
             raise StoreError(f"{path}: exists and is not a folder; choose another --out")
         ours = {_LOCK_FILE}
         entries = [p for p in path.iterdir() if p.name not in ours] if path.exists() else []
+        if entries and not _looks_like_store(path):
+            # --overwrite replaces a store, never a folder of other files that was named by mistake
+            raise StoreError(f"{path}: exists and is not a cusa store; choose another --out or an empty folder")
         if entries and overwrite:
             for entry in entries:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             entries = []
         if entries:
-            if not (path / "zarr.json").is_file():
-                raise StoreError(f"{path}: exists and is not a cusa store; pass --overwrite or choose another --out")
             if (path / _PROGRESS_DIR).is_dir() and "format_version" not in _root_attrs(path):
                 # killed while creating the empty layout: nothing was computed yet, so start again
                 return cls._create(path, layout)
@@ -222,21 +223,25 @@ class Store:
     def complete(self) -> bool:
         return bool(self._group.attrs.get("complete", False))
 
-    def check_matches(self, layout: StoreLayout) -> None:
-        """Refuse to resume into a store that another manifest or teacher built; name the field."""
-        if self.fingerprint != layout.fingerprint:
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Refuse to resume into a store built from another manifest (checked before any teacher is loaded)."""
+        if self.fingerprint != fingerprint:
             raise StoreMismatch(
                 f"{self.path}: built from another manifest (fingerprint {self.fingerprint[:12]}…, this one "
-                f"{layout.fingerprint[:12]}…); pass --overwrite to rebuild or choose another --out",
+                f"{fingerprint[:12]}…); pass --overwrite to rebuild or choose another --out",
                 field="fingerprint",
             )
+
+    def check_matches(self, layout: StoreLayout) -> None:
+        """Refuse to resume into a store that another manifest or teacher built; name the field."""
+        self.check_fingerprint(layout.fingerprint)
         for role in ("image", "text"):
             mine, theirs = self.teachers.get(role), layout.teachers.get(role)
             if mine != theirs:
                 diff = _first_difference(mine or {}, theirs or {})
                 raise StoreMismatch(
-                    f"{self.path}: built with another {role} teacher ({diff}); pass --overwrite to rebuild "
-                    "or choose another --out",
+                    f"{self.path}: built with another {role} teacher (teachers.{role} {diff}); pass --overwrite "
+                    "to rebuild or choose another --out",
                     field=f"teachers.{role}",
                 )
         if self.chunk_rows != layout.chunk_rows:
@@ -351,8 +356,13 @@ class Store:
                 prog.done[modality][int(payload["chunk"])] = payload
         return prog
 
-    def write_chunk(self, modality: str, chunk: int, emb: np.ndarray, bad_rows: list[dict] | None = None) -> None:
-        """Write one finished row chunk (L2-normalised float rows) and then its progress marker."""
+    def write_chunk(self, modality: str, chunk: int, emb: np.ndarray, bad_rows: list[dict] | None = None,
+                    rank: int = 0) -> None:
+        """Write one finished row chunk (L2-normalised float rows) and then its progress marker.
+
+        ``rank`` (the torch.distributed rank that computed the chunk) is kept in the marker, so a sharded build
+        can be audited afterwards.
+        """
         self._require_writable()
         start, stop = self.chunk_range(modality, chunk)
         if emb.shape != (stop - start, self.dims[modality]):
@@ -365,7 +375,7 @@ class Store:
         _atomic_write_json(
             self.path / _PROGRESS_DIR / modality / f"{chunk:08d}.json",
             {"chunk": chunk, "start": start, "stop": stop, "checksum": chunk_checksum(rows16),
-             "bad_rows": bad_rows or []},
+             "bad_rows": bad_rows or [], "rank": int(rank)},
         )
 
     def neighbors_marker(self, modality: str) -> dict | None:
@@ -503,6 +513,11 @@ class BuildLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _looks_like_store(path: Path) -> bool:
+    """A cusa store, or one whose creation was interrupted (the progress folder is made first)."""
+    return (path / _PROGRESS_DIR).is_dir() or "format_version" in _root_attrs(path)
 
 
 def _root_attrs(path: Path) -> dict:
