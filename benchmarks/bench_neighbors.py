@@ -34,7 +34,7 @@ def clustered_embeddings(
     topics: int = 3_000,
     themes: int = 300,
     spreads: tuple[float, float, float] = (1.0, 0.8, 0.8),
-    mix: float = 1.0,
+    mix: float = 0.8,
     row_noise_sigma: float = 0.4,
     seed: int = 0,
     chunk: int = 65_536,
@@ -47,10 +47,11 @@ def clustered_embeddings(
     things), plus row noise of norm ``spreads[2]`` times a log-normal factor (some captions are
     near-duplicates, some idiosyncratic). Cluster popularity is log-normal.
 
-    A plain gaussian mixture is too easy: IVF finds 99% of neighbours probing 4 lists, because every
-    row sits in one well-separated blob. Mixing concepts spreads neighbourhoods across partition
-    cells, as in real embeddings; these defaults give cosine ~0.55 to the nearest neighbour and ~0.4
-    to the 32nd, and need tens of probed lists for recall 0.95.
+    A plain gaussian mixture is too easy: IVF finds 99.9% of neighbours probing 4 lists, because
+    every row sits in one well-separated blob. Mixing concepts from unrelated clusters spreads
+    neighbourhoods across partition cells, as in real embeddings: with these defaults a row's nearest
+    neighbour has cosine ~0.58 and its 32nd ~0.42, and 2-3% of the exact top-10 sit in lists an IVF
+    search rarely probes, so recall@10 levels off near 0.97-0.98 instead of reaching 1.
     """
     rng = np.random.default_rng(seed)
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     exact_ids, exact_sims, exact_sample_s = exact_top_k(emb, sample, args.k)
 
     results = []
-    factories = args.factory or [recommended_factory(args.rows)]
+    factories = args.factory or [recommended_factory(args.rows, gpu=faiss.get_num_gpus() > 0)]
     for factory in factories:
         start = time.perf_counter()
         table = build_neighbor_table(
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--factory", action="append", help="FAISS index_factory string; repeat to compare (default: recommended)"
     )
-    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: nlist/64, at least 16)")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: nlist/256, at least 8)")
     parser.add_argument("--params", default=None, help="FAISS parameter string, e.g. 'nprobe=32' or 'efSearch=256'")
     parser.add_argument("--sample", type=int, default=1000, help="rows whose recall is checked against exact search")
     parser.add_argument("--clusters", type=int, default=20_000)

@@ -151,44 +151,44 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
     if not chunks:
         return
     total = sum(store.chunk_range("images", c)[1] - store.chunk_range("images", c)[0] for c in chunks)
-    bar = tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True)
-    needs_pixels = getattr(encoder, "needs_pixels", True)
-    if needs_pixels:
-        loader = DataLoader(
-            _ImageRows(manifest, encoder.preprocess),
-            batch_sampler=_chunk_batches(store, "images", chunks, cfg.batch_size),
-            num_workers=cfg.workers,
-            collate_fn=_collate,
-            prefetch_factor=4 if cfg.workers > 0 else None,
-            persistent_workers=False,
-        )
-        batches = iter(loader)
-    else:
-        ids = [im.image_id for im in manifest.images]
-        batches = (
-            (rows, None, {}) for rows in _chunk_batches(store, "images", chunks, cfg.batch_size)
-        )
-    for c in chunks:
-        start, stop = store.chunk_range("images", c)
-        out = np.zeros((stop - start, store.dims["images"]), dtype=np.float32)
-        bad_rows: list[dict] = []
-        filled = 0
-        while filled < stop - start:
-            rows, batch, errors = next(batches)
-            for row, message in errors.items():
-                if cfg.on_bad_image == "fail":
-                    raise ImageError(f"{message} (use --on-bad-image skip to leave such rows out)")
-                im = manifest.images[row]
-                bad_rows.append({"row": int(row), "id": im.image_id, "path": im.path, "reason": message})
-            good = [r for r in rows if r not in errors]
-            if good:
-                emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids(
-                    [ids[r] for r in good], paths=[manifest.images[r].path for r in good])
-                out[np.asarray(good) - start] = normalize_rows(emb, "image")
-            filled += len(rows)
-            bar.update(len(rows))
-        store.write_chunk("images", c, out, bad_rows=bad_rows, rank=rank)
-    bar.close()
+    # closed on errors too, so an error message starts on a line of its own
+    with tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True) as bar:
+        needs_pixels = getattr(encoder, "needs_pixels", True)
+        if needs_pixels:
+            loader = DataLoader(
+                _ImageRows(manifest, encoder.preprocess),
+                batch_sampler=_chunk_batches(store, "images", chunks, cfg.batch_size),
+                num_workers=cfg.workers,
+                collate_fn=_collate,
+                prefetch_factor=4 if cfg.workers > 0 else None,
+                persistent_workers=False,
+            )
+            batches = iter(loader)
+        else:
+            ids = [im.image_id for im in manifest.images]
+            batches = (
+                (rows, None, {}) for rows in _chunk_batches(store, "images", chunks, cfg.batch_size)
+            )
+        for c in chunks:
+            start, stop = store.chunk_range("images", c)
+            out = np.zeros((stop - start, store.dims["images"]), dtype=np.float32)
+            bad_rows: list[dict] = []
+            filled = 0
+            while filled < stop - start:
+                rows, batch, errors = next(batches)
+                for row, message in errors.items():
+                    if cfg.on_bad_image == "fail":
+                        raise ImageError(f"{message} (use --on-bad-image skip to leave such rows out)")
+                    im = manifest.images[row]
+                    bad_rows.append({"row": int(row), "id": im.image_id, "path": im.path, "reason": message})
+                good = [r for r in rows if r not in errors]
+                if good:
+                    emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids(
+                        [ids[r] for r in good], paths=[manifest.images[r].path for r in good])
+                    out[np.asarray(good) - start] = normalize_rows(emb, "image")
+                filled += len(rows)
+                bar.update(len(rows))
+            store.write_chunk("images", c, out, bad_rows=bad_rows, rank=rank)
 
 
 def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
@@ -196,17 +196,16 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
     if not chunks:
         return
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
-    bar = tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True)
-    texts = [c.text for c in manifest.captions]
-    for c in chunks:
-        start, stop = store.chunk_range("texts", c)
-        out = np.empty((stop - start, store.dims["texts"]), dtype=np.float32)
-        for lo in range(start, stop, cfg.batch_size):
-            hi = min(lo + cfg.batch_size, stop)
-            out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
-            bar.update(hi - lo)
-        store.write_chunk("texts", c, out, rank=rank)
-    bar.close()
+    with tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True) as bar:
+        texts = [c.text for c in manifest.captions]
+        for c in chunks:
+            start, stop = store.chunk_range("texts", c)
+            out = np.empty((stop - start, store.dims["texts"]), dtype=np.float32)
+            for lo in range(start, stop, cfg.batch_size):
+                hi = min(lo + cfg.batch_size, stop)
+                out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
+                bar.update(hi - lo)
+            store.write_chunk("texts", c, out, rank=rank)
 
 
 def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bool) -> dict:

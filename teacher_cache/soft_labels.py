@@ -60,13 +60,17 @@ class SoftLabelSource:
             if mode == "sparse":
                 ids, sims = mod.store.neighbors(mod.name)
                 kk = ids.shape[1] if k is None else k
+                if kk < 1:
+                    raise ValueError(f"sparse soft labels need K ≥ 1 neighbors per row, got K={kk}")
                 if kk > ids.shape[1]:
                     raise StoreError(f"{mod.store.path}: sparse soft labels with K={kk}, but the {mod.name} neighbor "
                                      f"table keeps {ids.shape[1]}; rebuild with `cusa-cache build --neighbors {kk}`")
                 mod.nbr_ids = torch.from_numpy(np.ascontiguousarray(ids[:, :kk])).to(self.device)
                 mod.nbr_sims = torch.from_numpy(np.ascontiguousarray(sims[:, :kk])).to(self.device)
             elif not stream:
-                mod.emb = torch.from_numpy(mod.store.load(mod.name).astype(np.float16)).to(self.device)
+                # read the stored float16 rows as they are: Store.load would also keep a float32 copy resident
+                emb = np.asarray(mod.store.array(mod.name)[:], dtype=np.float16)
+                mod.emb = torch.from_numpy(emb).to(self.device)
 
     # ------------------------------------------------------------------ blocks
     def rows(self, modality: str, index: np.ndarray | torch.Tensor) -> torch.Tensor:

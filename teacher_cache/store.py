@@ -120,7 +120,8 @@ class Store:
         """Create a new store for ``layout``, or reopen a matching one to resume its build.
 
         A store built from another manifest, teacher or format version is refused (naming the field that
-        differs) unless ``overwrite`` is set, in which case it is deleted first.
+        differs) unless ``overwrite`` is set, in which case it is deleted first. A non-empty folder that is not a
+        store is always refused: ``overwrite`` never deletes files it did not write.
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -453,7 +454,8 @@ class Store:
 
     # ------------------------------------------------------------------ size
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        # the lock of a running build is not part of the store
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != _LOCK_FILE)
 
 
 class BuildLock:

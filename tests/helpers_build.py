@@ -1,0 +1,49 @@
+"""The one-process build that resumed and sharded builds are compared against: the demo val split (9 images,
+45 captions) in chunks of 4 rows, on one CPU thread.
+
+Float sums inside the teachers depend on the number of threads, so every build compared byte for byte with this one
+runs on one thread too (torchrun sets OMP_NUM_THREADS=1 for its workers)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.build import BuildConfig, build_store
+from teacher_cache.errors import StoreError
+from teacher_cache.store import Store
+
+BUILD_ARGS = ("--chunk-rows", "4", "--neighbors", "4", "--workers", "0", "--device", "cpu")
+BIN = Path(sys.executable).parent
+
+
+def one_thread_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+class one_torch_thread:
+    """Run torch on one thread inside the block, as a subprocess with OMP_NUM_THREADS=1 does."""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.before)
+
+
+def val_reference(demo_dir: Path, root: Path) -> Path:
+    """Build (once per test session: ``root`` is the session's base folder) the reference store of the val split."""
+    out = root / "val-reference"
+    try:
+        if Store.open(out).complete:
+            return out
+    except StoreError:
+        pass
+    with one_torch_thread():
+        build_store(BuildConfig(annotations=str(demo_dir / "val.json"), out=str(out), chunk_rows=4, neighbors=4,
+                                workers=0, device="cpu", progress=False))
+    return out

@@ -1,0 +1,83 @@
+"""Running `cusa-train` / `cusa-eval` from stage-2 tests: in-process through click, or as a real console script.
+
+Training runs use the demo set and its session cache (tests/conftest.py) with small settings, so one run takes a few
+seconds on CPU. Frozen students reuse the cache's teachers as backbones for the training split; validation and test
+features are computed once into the cache's sibling feature folder and shared by every later run of the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner, Result
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+TEMPERATURE_RANGES = {"tau": (0.01, 0.10), "tau_csa": (0.10, 0.99), "tau_usa_images": (0.10, 1.00),
+                      "tau_usa_texts": (0.10, 1.00)}
+TIMING_KEYS = ("step_time", "epoch_time")
+
+
+def train_args(demo_dir: Path, cache: Path, out: Path, *extra: str, epochs: int = 2, batch_size: int = 32,
+               val: bool = False) -> list[str]:
+    """Small, fast `cusa-train` arguments on the demo train split (lr 1e-3: visible progress in a few steps)."""
+    args = ["--data", str(demo_dir / "train.json"), "--cache", str(cache), "--out", str(out),
+            "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", "1e-3", "--seed", "0",
+            "--workers", "0", "--device", "cpu", "--json",
+            # a narrow trainable part: the loop, not the matmuls, is what these runs exercise
+            "--set", "frozen.hidden=64", "--set", "frozen.embed_dim=64"]
+    if val:
+        args += ["--val-data", str(demo_dir / "val.json")]
+    return args + list(extra)
+
+
+def invoke(command, args: list[str]) -> Result:
+    """Run a click command in-process; an exception that escaped its error handling fails the test."""
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def invoke_json(command, args: list[str]) -> dict:
+    result = invoke(command, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    # one torch thread per process: on a busy 2-core machine, threads waiting on each other make a tiny run 30× slower
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", **extra}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread inside the block (as the subprocesses above do)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_script(name: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script ``name`` (cusa-train, cusa-eval) as a user would."""
+    return subprocess.run([str(BIN / name), *[str(a) for a in args]], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(), cwd=REPO)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
