@@ -28,7 +28,8 @@ def user_errors(fn):
         except (CusaError, StoreError, ValueError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         except OSError as exc:
-            raise click.ClickException(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}") from None
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
     return wrapper
 
@@ -115,6 +116,13 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
                      f"{st.get('skipped_chunks', 0)} chunks were already done")
     for modality, info in d["neighbors"].items():
         lines.append(f"neighbors {modality}: K={info.get('k')} with {info.get('factory')}")
+    notes = d.get("caption_notes") or {}
+    if notes.get("truncated"):
+        lines.append(f"captions  {notes['truncated']} longer than the text teacher's {notes['max_tokens']} tokens "
+                     f"(it reads only their start; rows {notes['truncated_rows'][:5]}...)")
+    if notes.get("cleaned"):
+        lines.append(f"captions  {notes['cleaned']} had control characters or invalid code points replaced "
+                     f"(rows {notes['cleaned_rows'][:5]}...)")
     if d["skipped_images"]:
         lines.append(f"skipped   {len(d['skipped_images'])} bad images (listed in the store's attributes):")
         lines.extend(f"          row {s['row']}: {s['reason']}" for s in d["skipped_images"][:20])
@@ -297,15 +305,21 @@ def verify(store_path, as_json):
 
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", default=600, show_default=True, type=click.IntRange(min=10))
+@click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--splits", default="0.5,0.15,0.35", show_default=True, help="train,val,test fractions.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def demo_data(out, n_images, seed, as_json):
+def demo_data(out, n_images, seed, splits, as_json):
     """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON."""
     from pipeline.demo_data import write_demo_dataset
 
-    summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed)
+    try:
+        fractions = tuple(float(x) for x in splits.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three numbers like 0.5,0.15,0.35, got {splits!r}",
+                                 param_hint="--splits") from None
+    summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions)
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
 

@@ -30,7 +30,7 @@ def run(cmd: list[str], capture: bool = False) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
-    ap.add_argument("--images", type=int, default=600, help="demo set size (default: 600)")
+    ap.add_argument("--images", type=int, default=800, help="demo set size (default: 800)")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per setting (default: 1)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3,

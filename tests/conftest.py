@@ -35,7 +35,7 @@ def demo_dir(tmp_path_factory) -> Path:
     from pipeline.demo_data import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, n_images=DEMO_IMAGES, seed=0, image_size=96)
+    write_demo_dataset(root, n_images=DEMO_IMAGES, seed=0, image_size=96, split_fractions=(0.70, 0.15, 0.15))
     return root
 
 
