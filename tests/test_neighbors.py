@@ -104,7 +104,7 @@ def test_ivf_factory_recall_against_exact():
     emb = clustered(3000, 32, centres=40)
     exact = build_neighbor_table(emb, k=10, progress=False)
     approx = build_neighbor_table(emb, k=10, factory="IVF16,Flat", progress=False)
-    assert approx.search_params == f"nprobe={default_nprobe(16)}"
+    assert approx.search_params == f"nprobe={default_nprobe(16, 3000, 10)}"
     assert recall_at_k(approx.ids, exact.ids, 10) >= 0.9
     assert np.all(np.diff(approx.sims, axis=1) <= 0)
     assert not np.any(approx.ids == np.arange(len(emb))[:, None])
@@ -196,6 +196,13 @@ def test_recall_at_k_counts_shared_ids_per_row():
     assert recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 0) / 2)
     assert recall_at_k(approx, exact, 1) == pytest.approx(0.0)
     assert recall_at_k(exact, exact, 3) == 1.0
+
+
+def test_default_nprobe_scans_enough_candidates_for_k():
+    assert default_nprobe(4096, 600_000, 32) == 16  # ~146 rows a list: 16 lists hold >= 64*33 rows
+    assert default_nprobe(2048, 100_000, 32) == 64  # ~49 rows a list need more lists
+    assert default_nprobe(16, 3000, 10) == 8  # never below 8
+    assert default_nprobe(16, 100, 32) == 16  # never above nlist
 
 
 def test_recommended_factory_is_exact_for_small_tables_and_ivf_for_large():
