@@ -46,18 +46,21 @@ def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = 
     student, cfg, ckpt = load_trained_student(checkpoint, device)
     manifest = load_split(data, split, cfg.format, cfg.image_root)
     feats = None
+    backbone_passes = 0  # frozen backbones run only when their features are not cached yet
     if parse_student_spec(cfg.student).kind == "frozen":
         reuse = []
         try:
             reuse.append(Store.open(cfg.cache))
         except StoreError:
             pass  # the training cache may not travel with the checkpoint; features are then computed
-        img_f, txt_f, _ = frozen_inputs(cfg, data, split, manifest.fingerprint(), reuse, device, progress)
+        img_f, txt_f, computed = frozen_inputs(cfg, data, split, manifest.fingerprint(), reuse, device, progress)
+        backbone_passes = int(computed)
         feats = (img_f, txt_f)
     img, txt = embed_for_retrieval(student, manifest, device, batch_size, workers, feats, uni=uni)
     metrics = evaluate_embeddings(img, txt, manifest.caption_image_rows())
     result = {**metrics["all"], "split": split, "images": len(manifest.images), "captions": len(manifest.captions),
-              "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", -1)) + 1}
+              "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", -1)) + 1,
+              "backbone_passes": backbone_passes}
     if "coco_1k" in metrics:
         result["coco_1k"] = metrics["coco_1k"]
     return result

@@ -1,0 +1,233 @@
+"""Ablation grids that reuse one teacher cache: N settings × S seeds = N·S student trainings, 0 teacher passes.
+
+Every run is an ordinary `cusa-train` run folder under ``OUT/runs/``; a finished run (it has ``eval.json``)
+is skipped on a re-run and an interrupted one resumes from its last checkpoint, so a grid can be stopped and
+restarted at any time. Results are aggregated into ``results.json`` / ``results.md`` with plots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from train.config import build_config
+from train.evaluation_run import evaluate_run
+from train.trainer import CHECKPOINT_LAST, train
+
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+_TEACHER_MODULES = ("sentence_transformers",)
+
+
+@dataclass
+class GridAxis:
+    key: str
+    values: list[str]
+
+
+@dataclass
+class Setting:
+    name: str
+    overrides: dict[str, str]
+    runs: list[dict] = field(default_factory=list)
+
+
+def parse_grid(items: list[str]) -> list[GridAxis]:
+    """``KEY=V1,V2,...`` items into axes; a key given twice or without values is refused."""
+    axes: list[GridAxis] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. loss=contrastive,cusa")
+        if any(a.key == key for a in axes):
+            raise ValueError(f"--grid {key}: given twice")
+        axes.append(GridAxis(key, [v.strip() for v in values.split(",") if v.strip()]))
+    return axes
+
+
+def expand(axes: list[GridAxis]) -> list[Setting]:
+    """The cartesian product of the axes, as named settings (``loss=cusa,csa.rate=0.1``)."""
+    if not axes:
+        return [Setting("default", {})]
+    settings = []
+    for combo in itertools.product(*(a.values for a in axes)):
+        overrides = {a.key: v for a, v in zip(axes, combo)}
+        settings.append(Setting(",".join(f"{k}={v}" for k, v in overrides.items()), overrides))
+    return settings
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name.replace(",", "__"))
+
+
+def baseline_of(setting: Setting, settings: list[Setting]) -> Setting | None:
+    """The contrastive-only setting that differs from ``setting`` only in its loss (or the plain baseline)."""
+    want = {**setting.overrides, "loss": "contrastive"}
+    for other in settings:
+        if other.overrides == want:
+            return other
+    for other in settings:
+        if other.overrides.get("loss") == "contrastive" and len(other.overrides) == 1:
+            return other
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid: list[str], seeds: int,
+             out: str, preset: str = "paper", config_file: str | None = None, flags: dict | None = None,
+             overrides: list[str] | None = None, eval_split: str = "test", show: bool = True) -> dict[str, Any]:
+    """Train and evaluate every setting × seed (skipping finished runs); write results.json/.md and plots."""
+    t0 = time.perf_counter()
+    out_dir = Path(out)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    settings = expand(parse_grid(grid))
+    if not any(s.overrides.get("loss") == "contrastive" for s in settings):
+        # the gain over the contrastive baseline needs the baseline itself
+        settings.insert(0, Setting("loss=contrastive", {"loss": "contrastive"}))
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    base_flags = {**flags, "data": data, "cache": cache, "student": student}
+    # validate every setting before the first run starts, so a typo does not surface hours later
+    for s in settings:
+        build_config(preset, config_file, {**base_flags, "out": str(out_dir)},
+                     list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])
+
+    counts = {"runs": 0, "trained": 0, "resumed": 0, "skipped_finished": 0, "backbone_passes": 0,
+              "teacher_passes": 0}
+    total = len(settings) * seeds
+    for i, (s, seed) in enumerate(itertools.product(settings, range(seeds)), start=1):
+        run_dir = out_dir / "runs" / f"{_slug(s.name)}-seed{seed}"
+        eval_path = run_dir / "eval.json"
+        counts["runs"] += 1
+        if eval_path.is_file():
+            counts["skipped_finished"] += 1
+            s.runs.append(json.loads(eval_path.read_text()))
+            continue
+        resume = (run_dir / CHECKPOINT_LAST).is_file()
+        if show:
+            print(f"[{i}/{total}] {s.name} seed {seed}{' (resuming)' if resume else ''}", file=sys.stderr,
+                  flush=True)
+        cfg = build_config(preset, config_file, {**base_flags, "seed": seed, "out": str(run_dir)},
+                           list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])
+        summary = train(cfg, resume=resume, show_progress=show)
+        counts["trained"] += 1
+        counts["resumed"] += int(resume)
+        counts["backbone_passes"] += int(summary.get("backbone_passes", 0))
+        counts["teacher_passes"] += int(summary.get("teacher_passes", 0))
+        metrics = evaluate_run(run_dir, eval_data, split=eval_split, device=cfg.device, progress=False)
+        counts["backbone_passes"] += int(metrics.get("backbone_passes", 0))
+        metrics.update({"setting": s.name, "seed": seed, "run": str(run_dir),
+                        "train_seconds": summary.get("seconds")})
+        eval_path.write_text(json.dumps(metrics, indent=2))
+        s.runs.append(metrics)
+    counts["teacher_modules_loaded"] = sorted(m for m in _TEACHER_MODULES if m in sys.modules)
+
+    results = aggregate(settings)
+    payload = {"settings": results, "seeds": seeds, "eval_data": eval_data, "eval_split": eval_split,
+               "cache": cache, "counts": counts, "seconds": time.perf_counter() - t0}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    (out_dir / "results.md").write_text(results_markdown(payload))
+    payload["plots"] = write_plots(out_dir, settings, results)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    return payload
+
+
+def aggregate(settings: list[Setting]) -> list[dict]:
+    rows = []
+    for s in settings:
+        mean, std = {}, {}
+        for k in METRIC_KEYS:
+            mean[k], std[k] = _mean_std([r[k] for r in s.runs])
+        rows.append({"name": s.name, "overrides": s.overrides, "n": len(s.runs), "mean": mean, "std": std,
+                     "rsum_per_seed": [r["rsum"] for r in s.runs]})
+    by_name = {s.name: row for s, row in zip(settings, rows)}
+    for s, row in zip(settings, rows):
+        base = baseline_of(s, settings)
+        row["baseline"] = base.name if base else None
+        row["gain"] = ({k: row["mean"][k] - by_name[base.name]["mean"][k] for k in METRIC_KEYS}
+                       if base is not None else None)
+    return rows
+
+
+def results_markdown(payload: dict) -> str:
+    lines = [f"# Ablation results ({payload['seeds']} seed(s) per setting, {payload['eval_split']} split of "
+             f"{payload['eval_data']})", "",
+             "| setting | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | gain vs contrastive |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["settings"]:
+        cells = [f"{row['mean'][k]:.1f} ± {row['std'][k]:.1f}" for k in METRIC_KEYS]
+        gain = row["gain"]["rsum"] if row["gain"] else None
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}'} |")
+    c = payload["counts"]
+    lines += ["", f"Runs: {c['runs']} ({c['trained']} trained now, {c['resumed']} resumed, "
+              f"{c['skipped_finished']} already finished). Teacher passes: {c['teacher_passes']}. "
+              f"Backbone feature passes: {c['backbone_passes']}. Wall time {payload['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(out_dir: Path, settings: list[Setting], rows: list[dict]) -> list[str]:
+    """rsum by setting with error bars, and training curves by loss term from each run's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    names = [r["name"] for r in rows]
+    ax.bar(range(len(rows)), [r["mean"]["rsum"] for r in rows], yerr=[r["std"]["rsum"] for r in rows],
+           capsize=4, color=["#888888" if r["overrides"].get("loss") == "contrastive" else "#3b6fb6" for r in rows])
+    lo = min(r["mean"]["rsum"] - 2 * (r["std"]["rsum"] or 0) for r in rows)
+    hi = max(r["mean"]["rsum"] + 2 * (r["std"]["rsum"] or 0) for r in rows)
+    ax.set_ylim(max(0, lo - 5), min(600, hi + 5))
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test rsum (mean ± std over seeds)")
+    ax.set_title("Retrieval rsum by setting")
+    fig.tight_layout()
+    path = out_dir / "rsum_by_setting.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
+
+    terms = ("loss", "contrastive", "csa", "usa")
+    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.4))
+    for s in settings:
+        curves: dict[str, list[list[float]]] = {t: [] for t in terms}
+        for r in s.runs:
+            metrics = Path(r["run"]) / "metrics.jsonl"
+            if not metrics.is_file():
+                continue
+            epochs = [json.loads(line) for line in metrics.read_text().splitlines() if '"epoch"' in line]
+            epochs = [e for e in epochs if e.get("kind") == "epoch"]
+            for t in terms:
+                curves[t].append([e.get(t, math.nan) for e in epochs])
+        for ax, t in zip(axes, terms):
+            if curves[t]:
+                n = min(len(c) for c in curves[t])
+                mean = [statistics.fmean(c[i] for c in curves[t]) for i in range(n)]
+                ax.plot(range(1, n + 1), mean, marker="o", ms=3, label=s.name)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, t in zip(axes, terms):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{t} (rate applied)" if t != "loss" else "total loss")
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
+    return written

@@ -1,0 +1,56 @@
+"""`cusa-ablate`: a grid of cusa-train runs from one cache, evaluated and summarised."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from pipeline.cli import emit, user_errors
+from train.config import PRESETS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training annotations.")
+@click.option("--eval-data", required=True, type=click.Path(dir_okay=False), help="Annotations to test on.")
+@click.option("--eval-split", default="test", show_default=True)
+@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache shared by all runs.")
+@click.option("--student", default=None, help="Student spec (default frozen:efficientnet-lite0+minilm-l6).")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
+              help="A grid axis over any cusa-train setting, e.g. --grid loss=contrastive,csa,usa,cusa "
+                   "--grid csa.rate=0.05,0.1,0.2 (repeatable; settings are the cartesian product).")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default="ablations/run", show_default=True, type=click.Path(file_okay=False))
+@click.option("--val-data", default=None, type=click.Path(dir_okay=False))
+@click.option("--preset", default="paper", show_default=True, type=click.Choice(sorted(PRESETS)))
+@click.option("--epochs", default=None, type=click.IntRange(min=1))
+@click.option("--batch-size", default=None, type=click.IntRange(min=2))
+@click.option("--lr", default=None, type=float)
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", default=None, type=click.IntRange(min=0))
+@click.option("--split", default=None, help="Split of --data to train on [default: train].")
+@click.option("--val-split", default=None)
+@click.option("--image-cache", default=None, type=click.Path(file_okay=False))
+@click.option("--text-cache", default=None, type=click.Path(file_okay=False))
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Settings shared by every run.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
+                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, as_json):
+    """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains."""
+    from train.ablate import run_grid
+
+    flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
+             "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
+             "text_cache": text_cache}
+    payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
+                       out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
+                       eval_split=eval_split, show=not as_json)
+    from train.ablate import results_markdown
+
+    human = results_markdown(payload) + "\n" + "plots: " + ", ".join(payload["plots"])
+    emit(payload, as_json, human)
