@@ -23,7 +23,6 @@ from train.evaluation_run import evaluate_run
 from train.trainer import CHECKPOINT_LAST, train
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-_TEACHER_MODULES = ("sentence_transformers",)
 
 
 @dataclass
@@ -132,7 +131,6 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
                         "train_seconds": summary.get("seconds")})
         eval_path.write_text(json.dumps(metrics, indent=2))
         s.runs.append(metrics)
-    counts["teacher_modules_loaded"] = sorted(m for m in _TEACHER_MODULES if m in sys.modules)
 
     results = aggregate(settings)
     payload = {"settings": results, "seeds": seeds, "eval_data": eval_data, "eval_split": eval_split,
