@@ -44,9 +44,17 @@ def demo_cache(demo_dir, tmp_path_factory) -> Path:
     """A complete teacher cache of the demo train split (real efficientnet-lite0 + MiniLM teachers)."""
     from pipeline.build import BuildConfig, build_store
 
+    import torch
+
     out = tmp_path_factory.mktemp("cache") / "store"
-    build_store(BuildConfig(annotations=str(demo_dir / "train.json"), out=str(out), workers=0, batch_size=16,
-                            chunk_rows=DEMO_CHUNK_ROWS, neighbors=DEMO_NEIGHBORS, progress=False, device="cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than 2 threads fighting other test processes for 2 cores
+    try:
+        build_store(BuildConfig(annotations=str(demo_dir / "train.json"), out=str(out), workers=0, batch_size=16,
+                                chunk_rows=DEMO_CHUNK_ROWS, neighbors=DEMO_NEIGHBORS, progress=False,
+                                device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

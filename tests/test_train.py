@@ -5,7 +5,6 @@ uninterrupted run bit for bit."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -245,6 +244,22 @@ def test_contrastive_plus_csa_run_leaves_usa_off(demo_dir, demo_cache, tmp_path)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all(r["usa"] == 0.0 and r["csa"] > 0 for r in records)
     assert all("tau_usa_images" not in r and "tau_csa" in r for r in records)
+
+
+def test_streamed_soft_labels_train_exactly_like_in_memory_ones_and_sparse_ones_stay_finite(demo_dir, demo_cache,
+                                                                                         tmp_path):
+    def run(name: str, *extra: str) -> list[dict]:
+        invoke_json(train_main, train_args(demo_dir, demo_cache, tmp_path / name, *extra, epochs=1))
+        return without_timings(read_jsonl(tmp_path / name / "metrics.jsonl"))
+
+    dense = run("dense")
+    assert run("stream", "--set", "soft_labels.stream=true") == dense
+    sparse = run("sparse", "--set", "soft_labels.mode=sparse", "--set", "soft_labels.k=4")
+    assert json.loads((tmp_path / "sparse" / "config.json").read_text())["soft_labels"]["k"] == 4
+    assert all(np.isfinite(r[t]) and r[t] > 0 for r in sparse for t in ("loss", "csa", "usa"))
+    # same student, same first batch: the contrastive term does not see the teacher, CSA and USA do
+    assert sparse[0]["contrastive"] == dense[0]["contrastive"]
+    assert sparse[0]["csa"] != pytest.approx(dense[0]["csa"]) and sparse[0]["usa"] != pytest.approx(dense[0]["usa"])
 
 
 # ================================================================================================ resume

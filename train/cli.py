@@ -44,17 +44,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
               help="Image soft labels from this store instead of --cache.")
 @click.option("--text-cache", default=None, type=click.Path(file_okay=False),
               help="Caption soft labels from this store instead of --cache.")
+@click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]),
+              help="Batches of random pairs, or of teacher-neighbor groups from the cache [default: random].")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
-               config_file, overrides, split, val_split, workers, image_cache, text_cache, as_json):
+               config_file, overrides, split, val_split, workers, image_cache, text_cache, sampler, as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "out": out,
              "split": split, "val_split": val_split, "workers": workers, "image_cache": image_cache,
-             "text_cache": text_cache}
+             "text_cache": text_cache, "sampler": sampler}
     cfg = build_config(preset, config_file, flags, list(overrides))
     summary = train(cfg, resume=resume, show_progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -76,12 +78,31 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--image-labels", default=None, type=click.Path(dir_okay=False),
+              help="CSV/TSV (image,label) or JSON list of {image, label}: image→image mAP@R and R@1.")
+@click.option("--image-embedding", default="uni", show_default=True, type=click.Choice(["uni", "cross"]),
+              help="Image embeddings for --image-labels.")
+@click.option("--sts", default=None, type=click.Path(dir_okay=False),
+              help="STS-B or SICK-R pairs (TSV/CSV with a header): Spearman of cosine vs gold score.")
+@click.option("--text-embedding", default="uni", show_default=True, type=click.Choice(["uni", "cross"]),
+              help="Text embeddings for --sts.")
+@click.option("--eccv", "eccv_captions", default=None, type=click.Path(dir_okay=False), metavar="CAPTIONS_JSON",
+              help="ECCV Caption mAP@R, R-P, R@1 on the COCO 5K test split of --data; give COCO's "
+                   "captions_val2014.json (captions are named by its annotation ids).")
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
-def eval_main(run, data, split, device, batch_size, workers, as_json):
-    """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images)."""
+def eval_main(run, data, split, device, batch_size, workers, image_labels, image_embedding, sts, text_embedding,
+              eccv_captions, as_json):
+    """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
+    optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
 
+    if image_labels or sts:
+        from train.unimodal import read_image_labels, read_sts
+
+        # read the input files first: a mistake in one should not cost the whole retrieval evaluation
+        image_labels = read_image_labels(image_labels) if image_labels else None
+        sts = read_sts(sts) if sts else None
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
                           progress=not as_json)
     from train.evaluate import format_table
@@ -92,4 +113,12 @@ def eval_main(run, data, split, device, batch_size, workers, as_json):
     human = format_table(table, title=title)
     if "coco_1k" in result:
         human += "\n" + format_table({"COCO 1K (5-fold mean)": result["coco_1k"]})
+    if image_labels or sts or eccv_captions:
+        from train.unimodal import run_extra_evaluations
+
+        extra, extra_human = run_extra_evaluations(result, data, split, device, batch_size, workers, image_labels,
+                                                   image_embedding, sts, text_embedding, eccv_captions,
+                                                   progress=not as_json)
+        result.update(extra)
+        human += "\n" + extra_human
     emit(result, as_json, human)

@@ -25,7 +25,7 @@ _LOSS_TERMS = {
     "cusa": (True, True, True),
 }
 _LOSS_KEYS = ("contrastive", "csa", "usa", "tau_soft")
-SAMPLERS = ("random",)
+SAMPLERS = ("random", "teacher-neighbors")
 
 
 @dataclass
@@ -67,7 +67,8 @@ class TrainConfig:
     image_root: str | None = None
     split: str = "train"
     val_split: str = "val"
-    sampler: str = "random"
+    sampler: str = "random"  # random | teacher-neighbors (batches of teacher-neighbor groups)
+    sampler_group: int = 8  # teacher-neighbors: pairs per neighbor group
     gather: bool = False  # DDP: all-gather features, image ids and teacher rows across ranks
     log_every: int = 10
     eval_batch_size: int = 256

@@ -230,7 +230,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay + temps, "weight_decay": 0.0},
     ], lr=cfg.lr)
-    steps_per_epoch = len(epoch_batches(len(pairs), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size))
+    if cfg.sampler == "teacher-neighbors":
+        from train.samplers import neighbor_batches, pair_neighbor_table
+
+        pair_neighbors = pair_neighbor_table(pairs, text_store)
+
+        def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
+            return neighbor_batches(pair_neighbors, cfg.batch_size, cfg.seed, epoch, cfg.sampler_group, rank,
+                                    ctx.world_size)
+    else:
+        def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
+            return epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, rank, ctx.world_size)
+    steps_per_epoch = len(make_batches(0, ctx.rank))
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data}: {len(pairs)} training pairs cannot fill one batch of {cfg.batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
@@ -260,11 +271,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        batches = epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world_size)
+        batches = make_batches(epoch, ctx.rank)
         if cfg.gather and ctx.enabled:
             # the loss sees every rank's rows in rank order (as all_gather concatenates them): so must the teacher
-            every_rank = [epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, r, ctx.world_size)
-                          for r in range(ctx.world_size)]
+            every_rank = [make_batches(epoch, r) for r in range(ctx.world_size)]
             loss_batches = [np.concatenate(parts) for parts in zip(*every_rank)]
         else:
             loss_batches = batches
