@@ -303,6 +303,30 @@ def verify(store_path, as_json):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.option("--data", "annotations", required=True, type=click.Path(dir_okay=False),
+              help="The annotations the store was built from (or one of their splits, with --split).")
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False),
+              help="Report folder [default: STORE-report next to the store].")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "karpathy", "caption-json", "csv"]))
+@click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to.")
+@click.option("--split", default="all", show_default=True, help="Report on this split of --data only.")
+@click.option("--examples", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Example queries shown per modality.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-pair baselines.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json.")
+@user_errors
+def report(store_path, annotations, out, fmt, image_root, split, examples, seed, as_json):
+    """Is the teacher worth using? Its neighbors checked against the captions, with plots and examples."""
+    from pipeline.report import build_report, format_summary
+
+    result = build_report(store_path, annotations, out, fmt=fmt, image_root=image_root, split=split,
+                          examples=examples, seed=seed)
+    emit(result, as_json, format_summary(result))
+
+
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10))

@@ -12,9 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEMO_IMAGES = 60  # 42 train / 9 val / 9 test images, 5 captions each
-DEMO_CHUNK_ROWS = 16
-DEMO_NEIGHBORS = 8
+from demo_constants import DEMO_CHUNK_ROWS, DEMO_IMAGES, DEMO_NEIGHBORS
 
 
 def pytest_addoption(parser):

@@ -97,12 +97,11 @@ def eval_main(run, data, split, device, batch_size, workers, image_labels, image
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
 
-    if image_labels or sts:
-        from train.unimodal import read_image_labels, read_sts
+    if image_labels or sts or eccv_captions:
+        from train.unimodal import read_extra_inputs
 
         # read the input files first: a mistake in one should not cost the whole retrieval evaluation
-        image_labels = read_image_labels(image_labels) if image_labels else None
-        sts = read_sts(sts) if sts else None
+        image_labels, sts = read_extra_inputs(image_labels, sts, eccv_captions)
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
                           progress=not as_json)
     from train.evaluate import format_table

@@ -42,6 +42,14 @@ def _metrics_module():
     return Metrics
 
 
+def check_eccv_inputs(coco_captions: str | Path) -> None:
+    """Fail early when the package or the COCO captions file is missing (the full check reads the file later)."""
+    _metrics_module()
+    if not Path(coco_captions).is_file():
+        raise ValueError(f"{coco_captions}: COCO captions file not found (captions_val2014.json from the COCO 2014 "
+                         "annotations)")
+
+
 def coco_image_number(image_id: str, path: str) -> int | None:
     """The COCO image id of a manifest image: its id when numeric, else the number ending its file name."""
     if str(image_id).strip().isdigit():

@@ -270,6 +270,16 @@ def format_unimodal(result: dict) -> str:
     return "\n".join(lines)
 
 
+def read_extra_inputs(image_labels: str | None, sts: str | None, eccv_captions: str | None
+                      ) -> tuple[LabelledImages | None, StsPairs | None]:
+    """Parse the label and STS files and check the ECCV inputs before anything is embedded."""
+    if eccv_captions:
+        from train.eccv import check_eccv_inputs
+
+        check_eccv_inputs(eccv_captions)
+    return (read_image_labels(image_labels) if image_labels else None, read_sts(sts) if sts else None)
+
+
 def run_extra_evaluations(result: dict, data: str, split: str, device: str, batch_size: int, workers: int,
                           image_labels: LabelledImages | str | None, image_embedding: str,
                           sts: StsPairs | str | None, text_embedding: str,
