@@ -65,11 +65,16 @@ def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: in
     A final batch smaller than 2 pairs per rank is dropped (no in-batch negatives).
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n_pairs, generator=g).numpy()
+    return cut_into_batches(torch.randperm(n_pairs, generator=g).numpy(), batch_size, rank, world_size)
+
+
+def cut_into_batches(sequence: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """Consecutive global batches of ``batch_size × world_size`` from ``sequence``; this rank's contiguous slice
+    of each. A final batch with fewer than 2 pairs per rank is dropped (no in-batch negatives)."""
     step = batch_size * world_size
     batches = []
-    for lo in range(0, n_pairs, step):
-        chunk = perm[lo:lo + step]
+    for lo in range(0, len(sequence), step):
+        chunk = sequence[lo:lo + step]
         per_rank = len(chunk) // world_size
         if per_rank < 2:
             break

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from train.data import TrainingPairs
+from train.data import TrainingPairs, cut_into_batches
 
 
 def pair_neighbor_table(pairs: TrainingPairs, text_store) -> np.ndarray:
@@ -52,13 +52,4 @@ def neighbor_batches(neighbors: np.ndarray, batch_size: int, seed: int, epoch: i
                 used[q] = True
                 sequence.append(int(q))
                 taken += 1
-    seq = np.asarray(sequence, dtype=np.int64)
-    step = batch_size * world_size
-    batches = []
-    for lo in range(0, n, step):
-        chunk = seq[lo:lo + step]
-        per_rank = len(chunk) // world_size
-        if per_rank < 2:
-            break
-        batches.append(chunk[rank * per_rank:(rank + 1) * per_rank])
-    return batches
+    return cut_into_batches(np.asarray(sequence, dtype=np.int64), batch_size, rank, world_size)
