@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
     ap.add_argument("--images", type=int, default=800, help="demo set size (default: 800)")
-    ap.add_argument("--seeds", type=int, default=1, help="training seeds per setting (default: 1)")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per setting (default: 3)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3,
                     help="the frozen student's adapters train from scratch, so far above the paper's 1e-5")
