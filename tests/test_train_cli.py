@@ -224,3 +224,26 @@ def test_eval_of_a_folder_without_checkpoints_is_a_one_line_error(tmp_path, demo
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"Error: {tmp_path}: no checkpoint (best.pt or last.pt) in this run folder"]
+
+
+# ================================================================================================ mixed teachers
+def test_image_and_text_soft_labels_can_come_from_two_stores_each_checked_against_the_data(demo_dir, demo_cache,
+                                                                                           tmp_path):
+    import shutil
+
+    from train.cli import train_main
+
+    text_store = tmp_path / "text-store"
+    shutil.copytree(demo_cache, text_store)  # same rows, another store: the text soft labels come from here
+    summary = invoke_json(train_main, train_args(demo_dir, demo_cache, tmp_path / "mixed", "--text-cache",
+                                                 str(text_store), epochs=1))
+    assert summary["train_pairs"] == 210
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert config["text_cache"] == str(text_store) and config["image_cache"] is None
+
+    other = val_store(demo_dir, demo_cache)  # built from the val split: not the training data
+    result = invoke(train_main, train_args(demo_dir, demo_cache, tmp_path / "refused", "--image-cache", str(other),
+                                           epochs=1))
+    assert result.exit_code == 1
+    assert "fingerprint" in result.output and str(other) in result.output
+    assert len(result.output.strip().splitlines()) == 1
