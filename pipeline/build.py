@@ -3,10 +3,22 @@
 The job is resumable chunk by chunk (finished chunks carry a marker and are never recomputed), can be
 split over torchrun ranks (each takes a contiguous share of the unfinished chunks of one store), and
 overlaps image decoding (DataLoader workers) with the teacher's forward pass.
+
+Testing hook: ``CUSA_FAULT_AT="STAGE:N[:ACTION]"`` makes the N-th arrival (1-based) at STAGE end the process with
+SIGKILL (ACTION ``kill``, the default), raise ``OSError(ENOSPC)`` (``enospc``) or hang until killed (``stall``), so
+tests can stop a build at a chosen point. Stages, in build order: ``store_ready``, ``image_batch``,
+``image_chunk_data`` (rows written, marker not yet), ``image_chunk_written``, ``images_done``, ``text_batch``,
+``text_chunk_data``, ``text_chunk_written``, ``texts_done``, ``neighbors_images`` and ``neighbors_texts`` (table
+and index written, marker not yet), ``before_finalize``, ``after_finalize``. Unset, it costs nothing.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import re
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +39,49 @@ from teacher_cache.neighbors import build_neighbor_table, save_index
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
 
 ON_BAD_IMAGE = ("fail", "skip")
+FAULT_ENV = "CUSA_FAULT_AT"
+FAULT_STAGES = ("store_ready", "image_batch", "image_chunk_data", "image_chunk_written", "images_done", "text_batch",
+                "text_chunk_data", "text_chunk_written", "texts_done", "neighbors_images", "neighbors_texts",
+                "before_finalize", "after_finalize")
+FAULT_ACTIONS = ("kill", "enospc", "stall")
+# control characters other than tab and line breaks (which tokenizers read as spaces), and lone surrogates (which
+# neither tokenizers nor the store's UTF-8 strings accept)
+_CAPTION_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+class FaultInjector:
+    """The testing hook described in the module docstring; built from ``CUSA_FAULT_AT`` by :meth:`from_env`."""
+
+    def __init__(self, stage: str | None = None, count: int = 1, action: str = "kill"):
+        self.stage, self.count, self.action = stage, count, action
+        self.seen = 0
+
+    @classmethod
+    def from_env(cls) -> "FaultInjector":
+        spec = os.environ.get(FAULT_ENV, "").strip()
+        if not spec:
+            return cls()
+        parts = spec.split(":")
+        stage, count, action = parts[0], parts[1] if len(parts) > 1 else "1", parts[2] if len(parts) > 2 else "kill"
+        if stage not in FAULT_STAGES or not count.isdigit() or int(count) < 1 or action not in FAULT_ACTIONS \
+                or len(parts) > 3:
+            raise CusaError(f"{FAULT_ENV}={spec!r}: expected STAGE:N[:ACTION] with STAGE one of "
+                            f"{', '.join(FAULT_STAGES)}, N ≥ 1 and ACTION one of {', '.join(FAULT_ACTIONS)}")
+        return cls(stage, int(count), action)
+
+    def at(self, stage: str, path: str = "") -> None:
+        if stage != self.stage:
+            return
+        self.seen += 1
+        if self.seen != self.count:
+            return
+        if self.action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path or None)
+        if self.action == "stall":
+            while True:
+                time.sleep(60)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -75,12 +130,51 @@ class BuildSummary:
     texts: dict = field(default_factory=dict)
     neighbors: dict = field(default_factory=dict)
     skipped_images: list = field(default_factory=list)
+    caption_notes: dict = field(default_factory=dict)
     size_bytes: int = 0
     seconds: float = 0.0
     world_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def teacher_captions(texts: list[str]) -> tuple[list[str], list[int]]:
+    """Captions as the text teacher reads them and the store keeps them: control characters (other than tab and line
+    breaks) become spaces, lone surrogates U+FFFD, and the ends are trimmed. Also returns the rows that changed."""
+    out, changed = [], []
+    for row, text in enumerate(texts):
+        clean = _SURROGATE.sub("\ufffd", _CAPTION_CONTROL.sub(" ", text)).strip()
+        if clean != text:
+            changed.append(row)
+        out.append(clean)
+    return out, changed
+
+
+def caption_notes(encoder: Encoder, texts: list[str], cleaned_rows: list[int]) -> dict:
+    """What happened to the caption texts on their way into the teacher: rows whose odd characters were replaced,
+    and rows longer than the teacher reads (it truncates them), when its tokenizer can tell."""
+    notes: dict = {"cleaned": len(cleaned_rows), "cleaned_rows": cleaned_rows[:20]}
+    limit = encoder.identity().get("max_seq_length")
+    tokenizer = getattr(getattr(encoder, "model", None), "tokenizer", None)
+    if not limit or tokenizer is None:
+        return notes
+    lengths = []
+    # the tokenizer warns on every over-long text; counting them is the point here
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        for lo in range(0, len(texts), 4096):
+            batch = tokenizer(texts[lo:lo + 4096], add_special_tokens=True, truncation=False,
+                              return_attention_mask=False, return_token_type_ids=False)
+            lengths.extend(len(ids) for ids in batch["input_ids"])
+    finally:
+        log.setLevel(level)
+    long_rows = [row for row, n in enumerate(lengths) if n > limit]
+    notes.update({"max_tokens": int(limit), "truncated": len(long_rows), "truncated_rows": long_rows[:20],
+                  "longest_tokens": int(max(lengths, default=0))})
+    return notes
 
 
 def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: Encoder, chunk_rows: int) -> StoreLayout:
@@ -92,7 +186,7 @@ def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: En
         image_ids=[im.image_id for im in manifest.images],
         image_paths=[im.path for im in manifest.images],
         image_splits=[im.split for im in manifest.images],
-        captions=[c.text for c in manifest.captions],
+        captions=teacher_captions([c.text for c in manifest.captions])[0],
         caption_image_rows=manifest.caption_image_rows(),
         teachers={"image": image_encoder.identity(), "text": text_encoder.identity()},
         dims={"images": int(image_encoder.dim), "texts": int(text_encoder.dim)},
@@ -147,7 +241,7 @@ def _chunk_batches(store: Store, modality: str, chunks: list[int], batch_size: i
 
 
 def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
-                  show: bool, rank: int) -> None:
+                  show: bool, rank: int, faults: FaultInjector) -> None:
     if not chunks:
         return
     total = sum(store.chunk_range("images", c)[1] - store.chunk_range("images", c)[0] for c in chunks)
@@ -188,16 +282,19 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
                     out[np.asarray(good) - start] = normalize_rows(emb, "image")
                 filled += len(rows)
                 bar.update(len(rows))
-            store.write_chunk("images", c, out, bad_rows=bad_rows, rank=rank)
+                faults.at("image_batch")
+            store.write_chunk("images", c, out, bad_rows=bad_rows, rank=rank,
+                              before_marker=lambda: faults.at("image_chunk_data", str(store.path)))
+            faults.at("image_chunk_written")
 
 
 def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
-                 show: bool, rank: int) -> None:
+                 show: bool, rank: int, faults: FaultInjector) -> None:
     if not chunks:
         return
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
     with tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True) as bar:
-        texts = [c.text for c in manifest.captions]
+        texts = teacher_captions([c.text for c in manifest.captions])[0]
         for c in chunks:
             start, stop = store.chunk_range("texts", c)
             out = np.empty((stop - start, store.dims["texts"]), dtype=np.float32)
@@ -205,14 +302,21 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
                 hi = min(lo + cfg.batch_size, stop)
                 out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
                 bar.update(hi - lo)
-            store.write_chunk("texts", c, out, rank=rank)
+                faults.at("text_batch")
+            store.write_chunk("texts", c, out, rank=rank,
+                              before_marker=lambda: faults.at("text_chunk_data", str(store.path)))
+            faults.at("text_chunk_written")
 
 
-def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bool) -> dict:
-    """The teacher k-NN table of one modality; rows skipped for bad images take no part."""
+def _neighbors_current(store: Store, modality: str, k: int, factory: str) -> bool:
     marker = store.neighbors_marker(modality)
-    if marker and marker.get("k_requested") == k and marker.get("factory") == factory:
-        return marker
+    return bool(marker) and marker.get("k_requested") == k and marker.get("factory") == factory
+
+
+def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bool, faults: FaultInjector) -> dict:
+    """The teacher k-NN table of one modality; rows skipped for bad images take no part."""
+    if _neighbors_current(store, modality, k, factory):
+        return store.neighbors_marker(modality)
     emb = store.load(modality)
     valid = np.flatnonzero(np.linalg.norm(emb, axis=1) > 0)
     n = emb.shape[0]
@@ -228,9 +332,15 @@ def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bo
         sims[valid] = table.sims
         if len(valid) == n:
             # saved only when its ids are store rows: with skipped images they would be positions among the rest
-            writer = lambda path: save_index(table.index, path)  # noqa: E731 - deferred until the table is stored
+            def writer(path: Path) -> None:  # deferred until the table is stored
+                try:
+                    save_index(table.index, path)
+                except RuntimeError as exc:  # FAISS reports a failed write (a full disk, say) as RuntimeError
+                    raise OSError(errno.EIO, f"cannot write the FAISS index ({str(exc).splitlines()[0][:120]})",
+                                  str(path)) from exc
     info = {"k_requested": k, "factory": factory, "rows": int(len(valid)), "seconds": time.perf_counter() - t0}
-    store.write_neighbors(modality, ids, sims, index_bytes_writer=writer, **info)
+    store.write_neighbors(modality, ids, sims, index_bytes_writer=writer,
+                          before_marker=lambda: faults.at(f"neighbors_{modality}", str(store.path)), **info)
     return {"modality": modality, "k": k_eff, **info}
 
 
@@ -241,6 +351,70 @@ def _refuse_other_manifest(out: str, manifest: Manifest) -> None:
     except StoreError:
         return  # nothing there yet, a half-created store, or another format: create_or_resume decides
     existing.check_fingerprint(manifest.fingerprint())
+
+
+def _reopen_finished(store: Store, cfg: BuildConfig) -> None:
+    """Re-running a finished build: parts damaged since are forgotten (and so recomputed), and the completion mark
+    is withdrawn before anything is rewritten, so that the store is never complete and half-changed."""
+    damaged = store.changed_since_written()
+    if damaged:
+        store.forget(damaged)
+    progress = store.progress()
+    pending = any(len(progress.done[m]) < store.n_chunks(m) for m in MODALITIES)
+    stale_tables = cfg.neighbors > 0 and not all(
+        _neighbors_current(store, m, cfg.neighbors, cfg.index) for m in MODALITIES)
+    if pending or stale_tables:
+        store.mark_incomplete()
+
+
+def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encoder: Encoder, text_encoder: Encoder,
+         ctx: DistContext, show: bool, faults: FaultInjector) -> BuildSummary:
+    """The store-writing part of a build, on every rank."""
+    if ctx.is_main:
+        store = Store.create_or_resume(cfg.out, layout, overwrite=cfg.overwrite)
+        if store.complete:
+            _reopen_finished(store, cfg)
+    ctx.barrier()
+    if not ctx.is_main:
+        store = Store.create_or_resume(cfg.out, layout)
+    faults.at("store_ready")
+    progress = store.progress()
+    ctx.barrier()  # every rank has read the same progress before anyone writes
+    stats = {}
+    for modality, embed, encoder in (("images", _embed_images, image_encoder), ("texts", _embed_texts, text_encoder)):
+        pending = [c for c in range(store.n_chunks(modality)) if c not in progress.done[modality]]
+        mine = split_evenly(pending, ctx.rank, ctx.world_size)
+        t0 = time.perf_counter()
+        embed(store, manifest, encoder, mine, cfg, show, ctx.rank, faults)
+        ctx.barrier()  # the modality is done when every rank has written its share
+        stats[modality] = ModalityStats(
+            rows=sum(store.chunk_range(modality, c)[1] - store.chunk_range(modality, c)[0] for c in pending),
+            seconds=time.perf_counter() - t0,
+            skipped_chunks=store.n_chunks(modality) - len(pending),
+        )
+        faults.at(f"{modality}_done")
+    if not ctx.is_main:
+        return BuildSummary(store=str(store.path), counts=store.counts, dims=store.dims, teachers=store.teachers,
+                            fingerprint=store.fingerprint, complete=False, world_size=ctx.world_size)
+    neighbors = {}
+    if cfg.neighbors > 0:
+        for modality in MODALITIES:
+            neighbors[modality] = _build_neighbors(store, modality, cfg.neighbors, cfg.index, show, faults)
+    texts, cleaned = teacher_captions([c.text for c in manifest.captions])
+    summary = BuildSummary(
+        store=str(store.path), counts=store.counts, dims=store.dims, teachers=store.teachers,
+        fingerprint=store.fingerprint, complete=True,
+        images={**asdict(stats["images"]), "rows_per_s": stats["images"].rows_per_s},
+        texts={**asdict(stats["texts"]), "rows_per_s": stats["texts"].rows_per_s},
+        neighbors=neighbors, world_size=ctx.world_size, caption_notes=caption_notes(text_encoder, texts, cleaned),
+    )
+    faults.at("before_finalize")
+    store.finalize({k: v for k, v in summary.to_dict().items() if k in ("images", "texts", "world_size")},
+                   caption_notes=summary.caption_notes)
+    faults.at("after_finalize")
+    summary.skipped_images = store.skipped_images
+    summary.size_bytes = store.size_bytes()
+    return summary
 
 
 def build_store(cfg: BuildConfig) -> BuildSummary:
@@ -258,59 +432,27 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         raise CusaError(f"{cfg.annotations}: no images in split {cfg.split!r}")
     if not cfg.overwrite:
         _refuse_other_manifest(cfg.out, manifest)
+    faults = FaultInjector.from_env()
     ctx = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    lock = BuildLock(Path(cfg.out))
     try:
+        if ctx.is_main:
+            lock.acquire()  # before the teachers load (which can take minutes): a second build is told at once
         device = resolve_device(cfg.device, ctx)
         image_encoder = build_encoder(cfg.image_teacher, "image", device=device)
         text_encoder = build_encoder(cfg.text_teacher, "text", device=device)
         layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows)
         show = cfg.progress and ctx.is_main
-        lock = BuildLock(Path(cfg.out))
         try:
-            if ctx.is_main:
-                lock.acquire()
-                store = Store.create_or_resume(cfg.out, layout, overwrite=cfg.overwrite)
-            ctx.barrier()
-            if not ctx.is_main:
-                store = Store.create_or_resume(cfg.out, layout)
-            progress = store.progress()
-            ctx.barrier()  # every rank has read the same progress before anyone writes
-            stats = {}
-            for modality, embed, encoder in (("images", _embed_images, image_encoder),
-                                             ("texts", _embed_texts, text_encoder)):
-                pending = [c for c in range(store.n_chunks(modality)) if c not in progress.done[modality]]
-                mine = split_evenly(pending, ctx.rank, ctx.world_size)
-                t0 = time.perf_counter()
-                embed(store, manifest, encoder, mine, cfg, show, ctx.rank)
-                ctx.barrier()  # the modality is done when every rank has written its share
-                stats[modality] = ModalityStats(
-                    rows=sum(store.chunk_range(modality, c)[1] - store.chunk_range(modality, c)[0] for c in pending),
-                    seconds=time.perf_counter() - t0,
-                    skipped_chunks=store.n_chunks(modality) - len(pending),
-                )
-            neighbors = {}
-            if ctx.is_main:
-                if cfg.neighbors > 0:
-                    for modality in MODALITIES:
-                        neighbors[modality] = _build_neighbors(store, modality, cfg.neighbors, cfg.index, show)
-                summary = BuildSummary(
-                    store=str(store.path), counts=store.counts, dims=store.dims, teachers=store.teachers,
-                    fingerprint=store.fingerprint, complete=True,
-                    images={**asdict(stats["images"]), "rows_per_s": stats["images"].rows_per_s},
-                    texts={**asdict(stats["texts"]), "rows_per_s": stats["texts"].rows_per_s},
-                    neighbors=neighbors, world_size=ctx.world_size,
-                )
-                store.finalize({k: v for k, v in summary.to_dict().items()
-                                if k in ("images", "texts", "world_size")})
-                summary.skipped_images = store.skipped_images
-                summary.size_bytes = store.size_bytes()
-                summary.seconds = time.perf_counter() - t_start
-            else:
-                summary = BuildSummary(store=str(store.path), counts=store.counts, dims=store.dims,
-                                       teachers=store.teachers, fingerprint=store.fingerprint, complete=False,
-                                       world_size=ctx.world_size)
-        finally:
-            lock.release()
+            summary = _run(cfg, manifest, layout, image_encoder, text_encoder, ctx, show, faults)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(cfg.out) else ""
+            raise CusaError(
+                f"{cfg.out}: the build stopped on a file system error: {exc.strerror or exc}{where}; the chunks "
+                "already finished are kept: free space or fix permissions, then re-run the same command to resume"
+            ) from exc
     finally:
+        lock.release()
         shutdown_distributed(ctx)
+    summary.seconds = time.perf_counter() - t_start if ctx.is_main else 0.0
     return summary

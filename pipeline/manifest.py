@@ -7,6 +7,9 @@ Supported inputs:
 - ``karpathy``: the Karpathy split files ``dataset_coco.json`` / ``dataset_flickr30k.json``;
 - ``caption-json``: a list of ``{"image", "caption", "image_id"?, "split"?}`` entries (ALBEF style);
 - ``csv``: CSV/TSV with an image column and a caption column (one row per caption).
+
+Ids, paths and split labels name files and join rows: one containing a control character or an invalid code point
+(a lone surrogate) is refused. Captions are kept as written (the build normalises what its teacher reads).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ FORMATS = ("karpathy", "caption-json", "csv")
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 # Bumped if the serialization below changes: old stores then refuse to match instead of matching wrongly.
 _FINGERPRINT_VERSION = "cusa-manifest-v1"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,8 @@ class _Builder:
 
     def add_image(self, where: str, image_id: str | None, image_path: str, split: str) -> int:
         """Row of the image, creating it on first sight; ``where`` names the entry for error messages."""
+        for name, value in (("image id", image_id), ("image path", image_path), ("split", split)):
+            _refuse_odd_characters(self.source, where, name, value)
         _check_path(self.source, where, image_path)
         key = f"id:{image_id}" if image_id is not None else f"path:{image_path}"
         record = ImageRecord(image_id if image_id is not None else image_path, image_path, split)
@@ -215,8 +223,9 @@ class _Builder:
         if not isinstance(text, str):
             raise ManifestError(f"{self.source}: {where}: caption must be a string, got {type(text).__name__}")
         text = text.strip()
-        if not text:
-            raise ManifestError(f"{self.source}: {where}: caption is empty")
+        if not _CONTROL.sub("", text).strip():
+            odd = " (only control characters)" if text else ""
+            raise ManifestError(f"{self.source}: {where}: caption is empty{odd}")
         self.captions.append(CaptionRecord(text, row))
         self.has_caption[row] = True
 
@@ -228,6 +237,32 @@ class _Builder:
                 image_id = self.images[row].image_id
                 raise ManifestError(f"{self.source}: {self.where[row]}: image {image_id!r} has no captions")
         return Manifest(self.images, self.captions, str(self.source), image_root, format)
+
+
+def _refuse_odd_characters(source: Path, where: str, name: str, value: str | None) -> None:
+    """Ids, paths and split labels name files and join rows: a control character or a lone surrogate in one is a
+    broken annotation file, not something to guess a repair for."""
+    if value is None:
+        return
+    bad = _CONTROL.search(value) or _SURROGATE.search(value)
+    if bad:
+        char = bad.group()
+        label = unicodedata.name(char, "") if not _SURROGATE.match(char) else "lone surrogate"
+        raise ManifestError(f"{source}: {where}: {name} {value!r} contains the invalid character "
+                            f"U+{ord(char):04X}{f' ({label})' if label else ''}")
+
+
+def _id_value(source: Path, where: str, name: str, value: Any) -> str | None:
+    """An image id as text: strings and integers are ids; other JSON types are a mistake in the file."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ManifestError(f"{source}: {where}: field {name!r} must be a string or an integer, "
+                            f"got {type(value).__name__} {value!r:.60}")
+    text = str(value)
+    if not text.strip():
+        raise ManifestError(f"{source}: {where}: field {name!r} is empty")
+    return text
 
 
 def _check_path(source: Path, where: str, image_path: str) -> None:
@@ -284,9 +319,9 @@ def _read_karpathy(path: Path, data: Any, builder: _Builder) -> None:
         folder = entry.get("filepath")
         image_path = f"{folder}/{filename}" if isinstance(folder, str) and folder else filename
         if entry.get("cocoid") is not None:
-            image_id = str(entry["cocoid"])
+            image_id = _id_value(path, where, "cocoid", entry["cocoid"])
         elif entry.get("imgid") is not None:
-            image_id = str(entry["imgid"])
+            image_id = _id_value(path, where, "imgid", entry["imgid"])
         else:
             image_id = filename
         split = entry.get("split", "")
@@ -332,8 +367,7 @@ def _read_caption_json(path: Path, data: Any, builder: _Builder) -> None:
         if field_name is None:
             raise ManifestError(f"{path}: {where}: missing field 'image' (or 'image_path')")
         image_path = _text_field(path, where, entry, field_name)
-        raw_id = entry.get("image_id")
-        image_id = None if raw_id is None else str(raw_id)
+        image_id = _id_value(path, where, "image_id", entry.get("image_id"))
         split = entry.get("split", default_split)
         if not isinstance(split, str):
             raise ManifestError(f"{path}: {where}: field 'split' must be a string, got {split!r}")

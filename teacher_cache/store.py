@@ -4,10 +4,17 @@ The layout is documented in data/README.md. Rows are the join key: row i of ``im
 the manifest the store was built from, row j of ``texts/emb`` is caption j. A build writes every row chunk
 followed by a small progress marker (so an interrupted build resumes chunk by chunk), then the neighbor
 tables, then the per-chunk checksums into the attributes, and the completion mark last.
+
+Finishing a store re-reads every chunk against the checksum taken when it was written, and records a digest of each
+identity-bearing attribute and the size of every data file. Opening a complete store for use
+(``require_complete=True``) re-checks those digests, sizes and the array shapes, which costs a few file stats and
+no data reads; ``teacher_cache.verify`` re-reads every chunk.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -16,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import zarr
@@ -29,6 +36,10 @@ DEFAULT_CHUNK_ROWS = 2048
 _PROGRESS_DIR = "_progress"
 _FAISS_DIR = "faiss"
 _LOCK_FILE = "_build.lock"
+# Attributes that say what the rows are; their digests, recorded when a build finishes, expose later edits.
+DIGESTED_ATTRS = ("format_version", "fingerprint", "split_fingerprints", "teachers", "counts", "dims", "chunk_rows",
+                  "checksums", "skipped_images", "neighbors", "files", "caption_notes")
+_DIGESTS = "attrs_digests"
 
 
 def _compressor() -> zarr.codecs.BloscCodec:
@@ -39,6 +50,12 @@ def _compressor() -> zarr.codecs.BloscCodec:
 def chunk_checksum(rows: np.ndarray) -> str:
     """sha256 of the float16 bytes of a row chunk, exactly as stored."""
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float16).tobytes()).hexdigest()
+
+
+def attrs_digest(value) -> str:
+    """sha256 of an attribute value's canonical JSON (sorted keys, fixed separators, ASCII escapes)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def _atomic_write_json(path: Path, payload: dict) -> None:
@@ -102,17 +119,26 @@ class Store:
             raise StoreError(f"{path}: not a cusa store (no format_version attribute)")
         version = attrs["format_version"]
         if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            hint = ("it was written by a newer cusa: upgrade cusa to read it" if newer else
+                    "rebuild it with this cusa: `cusa-cache build ... --overwrite` (same annotations and teachers)")
             raise StoreMismatch(
-                f"{path}: store format version {version}, this cusa reads version {FORMAT_VERSION}; "
-                "rebuild it with `cusa-cache build ... --overwrite`",
+                f"{path}: store format version {version}, this cusa reads version {FORMAT_VERSION}; {hint}",
                 field="format_version",
             )
+        _check_attr_types(path, attrs)
         store = cls(path, group, writable=False)
-        if require_complete and not store.complete:
-            raise StoreError(
-                f"{path}: the store is incomplete (the build was interrupted); "
-                "re-run the same `cusa-cache build` command to finish it"
-            )
+        if require_complete:
+            if not store.complete:
+                raise StoreError(
+                    f"{path}: the store is incomplete (the build was interrupted); "
+                    "re-run the same `cusa-cache build` command to finish it"
+                )
+            problems = store.integrity_problems()
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StoreError(f"{path}: damaged store refused: {problems[0]}{more}; "
+                                 f"`cusa-cache verify {path}` lists every problem")
         return store
 
     @classmethod
@@ -175,8 +201,9 @@ class Store:
             rows[:] = np.asarray(layout.caption_image_rows, dtype=np.int64)
         (path / _PROGRESS_DIR / "images").mkdir(parents=True, exist_ok=True)
         (path / _PROGRESS_DIR / "texts").mkdir(parents=True, exist_ok=True)
-        # The root attributes are written last so a half-created store is recognisably not a store yet.
-        group.attrs.update({
+        # The root attributes are written last so a half-created store is recognisably not a store yet, and in one
+        # atomic write: zarr's attrs.update() writes zarr.json once per key, and a kill between two leaves half a set.
+        group.attrs.put({
             "cusa_store": True,
             "format_version": FORMAT_VERSION,
             "fingerprint": layout.fingerprint,
@@ -244,6 +271,13 @@ class Store:
                     f"{self.path}: built with another {role} teacher (teachers.{role} {diff}); pass --overwrite "
                     "to rebuild or choose another --out",
                     field=f"teachers.{role}",
+                )
+        for key, stored, wanted in (("counts", self.counts, layout.counts), ("dims", self.dims, layout.dims)):
+            if stored != wanted:
+                raise StoreMismatch(
+                    f"{self.path}: the store's {key} {stored} differ from this build's {wanted} (its attributes were "
+                    "edited?); pass --overwrite to rebuild or choose another --out",
+                    field=key,
                 )
         if self.chunk_rows != layout.chunk_rows:
             raise StoreMismatch(
@@ -358,11 +392,11 @@ class Store:
         return prog
 
     def write_chunk(self, modality: str, chunk: int, emb: np.ndarray, bad_rows: list[dict] | None = None,
-                    rank: int = 0) -> None:
+                    rank: int = 0, before_marker: Callable[[], None] | None = None) -> None:
         """Write one finished row chunk (L2-normalised float rows) and then its progress marker.
 
         ``rank`` (the torch.distributed rank that computed the chunk) is kept in the marker, so a sharded build
-        can be audited afterwards.
+        can be audited afterwards. ``before_marker`` runs between the two writes (a fault-injection point).
         """
         self._require_writable()
         start, stop = self.chunk_range(modality, chunk)
@@ -373,6 +407,8 @@ class Store:
             )
         rows16 = np.ascontiguousarray(emb, dtype=np.float16)
         self.array(modality)[start:stop] = rows16
+        if before_marker is not None:
+            before_marker()
         _atomic_write_json(
             self.path / _PROGRESS_DIR / modality / f"{chunk:08d}.json",
             {"chunk": chunk, "start": start, "stop": stop, "checksum": chunk_checksum(rows16),
@@ -387,9 +423,14 @@ class Store:
             return None
 
     def write_neighbors(self, modality: str, ids: np.ndarray, sims: np.ndarray, index_bytes_writer=None,
-                        **info) -> None:
-        """Store the k-NN table (and the saved FAISS index, through ``index_bytes_writer(path)``)."""
+                        before_marker: Callable[[], None] | None = None, **info) -> None:
+        """Store the k-NN table (and the saved FAISS index, through ``index_bytes_writer(path)``).
+
+        The old marker goes first: a table half replaced by a killed build must not pass for the old one.
+        ``before_marker`` runs after the table and index are written (a fault-injection point).
+        """
         self._require_writable()
+        (self.path / _PROGRESS_DIR / f"neighbors_{modality}.json").unlink(missing_ok=True)
         n, k = ids.shape
         base = f"neighbors/{modality}"
         rows_per_chunk = max(1, min(n, 65536))
@@ -400,11 +441,21 @@ class Store:
         if index_bytes_writer is not None:
             (self.path / _FAISS_DIR).mkdir(exist_ok=True)
             index_bytes_writer(self.path / _FAISS_DIR / f"{modality}.index")
+        if before_marker is not None:
+            before_marker()
+        checksums = {"ids": hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+                     "sims": hashlib.sha256(np.ascontiguousarray(sims, dtype=np.float32).tobytes()).hexdigest()}
         _atomic_write_json(self.path / _PROGRESS_DIR / f"neighbors_{modality}.json",
-                           {"modality": modality, "k": int(k), **info})
+                           {"modality": modality, "k": int(k), **info, "checksums": checksums})
 
-    def finalize(self, summary: dict) -> None:
-        """Gather chunk checksums into the attributes and write the completion mark, last."""
+    def finalize(self, summary: dict, caption_notes: dict | None = None) -> None:
+        """Re-read every chunk against its marker's checksum, then write checksums, attribute digests, data file
+        sizes and the completion mark in one atomic update of the root document.
+
+        A chunk whose bytes changed since it was written (a damaged file, an edit) loses its marker and the build
+        stops, so that re-running it recomputes just that chunk. ``caption_notes`` records what the build did to
+        the caption texts (how many the text teacher truncated, how many had odd characters replaced).
+        """
         self._require_writable()
         prog = self.progress()
         checksums = {}
@@ -417,15 +468,164 @@ class Store:
             checksums[modality] = [prog.done[modality][c]["checksum"] for c in range(n)]
             for c in range(n):
                 skipped.extend(prog.done[modality][c].get("bad_rows", []))
-        neighbors = {m: self.neighbors_marker(m) for m in MODALITIES}
-        self._group.attrs.update({"checksums": checksums, "skipped_images": skipped, "neighbors": neighbors,
-                                  "build": summary})
-        self._group.attrs["complete"] = True
-        self._group.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        changed = self.changed_since_written()
+        if changed:
+            self.forget(changed)
+            raise StoreError(f"{self.path}: {', '.join(changed[:5])} changed on disk after being written (damaged "
+                             "or edited); re-run the same `cusa-cache build` command to recompute it")
+        attrs = dict(self._group.attrs)
+        attrs.update({
+            "checksums": checksums,
+            "skipped_images": skipped,
+            "neighbors": {m: self.neighbors_marker(m) for m in MODALITIES},
+            "files": self._data_files(),
+            "caption_notes": caption_notes or {},
+            "build": summary,
+            "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        attrs[_DIGESTS] = {key: attrs_digest(attrs.get(key)) for key in DIGESTED_ATTRS}
+        attrs["complete"] = True
+        self._group.attrs.put(attrs)  # one atomic replace of zarr.json: the mark and what it vouches for together
+
+    def changed_since_written(self) -> list[str]:
+        """Finished parts whose bytes no longer match the checksum taken when they were written: embedding chunks
+        ("images chunk 3") and neighbor tables ("neighbors images"). Reads every finished chunk."""
+        changed = []
+        prog = self.progress()
+        for modality in MODALITIES:
+            arr = self.array(modality)
+            for c, marker in sorted(prog.done[modality].items()):
+                start, stop = self.chunk_range(modality, c)
+                try:
+                    ok = chunk_checksum(arr[start:stop]) == marker.get("checksum")
+                except Exception:  # an undecodable chunk file
+                    ok = False
+                if not ok:
+                    changed.append(f"{modality} chunk {c}")
+        for modality in MODALITIES:
+            marker = self.neighbors_marker(modality)
+            if marker is None:
+                continue
+            try:
+                ids, sims = (self._group[f"neighbors/{modality}/{name}"][:] for name in ("ids", "sims"))
+                ok = marker.get("checksums") == {
+                    "ids": hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+                    "sims": hashlib.sha256(np.ascontiguousarray(sims, dtype=np.float32).tobytes()).hexdigest()}
+            except Exception:  # missing or undecodable
+                ok = False
+            # the saved index is part of the table: in a finished store, it must still be the file the build wrote
+            recorded = (self.attrs.get("files") or {}).get(f"{_FAISS_DIR}/{modality}.index") if self.complete else None
+            index = self.index_path(modality)
+            if recorded is not None and (not index.is_file() or index.stat().st_size != recorded):
+                ok = False
+            if not ok:
+                changed.append(f"neighbors {modality}")
+        return changed
+
+    def forget(self, parts: list[str]) -> None:
+        """Drop the markers of parts named by :meth:`changed_since_written`, so the build computes them again."""
+        self._require_writable()
+        for part in parts:
+            words = part.split()
+            if words[0] == "neighbors":
+                marker = self.path / _PROGRESS_DIR / f"neighbors_{words[1]}.json"
+            else:
+                marker = self.path / _PROGRESS_DIR / words[0] / f"{int(words[2]):08d}.json"
+            marker.unlink(missing_ok=True)
+
+    def _data_files(self) -> dict[str, int]:
+        """Size of every file a reader depends on, relative to the store; build-only files are left out, and the
+        temporary files of writes a killed build left half done are removed."""
+        files = {}
+        for p in sorted(self.path.rglob("*")):
+            rel = p.relative_to(self.path).as_posix()
+            if not p.is_file() or rel == "zarr.json" or rel.startswith(f"{_PROGRESS_DIR}/") or rel == _LOCK_FILE:
+                continue
+            if _is_temporary(p.name):
+                p.unlink(missing_ok=True)
+                continue
+            files[rel] = p.stat().st_size
+        return files
 
     def mark_incomplete(self) -> None:
+        """Withdraw the completion mark (and the digests that went with it) before changing a finished store."""
         self._require_writable()
-        self._group.attrs["complete"] = False
+        attrs = dict(self._group.attrs)
+        attrs.pop(_DIGESTS, None)
+        attrs["complete"] = False
+        self._group.attrs.put(attrs)
+
+    # ------------------------------------------------------------------ integrity
+    def integrity_problems(self) -> list[str]:
+        """Cheap checks of a complete store (no data reads): attribute digests, array shapes against counts and
+        dims, checksum counts, and every data file present with the size recorded when the build finished."""
+        attrs = self.attrs
+        problems: list[str] = []
+        recorded = attrs.get(_DIGESTS)
+        if not isinstance(recorded, dict):
+            return ["attributes: no integrity digests recorded (written by an older cusa, or removed); re-run the "
+                    "same `cusa-cache build` command to record them"]
+        for key in DIGESTED_ATTRS:
+            if recorded.get(key) != attrs_digest(attrs.get(key)):
+                problems.append(f"attributes: {key!r} differs from what the build recorded (edited after the build)")
+        try:
+            problems += self._shape_problems(attrs)
+        except Exception as exc:  # attributes too damaged to even compare
+            problems.append(f"attributes: cannot compare with the arrays ({type(exc).__name__}: {exc})")
+        problems += self._file_problems(attrs.get("files") or {})
+        return problems
+
+    def _shape_problems(self, attrs: dict) -> list[str]:
+        problems = []
+        counts, dims = attrs["counts"], attrs["dims"]
+        expected = {
+            "images/emb": (counts["images"], dims["images"]),
+            "texts/emb": (counts["texts"], dims["texts"]),
+            "images/ids": (counts["images"],),
+            "images/paths": (counts["images"],),
+            "images/split": (counts["images"],),
+            "texts/captions": (counts["texts"],),
+            "texts/image_row": (counts["texts"],),
+        }
+        for modality, info in (attrs.get("neighbors") or {}).items():
+            if info:
+                for name in ("ids", "sims"):
+                    expected[f"neighbors/{modality}/{name}"] = (counts[modality], info["k"])
+        for name, shape in expected.items():
+            try:
+                actual = tuple(self._group[name].shape)
+            except KeyError:
+                problems.append(f"{name}: array missing")
+                continue
+            if actual != tuple(shape):
+                problems.append(f"{name}: shape {actual} does not match the attributes' {tuple(shape)}")
+        for modality in MODALITIES:
+            got = len((attrs.get("checksums") or {}).get(modality) or [])
+            if got != self.n_chunks(modality):
+                problems.append(f"{modality}: {got} checksums recorded for {self.n_chunks(modality)} chunks")
+        return problems
+
+    def _file_problems(self, files: dict[str, int]) -> list[str]:
+        problems = []
+        for rel, size in files.items():
+            try:
+                actual = (self.path / rel).stat().st_size
+            except FileNotFoundError:
+                problems.append(f"{self._describe_file(rel)}: file {rel} is missing")
+                continue
+            if actual != size:
+                problems.append(f"{self._describe_file(rel)}: file {rel} has {actual} bytes, the build wrote {size} "
+                                "(truncated or replaced)")
+        return problems
+
+    def _describe_file(self, rel: str) -> str:
+        """A data file as the rows it holds: 'images chunk 2 (rows 32-41)' for an embedding chunk."""
+        parts = rel.split("/")
+        if len(parts) == 5 and parts[0] in MODALITIES and parts[1:3] == ["emb", "c"] and parts[3].isdigit():
+            c = int(parts[3])
+            start, stop = self.chunk_range(parts[0], c)
+            return f"{parts[0]} chunk {c} (rows {start}-{stop - 1})"
+        return rel.rsplit("/c/", 1)[0] if "/c/" in rel else rel
 
     def _require_writable(self) -> None:
         if not self._writable:
@@ -459,37 +659,63 @@ class Store:
 
 
 class BuildLock:
-    """One build per store: a lock file holding the owner's host and pid; a dead owner's lock is taken over."""
+    """One build per store: a lock file holding the owner's host and pid.
+
+    The file is also locked (a POSIX record lock) while the build runs, which the kernel drops when the process
+    dies and which forked children (DataLoader workers) do not inherit: a lock file that is not locked and whose
+    recorded process is gone (or unknown) is taken over, and two builds racing to take over the same stale lock
+    cannot both win. A POSIX lock ends when its process closes any descriptor of the file, so the holder reads and
+    writes the file only through the descriptor it locked.
+    """
 
     def __init__(self, store_path: Path):
         self.path = Path(store_path) / _LOCK_FILE
         self.held = False
+        self._fd: int | None = None
+        self._made_folder = False
 
     def acquire(self) -> None:
+        self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
+        for _ in range(20):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and not self._is_stale(holder):
-                    raise StoreError(
-                        f"{self.path.parent}: another build is running on this store "
-                        f"(host {holder.get('host')}, pid {holder.get('pid')}); wait for it or stop it"
-                    )
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                self._refuse(self._holder())
+            try:
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    raise FileNotFoundError  # released and removed while we waited: lock the file now there
+            except FileNotFoundError:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            holder = _parse_holder(os.pread(fd, 65536, 0))
+            if holder and not self._is_stale(holder):
+                os.close(fd)
+                self._refuse(holder)
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
             self.held = True
             return
         raise StoreError(f"{self.path}: could not take the build lock")
 
+    def _refuse(self, holder: dict | None) -> None:
+        who = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "holder not yet recorded"
+        raise StoreError(
+            f"{self.path.parent}: another build is running on this store ({who}); wait for it or stop it "
+            f"(if it is gone, remove {self.path})"
+        )
+
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            return _parse_holder(self.path.read_bytes())
+        except OSError:
             return None
 
     @staticmethod
@@ -497,17 +723,30 @@ class BuildLock:
         if holder.get("host") != socket.gethostname():
             return False  # cannot see another host's processes: assume alive
         try:
-            os.kill(int(holder.get("pid", -1)), 0)
-        except ProcessLookupError:
+            pid = int(holder.get("pid", -1))
+        except (TypeError, ValueError):
+            return True
+        if pid <= 0 or pid == os.getpid():
+            return True  # nonsense, or this very process (the pid of a dead owner reused)
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, OverflowError):
             return True
         except PermissionError:
             return False
         return False
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
+        if self.held and self._fd is not None:
+            self.path.unlink(missing_ok=True)  # removed while still locked, so no one locks a file about to vanish
+            os.close(self._fd)
+            self._fd = None
             self.held = False
+            if self._made_folder:
+                try:
+                    self.path.parent.rmdir()  # a build that failed before writing anything leaves no empty folder
+                except OSError:
+                    pass
 
     def __enter__(self) -> "BuildLock":
         self.acquire()
@@ -515,6 +754,19 @@ class BuildLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _is_temporary(name: str) -> bool:
+    """A write in progress: zarr's "<name>.<uuid>.partial", ours and save_index's ".<name>...tmp..." files."""
+    return name.endswith(".partial") or (name.startswith(".") and ".tmp" in name)
+
+
+def _parse_holder(data: bytes) -> dict | None:
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 def _looks_like_store(path: Path) -> bool:
@@ -527,6 +779,26 @@ def _root_attrs(path: Path) -> dict:
         return json.loads((path / "zarr.json").read_text()).get("attributes", {}) or {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def _check_attr_types(path: Path, attrs: dict) -> None:
+    """Refuse root attributes of the wrong shape (hand-edited) with a message instead of a crash later."""
+    def count_map(value) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(value.get(m), int) and not isinstance(value.get(m), bool) and value.get(m) >= 0
+            for m in MODALITIES)
+
+    checks = {
+        "fingerprint": lambda v: isinstance(v, str),
+        "teachers": lambda v: isinstance(v, dict) and all(isinstance(v.get(r), dict) for r in ("image", "text")),
+        "counts": count_map,
+        "dims": count_map,
+        "chunk_rows": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    }
+    for key, ok in checks.items():
+        if not ok(attrs.get(key)):
+            raise StoreError(f"{path}: attribute {key!r} is missing or malformed ({attrs.get(key)!r:.80}); "
+                             "the store's zarr.json was edited or damaged, rebuild it with --overwrite")
 
 
 def _check_modality(modality: str) -> None:

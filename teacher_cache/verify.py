@@ -1,7 +1,9 @@
-"""Re-check a store from its bytes: chunk checksums, completeness, row norms, NaN/Inf, neighbor tables."""
+"""Re-check a store from its bytes: attribute digests, data file sizes, array shapes, chunk checksums, completeness,
+row norms, NaN/Inf, neighbor tables. Each problem is reported once, by the first check that finds it."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +33,18 @@ def verify_store(store: Store) -> VerifyReport:
     report = VerifyReport(store=str(store.path), complete=store.complete)
     if not store.complete:
         report.problems.append("incomplete: the build did not finish (no completion mark)")
+    else:
+        report.problems += store.integrity_problems()
+    # a chunk or table already named (missing or resized file) is not reported again by the byte checks below
+    flagged = {p.split(":", 1)[0].split(" (rows")[0] for p in report.problems}
+    try:
+        _verify_data(store, report, flagged)
+    except Exception as exc:  # attributes edited into values the checks cannot even use
+        report.problems.append(f"data checks stopped: {type(exc).__name__}: {_short(exc)}")
+    return report
+
+
+def _verify_data(store: Store, report: VerifyReport, flagged: set[str]) -> None:
     recorded = store.attrs.get("checksums") or {}
     progress = store.progress()
     skipped = {int(s["row"]) for s in store.skipped_images} if store.complete else set()
@@ -41,13 +55,15 @@ def verify_store(store: Store) -> VerifyReport:
         n_chunks = store.n_chunks(modality)
         if sums is None:
             sums = [progress.done[modality].get(c, {}).get("checksum") for c in range(n_chunks)]
-        elif len(sums) != n_chunks:
+        elif len(sums) != n_chunks and modality not in flagged:
             report.problems.append(f"{modality}: {len(sums)} checksums recorded for {n_chunks} chunks")
         arr = store.array(modality)
         checked = 0
         for c in range(n_chunks):
             start, stop = store.chunk_range(modality, c)
             expected = sums[c] if c < len(sums) else None
+            if f"{modality} chunk {c}" in flagged:
+                continue
             if expected is None:
                 if store.complete:
                     report.problems.append(f"{modality} chunk {c} (rows {start}-{stop - 1}): no checksum recorded")
@@ -78,9 +94,8 @@ def verify_store(store: Store) -> VerifyReport:
                     f"{modality} chunk {c}: rows {row_ids[off][:5].tolist()} are not unit-norm "
                     f"(norms {np.round(norms[off][:3], 3).tolist()})")
         report.chunks_checked[modality] = checked
-        if store.complete:
+        if store.complete and not any(f.startswith(f"neighbors/{modality}") for f in flagged):
             _verify_neighbors(store, modality, report)
-    return report
 
 
 def _verify_neighbors(store: Store, modality: str, report: VerifyReport) -> None:
@@ -102,6 +117,10 @@ def _verify_neighbors(store: Store, modality: str, report: VerifyReport) -> None
         report.problems.append(f"neighbors/{modality}: a row lists itself as its own neighbor")
     if not np.isfinite(sims[ids >= 0]).all():
         report.problems.append(f"neighbors/{modality}: NaN/Inf similarities")
+    recorded = info.get("checksums")
+    if recorded and recorded != {"ids": hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest(),
+                                 "sims": hashlib.sha256(np.ascontiguousarray(sims).tobytes()).hexdigest()}:
+        report.problems.append(f"neighbors/{modality}: checksum mismatch (the table changed after the build)")
 
 
 def _short(exc: Exception) -> str:
