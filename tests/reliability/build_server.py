@@ -13,6 +13,8 @@ Protocol: one JSON command per stdin line, one JSON answer per stdout line.
       -> {"rc": exit code (negative: the signal), "seconds", "stdout", "stderr", "pid"}
   {"op": "start", ... as run}  -> {"pid"}: the command runs on; "wait" {"pid", "timeout"} collects it like "run"
   {"op": "kill", "pid"} -> SIGKILL, then like "wait";  {"op": "quit"}
+  {"op": "warm", "teachers": [[spec, modality], ...]} builds teachers here, before any child;
+  {"op": "make_tiny_text_teacher", "path"} -> {"spec"}
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -201,6 +204,7 @@ def serve() -> None:
     for pid in list(server.running):
         os.kill(pid, signal.SIGKILL)
         server.wait(pid, 10)
+    shutil.rmtree(server.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
