@@ -20,6 +20,7 @@ Protocol: one JSON command per stdin line, one JSON answer per stdout line.
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import json
 import multiprocessing
 import os
@@ -124,13 +125,14 @@ def _child(cmd: dict, out_path: str, err_path: str) -> None:
 class Server:
     def __init__(self) -> None:
         self.running: dict[int, dict] = {}
-        self.tmp = tempfile.mkdtemp(prefix="cusa-build-server-")
+        self.tmp = tempfile.mkdtemp(prefix="cusa-build-server-", dir=os.environ.get("CUSA_BUILD_SERVER_TMP"))
+        self._serial = itertools.count()  # unique output file names, however fast children start
 
     def start(self, cmd: dict) -> int:
         if threading.active_count() > 1:
             names = [t.name for t in threading.enumerate()]
             raise RuntimeError(f"the build server has threads {names}: forking it could hang the child")
-        n = len(self.running) + int(time.time() * 1000) % 100000
+        n = next(self._serial)
         out_path, err_path = os.path.join(self.tmp, f"{n}.out"), os.path.join(self.tmp, f"{n}.err")
         for path in (out_path, err_path):  # made here: a child killed at once never opens them
             open(path, "w").close()

@@ -79,7 +79,9 @@ class BuildServer:
 
     def __init__(self, log: Path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path),
+               # the children's output files live beside the log, inside this test session's own tmp folder
+               "CUSA_BUILD_SERVER_TMP": str(log.parent)}
         env.pop("CUSA_FAULT_AT", None)
         self._log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
