@@ -274,13 +274,18 @@ def _check_path(source: Path, where: str, image_path: str) -> None:
         raise ManifestError(f"{source}: {where}: image path {image_path!r} escapes the image root via '..'")
 
 
-def _load_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """An annotation file's text (UTF-8, BOM tolerated); a one-line ManifestError otherwise."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ManifestError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read annotation file ({e.strerror or e})") from None
+
+
+def _load_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -393,12 +398,7 @@ def _read_csv(
     id_column: str | None,
     split_column: str | None,
 ) -> None:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read annotation file ({e.strerror or e})") from None
+    text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".tsv":
         delimiter = "\t"
