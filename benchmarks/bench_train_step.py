@@ -50,45 +50,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (captions, current_rss_bytes, machine, machine_line, median, peak_rss_bytes,  # noqa: E402
-                     rotated, spread)
+from _common import (captions, current_rss_bytes, machine, machine_line, make_store, median,  # noqa: E402
+                     peak_rss_bytes, rotated, spread)
 
 from teacher_cache.soft_labels import SoftLabelSource  # noqa: E402
-from teacher_cache.store import Store, StoreLayout  # noqa: E402
+from teacher_cache.store import Store  # noqa: E402
 from train.losses import CusaLoss, LossConfig  # noqa: E402
 from train.students import FeatureStudent, OpenClipStudent  # noqa: E402
 
 AUTHORS = {"cached_both": 1.045, "live_both": 1.39, "released_code": 1.18}
 TARGET_CACHED_RATIO = 1.05
-
-
-# ---------------------------------------------------------------------------------------------- synthetic store
-def make_store(path: Path, n_images: int, image_dim: int, n_captions: int, text_dim: int, chunk_rows: int,
-               seed: int = 0) -> Store:
-    """A complete store of random unit rows (what a build writes, minus the teachers), for read-path timing."""
-    layout = StoreLayout(
-        fingerprint=f"synthetic-{n_images}x{image_dim}-{n_captions}x{text_dim}-{seed}",
-        split_fingerprints={},
-        image_ids=[f"img{i}" for i in range(n_images)],
-        image_paths=[f"images/img{i}.jpg" for i in range(n_images)],
-        image_splits=["train"] * n_images,
-        captions=[f"caption {j}" for j in range(n_captions)],
-        caption_image_rows=np.arange(n_captions, dtype=np.int64) % max(n_images, 1),
-        teachers={"image": {"spec": "synthetic", "modality": "image", "dim": image_dim, "weights": "random"},
-                  "text": {"spec": "synthetic", "modality": "text", "dim": text_dim, "weights": "random"}},
-        dims={"images": image_dim, "texts": text_dim},
-        chunk_rows=chunk_rows,
-    )
-    store = Store.create_or_resume(path, layout, overwrite=True)
-    rng = np.random.default_rng(seed)
-    for modality in ("images", "texts"):
-        for c in range(store.n_chunks(modality)):
-            start, stop = store.chunk_range(modality, c)
-            rows = rng.standard_normal((stop - start, store.dims[modality]), dtype=np.float32)
-            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-            store.write_chunk(modality, c, rows)
-    store.finalize({"synthetic": True})
-    return Store.open(path, require_complete=True)
 
 
 def cosine_block(emb: torch.Tensor) -> torch.Tensor:

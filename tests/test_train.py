@@ -103,7 +103,7 @@ def test_precedence_is_preset_then_file_then_flags_then_set(tmp_path):
 @pytest.mark.parametrize("item, message", [
     ("foo=1", "unknown setting 'foo'"),
     ("data.root=x", "unknown setting 'data.root'"),
-    ("soft_labels.modes=sparse", "unknown setting 'soft_labels.modes' (known under soft_labels: mode, k, stream)"),
+    ("soft_labels.modes=sparse", "unknown setting 'soft_labels.modes' (known under soft_labels: mode, k, stream, max_memory_mib, window)"),
     ("csa.rat=0.2", "unknown loss setting 'csa.rat' (known under csa.: enabled, rate, tau,"),
     ("lr=fast", "setting lr must be a number, got 'fast'"),
     ("csa.rate", "--set 'csa.rate': expected KEY=VALUE, e.g. csa.rate=0.2"),
@@ -224,7 +224,7 @@ def test_resolved_config_is_saved_in_the_run_folder(cli_run, demo_dir):
     assert saved["lr"] == 1e-3 and saved["epochs"] == 4 and saved["batch_size"] == 32
     assert saved["val_data"] == str(demo_dir / "val.json") and saved["preset"] == "paper"
     assert saved["contrastive"]["tau"]["max"] == TAU_MAX and saved["csa"]["rate"] == 0.1
-    assert saved["soft_labels"] == {"mode": "dense", "k": None, "stream": False}
+    assert saved["soft_labels"] == {"mode": "dense", "k": None, "stream": None, "max_memory_mib": 8192.0, "window": 0}
     assert TrainConfig.from_dict(saved).to_dict() == saved
 
 

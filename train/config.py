@@ -32,7 +32,11 @@ SAMPLERS = ("random", "teacher-neighbors")
 class SoftLabelConfig:
     mode: str = "dense"  # dense | sparse (top-K cached teacher neighbors only)
     k: int | None = None  # sparse: neighbors used per row (default: all the table keeps)
-    stream: bool = False  # dense: read rows from the store chunk-wise instead of holding them in memory
+    # dense: hold every teacher row in memory (false), stream them from the store's chunks in a chunk-local
+    # order (true), or choose by max_memory_mib (None, "auto")
+    stream: bool | str | None = None
+    max_memory_mib: float = 8192.0  # budget for resident teacher rows: dense when both modalities fit
+    window: int = 0  # streamed: stored chunks whose pairs are shuffled together (0: as many as the budget holds)
 
 
 @dataclass
@@ -180,7 +184,8 @@ def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig
             if rest not in {f.name for f in dataclasses.fields(sub)}:
                 raise ValueError(f"unknown setting {key!r} (known under {head}: "
                                  f"{', '.join(f.name for f in dataclasses.fields(sub))})")
-            setattr(sub, rest, _coerce(value, getattr(sub, rest), key))
+            # soft_labels.stream is three-valued (true, false, auto): _validate reads it
+            setattr(sub, rest, value if key == "soft_labels.stream" else _coerce(value, getattr(sub, rest), key))
         elif head == "losses":
             loss_updates[rest] = value
         elif key in {f.name for f in dataclasses.fields(TrainConfig)} and not rest:
@@ -233,5 +238,25 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):
         raise ValueError(f"soft_labels.mode must be dense or sparse, got {cfg.soft_labels.mode!r}")
+    cfg.soft_labels.stream = _stream_setting(cfg.soft_labels.stream)
+    if not cfg.soft_labels.max_memory_mib > 0:
+        raise ValueError(f"soft_labels.max_memory_mib must be > 0, got {cfg.soft_labels.max_memory_mib}")
+    if cfg.soft_labels.window < 0:
+        raise ValueError(f"soft_labels.window must be ≥ 0 (0: as many chunks as the budget holds), "
+                         f"got {cfg.soft_labels.window}")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+
+
+def _stream_setting(value: Any) -> bool | None:
+    """soft_labels.stream as True, False or None (auto: chosen from the memory budget)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "none", "null", ""):
+        return None
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"soft_labels.stream must be true, false or auto, got {value!r}")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from tqdm.auto import tqdm
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
+from train.chunk_order import chunk_local_batches
 from train.config import TrainConfig
 from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
 from train.evaluate import retrieval_metrics
 from train.losses import CusaLoss
 from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
+from train.teacher_rows import plan_teacher_rows
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"
@@ -187,9 +190,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     stores = list({str(s.path): s for s in (cache, image_store, text_store)}.values())
     pairs = join_pairs(manifest, stores)
     soft = None
+    rows_plan = plan_teacher_rows(cfg.soft_labels, cfg.losses.needs_teacher, pairs, image_store, text_store)
+    if rows_plan.stream and cfg.sampler != "random":
+        rows_plan.reason += f"; the {cfg.sampler} sampler's batches are not chunk-local, expect slower reads"
+    if ctx.is_main:
+        print(rows_plan.describe(), file=sys.stderr, flush=True)
     if cfg.losses.needs_teacher:
         soft = SoftLabelSource(image_store, text_store, mode=cfg.soft_labels.mode, k=cfg.soft_labels.k,
-                               stream=cfg.soft_labels.stream, device=device)
+                               stream=rows_plan.stream, device=device, max_memory_bytes=rows_plan.budget_bytes)
 
     spec = parse_student_spec(cfg.student)
     train_feats = val_feats = None
@@ -238,6 +246,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
             return neighbor_batches(pair_neighbors, cfg.batch_size, cfg.seed, epoch, cfg.sampler_group, rank,
                                     ctx.world_size)
+    elif rows_plan.stream:
+        def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
+            return chunk_local_batches(rows_plan.units.unit_of_pair, cfg.batch_size, cfg.seed, epoch,
+                                       rows_plan.window, rank, ctx.world_size)
     else:
         def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
             return epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, rank, ctx.world_size)
@@ -360,6 +372,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                "world_size": ctx.world_size, "checkpoint": str(out / (CHECKPOINT_BEST if
                                                                     (out / CHECKPOINT_BEST).exists() else
                                                                     CHECKPOINT_LAST))}
+    summary.update(rows_plan.summary(soft.peak_memory_bytes() if soft is not None else None,
+                                     soft.chunk_stats() if soft is not None else None, cfg.sampler,
+                                     cfg.epochs - start_epoch))
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,361 @@
+"""The streamed read path: teacher rows gathered from decoded row chunks, with a bounded number of bytes resident.
+
+A store keeps each modality as compressed row chunks; reading one row decodes its whole chunk. Streaming is only
+as fast as holding everything in memory when each chunk is decoded about once per epoch, so the batches must
+visit chunks locally (``train.chunk_order`` builds such an epoch order) and decoded chunks must stay resident
+while batches still need them. ``ChunkCache`` holds decoded chunks up to a byte budget. When the sequence of
+batches is known ahead (the trainer knows a whole epoch), ``StreamedRows.plan`` gives every chunk its next use
+and the cache keeps the chunks needed soonest, dropping a chunk as soon as no planned batch needs it again
+(Belady's policy: the fewest decodes any cache of that size can achieve). Without a plan it keeps the most
+recently used chunks.
+
+Every decoded chunk is checked against the sha256 the build recorded for it (``attrs["checksums"]``), so a byte
+damaged on disk after the build stops training with the chunk's name instead of feeding it wrong soft labels.
+This costs about 60% of the decode time, which an epoch pays once per chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+import zarr
+from numcodecs import blosc
+
+from teacher_cache.errors import StoreError
+from teacher_cache.store import Store
+
+NEVER = math.inf  # the next use of a chunk no planned batch needs again
+READ_AHEAD_CHUNKS = 2  # chunks a planned read decodes ahead of their first use, in a thread of its own
+
+
+class ChunkReader:
+    """One modality of a store, read a whole stored chunk at a time as float16 rows, each checked against its
+    recorded checksum."""
+
+    def __init__(self, store: Store, modality: str, verify: bool = True):
+        self.store = store
+        self.modality = modality
+        self.verify = verify
+        self.chunk_rows = store.chunk_rows
+        self.rows = store.counts[modality]
+        self.dim = store.dims[modality]
+        self.n_chunks = store.n_chunks(modality)
+        self._array = store.array(modality)
+        self._checksums = list((store.attrs.get("checksums") or {}).get(modality) or []) if verify else []
+        if verify and len(self._checksums) != self.n_chunks:
+            raise StoreError(f"{store.path}: {len(self._checksums)} {modality} checksums recorded for "
+                             f"{self.n_chunks} chunks; `cusa-cache verify {store.path}` tells what is wrong")
+        self._direct = _plain_blosc_layout(self._array)
+
+    def _decode(self, chunk: int, start: int, stop: int) -> np.ndarray:
+        if self._direct is None:
+            return np.ascontiguousarray(self._array[start:stop], dtype=np.float16)
+        # the layout every build writes, decoded without zarr's codec pipeline (60% of a chunk's read time):
+        # one file per chunk, blosc over little-endian float16, edge chunks padded to the full chunk shape
+        folder, file_rows = self._direct
+        path = folder / self._array.metadata.encode_chunk_key((chunk, 0))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:  # zarr leaves out chunks that hold only the fill value (rows of skipped images)
+            return np.zeros((stop - start, self.dim), dtype=np.float16)
+        rows = np.frombuffer(blosc.decompress(raw), dtype="<f2").reshape(file_rows, self.dim)
+        return rows[:stop - start].astype(np.float16, copy=False)
+
+    def chunk_bytes(self, chunk: int) -> int:
+        start, stop = self.store.chunk_range(self.modality, chunk)
+        return (stop - start) * self.dim * 2
+
+    def read(self, chunk: int) -> np.ndarray:
+        start, stop = self.store.chunk_range(self.modality, chunk)
+        try:
+            rows = self._decode(chunk, start, stop)
+        except Exception as exc:  # an unreadable or undecodable chunk file
+            raise StoreError(f"{self.store.path}: cannot read {self.modality} chunk {chunk} (rows {start}-{stop - 1}): "
+                             f"{type(exc).__name__}: {exc}; `cusa-cache verify {self.store.path}` lists every "
+                             "problem, re-running its build repairs it") from exc
+        # the sha256 of the float16 bytes (store.chunk_checksum), hashed in place rather than from a copy
+        if self.verify and hashlib.sha256(memoryview(np.ascontiguousarray(rows)).cast("B")).hexdigest() \
+                != self._checksums[chunk]:
+            raise StoreError(f"{self.store.path}: {self.modality} chunk {chunk} (rows {start}-{stop - 1}) does not "
+                             "match the checksum its build recorded (damaged on disk since); re-run the store's "
+                             "`cusa-cache build` command to recompute it")
+        return rows
+
+
+@dataclass
+class CacheStats:
+    """What the cache did: chunks decoded (misses), chunk reads served from memory (hits), resident bytes."""
+
+    decoded: dict[str, int] = field(default_factory=dict)  # per source name
+    hits: int = 0
+    resident_bytes: int = 0
+    peak_bytes: int = 0  # resident plus the chunk being read, at most
+
+    def to_dict(self) -> dict:
+        return {"decoded": dict(self.decoded), "hits": self.hits, "resident_bytes": self.resident_bytes,
+                "peak_bytes": self.peak_bytes}
+
+
+class ChunkCache:
+    """Decoded chunks held up to ``max_bytes``, evicting the one whose next use is furthest away.
+
+    ``fetch(key, read, next_use)`` returns the chunk, reading it on a miss, and then keeps it only if it is needed
+    again (``next_use`` < NEVER) and room can be made by evicting chunks needed later than it. Callers without a
+    plan pass a decreasing counter as ``next_use`` (a least-recently-used cache).
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"the chunk cache's budget must be ≥ 0 bytes, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._chunks: dict[Hashable, tuple[np.ndarray, float]] = {}
+        self.stats = CacheStats()
+
+    def fetch(self, key: Hashable, read: Callable[[], np.ndarray], next_use: float, source: str = "",
+              extra_bytes: Callable[[], int] | None = None) -> np.ndarray:
+        """The chunk under ``key`` (``read()`` on a miss); ``extra_bytes()`` tells the bytes held elsewhere (decoded
+        ahead), which count toward the peak."""
+        held = self._chunks.get(key)
+        if held is not None:
+            self.stats.hits += 1
+            if next_use == NEVER:
+                self._drop(key)
+            else:
+                self._chunks[key] = (held[0], next_use)
+            return held[0]
+        chunk = read()
+        self.stats.decoded[source] = self.stats.decoded.get(source, 0) + 1
+        extra = extra_bytes() if extra_bytes is not None else 0
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.resident_bytes + chunk.nbytes + extra)
+        self._place(key, chunk, next_use, False)
+        return chunk
+
+    def _place(self, key: Hashable, chunk: np.ndarray, next_use: float, resident: bool) -> None:
+        if resident:
+            if next_use == NEVER:
+                self._drop(key)
+            else:
+                self._chunks[key] = (chunk, next_use)
+            return
+        if next_use == NEVER or chunk.nbytes > self.max_bytes:
+            return
+        while self.stats.resident_bytes + chunk.nbytes > self.max_bytes:
+            victim = max(self._chunks, key=lambda k: self._chunks[k][1])
+            if self._chunks[victim][1] <= next_use:
+                return  # everything held is needed sooner than this chunk: read it again when its turn comes
+            self._drop(victim)
+        self._chunks[key] = (chunk, next_use)
+        self.stats.resident_bytes += chunk.nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.resident_bytes)
+
+    def _drop(self, key: Hashable) -> None:
+        chunk, _ = self._chunks.pop(key)
+        self.stats.resident_bytes -= chunk.nbytes
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.stats.resident_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
+class _ReadAhead:
+    """A thread that decodes chunks in the order a plan first needs them, at most ``depth`` ahead of their use.
+
+    Chunks arrive through one queue in plan order; ``take(key)`` returns a chunk's decoded rows, setting aside the
+    chunks that arrive before it (another source's chunks of the same batch), and raises the error of a chunk the
+    thread could not read as soon as it arrives. ``held_bytes`` counts the chunks decoded and not yet taken.
+    """
+
+    def __init__(self, order: list[tuple[str, int]], readers: dict[str, ChunkReader], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._arrived: dict[tuple[str, int], object] = {}
+        self._stop = threading.Event()
+        self._bytes_lock = threading.Lock()
+        self.held_bytes = 0
+        self._thread = threading.Thread(target=self._work, args=(order, readers), daemon=True)
+        self._thread.start()
+
+    def _work(self, order: list[tuple[str, int]], readers: dict[str, ChunkReader]) -> None:
+        for key in order:
+            try:
+                item: object = readers[key[0]].read(key[1])
+            except Exception as exc:  # raised in the consumer, when it needs this chunk
+                item = exc
+            if isinstance(item, np.ndarray):
+                with self._bytes_lock:
+                    self.held_bytes += item.nbytes
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((key, item), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or not isinstance(item, np.ndarray):
+                return
+
+    def take(self, key: tuple[str, int]) -> np.ndarray:
+        while key not in self._arrived:
+            got, item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item  # the thread stopped at a chunk it could not read: the store is damaged
+            self._arrived[got] = item
+        item = self._arrived.pop(key)
+        with self._bytes_lock:
+            self.held_bytes -= item.nbytes
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+class StreamedRows:
+    """Rows of several store modalities through one shared ``ChunkCache``.
+
+    ``rows(name, index)`` gathers float16 rows by store row. ``plan(batches)`` announces the row indices of the
+    batches to come (a list of ``{name: rows}``); ``rows`` must then be called for them in that order, once per
+    batch and source. Each chunk is then kept exactly as long as a later batch needs it, and a reader thread
+    decodes each chunk for its first use up to ``read_ahead`` chunks early, so that decoding overlaps the blocks'
+    arithmetic. ``max_bytes`` bounds the decoded chunks held, those decoded ahead included (plus, at most, one
+    chunk read again while in use). Thread-safe.
+    """
+
+    def __init__(self, readers: dict[str, ChunkReader], max_bytes: int, read_ahead: int = READ_AHEAD_CHUNKS):
+        self.readers = readers
+        self.read_ahead = read_ahead
+        largest = max((r.chunk_bytes(0) for r in readers.values() if r.n_chunks), default=0)
+        self.cache = ChunkCache(max(0, int(max_bytes) - read_ahead * largest))
+        self._lock = threading.Lock()
+        self._uses: dict[tuple[str, int], deque] | None = None  # planned batch positions of every chunk
+        self._position: dict[str, int] = {}
+        self._clock = 0
+        self._ahead: _ReadAhead | None = None
+        self._taken: set[tuple[str, int]] = set()  # chunks the read-ahead thread has delivered
+
+    def plan(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        self.end_plan()
+        uses: dict[tuple[str, int], deque] = {}
+        first_use_order: list[tuple[str, int]] = []
+        for t, batch in enumerate(batches):
+            for name, index in batch.items():
+                for c in np.unique(np.asarray(index, dtype=np.int64) // self.readers[name].chunk_rows).tolist():
+                    key = (name, c)
+                    if key not in uses:
+                        uses[key] = deque()
+                        first_use_order.append(key)
+                    uses[key].append(t)
+        with self._lock:
+            self._uses = uses
+            self._position = {name: 0 for name in self.readers}
+            self._taken = set()
+            if self.read_ahead > 0 and first_use_order:
+                self._ahead = _ReadAhead(first_use_order, self.readers, self.read_ahead)
+
+    def end_plan(self) -> None:
+        """Back to least-recently-used caching, dropping what a plan kept and stopping its reader thread."""
+        with self._lock:
+            if self._ahead is not None:
+                self._ahead.close()
+                self._ahead = None
+            self._uses = None
+            self.cache.clear()
+
+    def _held_ahead(self) -> int:
+        return self._ahead.held_bytes if self._ahead is not None else 0
+
+    def _read(self, name: str, c: int) -> np.ndarray:
+        key = (name, c)
+        if self._ahead is not None and key not in self._taken:
+            self._taken.add(key)
+            return self._ahead.take(key)
+        return self.readers[name].read(c)  # read again: the cache had to let it go
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        reader = self.readers[name]
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= reader.rows):
+            bad = index[(index < 0) | (index >= reader.rows)][0]
+            raise IndexError(f"{reader.store.path}: {reader.modality} row {bad} out of range (0..{reader.rows - 1})")
+        chunks = index // reader.chunk_rows
+        # one pass over the batch's chunks in order, then one gather: rows sorted by chunk are contiguous runs
+        by_chunk = np.argsort(chunks, kind="stable")
+        sorted_chunks = chunks[by_chunk]
+        change = np.flatnonzero(sorted_chunks[1:] != sorted_chunks[:-1]) + 1
+        starts = [0, *change.tolist()] if len(index) else []
+        ends = [*change.tolist(), len(index)]
+        local = index[by_chunk] - sorted_chunks * reader.chunk_rows
+        segments = [(int(sorted_chunks[lo]), lo, hi) for lo, hi in zip(starts, ends)]
+        pieces: list = [None] * len(segments)
+        with self._lock:
+            if self._uses is not None:
+                t = self._position[name]
+                self._position[name] = t + 1
+                next_uses = []
+                for c, _, _ in segments:
+                    planned = self._uses.get((name, c))
+                    if not planned or planned[0] != t:
+                        raise RuntimeError(f"{name} chunk {c} read at batch {t} outside the announced plan")
+                    planned.popleft()
+                    next_uses.append(planned[0] if planned else NEVER)
+                # chunks no later batch needs first, then those needed furthest ahead: each is let go as soon as its
+                # rows are copied, which makes room for the chunks this batch reads for the first time
+                visit = sorted(range(len(segments)), key=lambda j: -next_uses[j])
+            else:
+                next_uses = []
+                for _ in segments:
+                    self._clock += 1
+                    next_uses.append(-self._clock)  # least recently used goes first
+                visit = range(len(segments))
+            for j in visit:
+                c, lo, hi = segments[j]
+                chunk = self.cache.fetch((name, c), lambda c=c: self._read(name, c), next_uses[j], name,
+                                         self._held_ahead)
+                pieces[j] = chunk[local[lo:hi]]
+        out = np.empty((len(index), reader.dim), dtype=np.float16)
+        if pieces:
+            out[by_chunk] = np.concatenate(pieces)
+        return out
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.cache.stats.resident_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.cache.stats.peak_bytes
+
+
+def _plain_blosc_layout(array: zarr.Array) -> tuple[Path, int] | None:
+    """(folder of the array, rows per chunk file) when ``array`` is stored as a build writes it: local files,
+    default chunk keys, float16 row chunks spanning every column, bytes (little-endian) + blosc codecs and nothing
+    else. None otherwise: then it is read through zarr."""
+    meta = array.metadata
+    try:
+        bytes_codec, blosc_codec = tuple(meta.codecs)
+        rows, cols = meta.chunk_grid.chunk_shape
+        plain = (isinstance(bytes_codec, zarr.codecs.BytesCodec)
+                 and getattr(bytes_codec.endian, "value", bytes_codec.endian) == "little"
+                 and isinstance(blosc_codec, zarr.codecs.BloscCodec)
+                 and isinstance(array.store, zarr.storage.LocalStore)
+                 and meta.chunk_key_encoding.name == "default" and meta.chunk_key_encoding.separator == "/"
+                 and array.dtype == np.float16 and cols == array.shape[1]
+                 and not getattr(meta, "storage_transformers", ()))
+        folder = Path(array.store.root) / array.path
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (folder, int(rows)) if plain else None

@@ -1,0 +1,105 @@
+"""A chunk-local epoch order: the batches of a streamed run visit the store's row chunks a few at a time.
+
+The teacher store keeps rows in compressed chunks (``--chunk-rows``), and a row costs the decode of its whole
+chunk. Random batches of a large dataset touch most chunks every step; this order touches a window of W chunks
+at a time, as webdataset does with shards and a shuffle buffer:
+
+1. every training pair belongs to one *unit*: the stored chunk of its image or of its caption, whichever
+   modality has fewer chunks among the pairs (images, in the usual five-captions-an-image layout). A unit's
+   pairs then also cover a contiguous run of the other modality's chunks, because a manifest keeps each
+   image's captions together;
+2. the epoch shuffles the order of the units, takes them W at a time, and shuffles the pairs of those W units
+   together;
+3. the concatenated sequence is cut into global batches exactly as random batches are (``cut_into_batches``:
+   under DDP each rank takes its contiguous slice of every global batch).
+
+So each chunk is decoded about once an epoch while at most about W units of decoded chunks are resident, and the
+order depends only on (seed, epoch, W) and the store layout: a resumed run sees the batches it would have seen.
+With W covering every unit the order *is* the full shuffle (``epoch_batches``), batch for batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.data import TrainingPairs, cut_into_batches, epoch_batches
+
+
+@dataclass(frozen=True)
+class ChunkUnits:
+    """Which unit (stored chunk) each training pair belongs to, and what a unit costs in decoded bytes."""
+
+    unit_of_pair: np.ndarray  # int64 [n_pairs], 0..n_units-1 in store order
+    modality: str  # "images" | "texts": the modality whose chunks define the units
+    unit_bytes: np.ndarray  # int64 [n_units]: decoded float16 bytes of the chunks a unit's pairs read
+    chunks_read: dict[str, int]  # per modality: the stored chunks holding rows of the training pairs
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_bytes)
+
+    def window_for(self, budget_bytes: int, reserved_bytes: int = 0) -> int:
+        """The largest W whose units fit the budget (less ``reserved_bytes``, e.g. chunks decoded ahead) with room
+        for the next window's first chunks.
+
+        Sized on the largest units, with a quarter kept free: at a window's end the last batches still read its
+        chunks while the next window's arrive.
+        """
+        largest = np.sort(self.unit_bytes)[::-1]
+        fits = np.flatnonzero(np.cumsum(largest) * 1.25 <= budget_bytes - reserved_bytes)
+        return int(fits[-1] + 1) if len(fits) else 0
+
+
+def pair_units(pairs: TrainingPairs, image_store, text_store) -> ChunkUnits:
+    """Units of the training pairs in ``image_store``/``text_store`` (see the module docstring)."""
+    return row_units(pairs.store_image_rows[str(image_store.path)][pairs.image_rows],
+                     pairs.store_caption_rows[str(text_store.path)][pairs.caption_rows], image_store, text_store)
+
+
+def row_units(image_rows: np.ndarray, caption_rows: np.ndarray, image_store, text_store) -> ChunkUnits:
+    """Units of pairs given by their store rows: pair i is (image_rows[i], caption_rows[i])."""
+    rows = {"images": np.asarray(image_rows, dtype=np.int64), "texts": np.asarray(caption_rows, dtype=np.int64)}
+    stores = {"images": image_store, "texts": text_store}
+    chunk = {m: rows[m] // stores[m].chunk_rows for m in rows}
+    counts = {m: len(np.unique(chunk[m])) for m in chunk}
+    unit_mod = "images" if counts["images"] <= counts["texts"] else "texts"
+    other = "texts" if unit_mod == "images" else "images"
+    # renumber the units 0..n-1 in store order (a split's pairs may skip chunks of other splits)
+    unit_chunks, unit_of_pair = np.unique(chunk[unit_mod], return_inverse=True)
+    row_bytes = {m: 2 * stores[m].dims[m] for m in stores}
+
+    def chunk_bytes(m: str, c: np.ndarray) -> np.ndarray:
+        n = stores[m].counts[m]
+        return (np.minimum((c + 1) * stores[m].chunk_rows, n) - c * stores[m].chunk_rows) * row_bytes[m]
+
+    # every (unit, chunk of the other modality) pair once: the other modality's chunks each unit reads
+    touched = np.unique(unit_of_pair.astype(np.int64) * (chunk[other].max() + 1) + chunk[other])
+    t_unit, t_chunk = touched // (chunk[other].max() + 1), touched % (chunk[other].max() + 1)
+    unit_bytes = chunk_bytes(unit_mod, unit_chunks).astype(np.int64)
+    np.add.at(unit_bytes, t_unit, chunk_bytes(other, t_chunk))
+    return ChunkUnits(unit_of_pair.astype(np.int64), unit_mod, unit_bytes, counts)
+
+
+def chunk_local_batches(unit_of_pair: np.ndarray, batch_size: int, seed: int, epoch: int, window: int,
+                        rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """Pair indices of each batch of one epoch in the chunk-local order (see the module docstring).
+
+    ``window`` units are shuffled together; a window covering every unit gives ``epoch_batches`` exactly.
+    """
+    n_units = int(unit_of_pair.max()) + 1 if len(unit_of_pair) else 0
+    if window < 1:
+        raise ValueError(f"the shuffle window must hold at least one chunk, got {window}")
+    if window >= n_units:
+        return epoch_batches(len(unit_of_pair), batch_size, seed, epoch, rank, world_size)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)
+    unit_order = torch.randperm(n_units, generator=g).numpy()
+    by_unit = np.argsort(unit_of_pair, kind="stable")
+    bounds = np.searchsorted(unit_of_pair[by_unit], np.arange(n_units + 1))
+    parts = []
+    for lo in range(0, n_units, window):
+        members = np.concatenate([by_unit[bounds[u]:bounds[u + 1]] for u in unit_order[lo:lo + window]])
+        parts.append(members[torch.randperm(len(members), generator=g).numpy()])
+    return cut_into_batches(np.concatenate(parts), batch_size, rank, world_size)
