@@ -295,12 +295,15 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
     with tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True) as bar:
         texts = teacher_captions([c.text for c in manifest.captions])[0]
+        # embeddings kept in caption order (precomputed, no keys) are looked up by row rather than by text
+        by_row = getattr(encoder, "by_row", False)
         for c in chunks:
             start, stop = store.chunk_range("texts", c)
             out = np.empty((stop - start, store.dims["texts"]), dtype=np.float32)
             for lo in range(start, stop, cfg.batch_size):
                 hi = min(lo + cfg.batch_size, stop)
-                out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
+                emb = encoder.encode_rows(np.arange(lo, hi)) if by_row else encoder.encode(texts[lo:hi])
+                out[lo - start:hi - start] = normalize_rows(emb, "caption")
                 bar.update(hi - lo)
                 faults.at("text_batch")
             store.write_chunk("texts", c, out, rank=rank,
@@ -417,8 +420,12 @@ def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encode
     return summary
 
 
-def build_store(cfg: BuildConfig) -> BuildSummary:
-    """Build (or resume) the store described by ``cfg``; returns the summary of this run."""
+def build_store(cfg: BuildConfig, image_encoder: Encoder | None = None,
+                text_encoder: Encoder | None = None) -> BuildSummary:
+    """Build (or resume) the store described by ``cfg``; returns the summary of this run.
+
+    ``image_encoder``/``text_encoder``, when given, are used instead of building ``cfg``'s teacher specs (an import
+    of embeddings computed elsewhere, say)."""
     if cfg.on_bad_image not in ON_BAD_IMAGE:
         raise CusaError(f"--on-bad-image must be one of {ON_BAD_IMAGE}, got {cfg.on_bad_image!r}")
     if cfg.neighbors < 0:
@@ -439,8 +446,12 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         if ctx.is_main:
             lock.acquire()  # before the teachers load (which can take minutes): a second build is told at once
         device = resolve_device(cfg.device, ctx)
-        image_encoder = build_encoder(cfg.image_teacher, "image", device=device)
-        text_encoder = build_encoder(cfg.text_teacher, "text", device=device)
+        image_encoder = image_encoder or build_encoder(cfg.image_teacher, "image", device=device)
+        text_encoder = text_encoder or build_encoder(cfg.text_teacher, "text", device=device)
+        check = getattr(text_encoder, "check_captions", None)
+        if check is not None:  # embeddings made elsewhere must cover these captions: said before anything is written
+            check(teacher_captions([c.text for c in manifest.captions])[0],
+                  f"{cfg.annotations} (split {cfg.split})")
         layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows)
         show = cfg.progress and ctx.is_main
         try:

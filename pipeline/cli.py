@@ -107,6 +107,11 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
     if int(os.environ.get("RANK", "0")) != 0:
         return
     d = summary.to_dict()
+    emit(d, as_json, "\n".join(_build_lines(d)))
+
+
+def _build_lines(d: dict) -> list[str]:
+    """The human summary of a build (or an import): store, rows per modality, neighbors, caption notes, skips."""
     lines = [f"store     {d['store']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, "
              f"{human_bytes(d['size_bytes'])} on disk, {d['seconds']:.1f} s)"]
     for modality in ("images", "texts"):
@@ -126,7 +131,7 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
     if d["skipped_images"]:
         lines.append(f"skipped   {len(d['skipped_images'])} bad images (listed in the store's attributes):")
         lines.extend(f"          row {s['row']}: {s['reason']}" for s in d["skipped_images"][:20])
-    emit(d, as_json, "\n".join(lines))
+    return lines
 
 
 @main.command()
@@ -345,6 +350,41 @@ def demo_data(out, n_images, seed, splits, as_json):
                                  param_hint="--splits") from None
     summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions)
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
+
+
+@main.command("import-clip-retrieval")
+@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store folder to create or resume.")
+@click.option("--annotations", default=None, type=click.Path(dir_okay=False),
+              help="Caption-list annotation file to write from the metadata [default: OUT.annotations.json].")
+@click.option("--id-column", default=None, help="Metadata column naming each sample's image [default: image_path].")
+@click.option("--split-column", default=None, help="Metadata column holding each sample's split label.")
+@click.option("--split", "split_label", default="", help="Split label of every sample when there is no split column.")
+@click.option("--model", default=None, help="The CLIP model that computed the embeddings (recorded with the teachers).")
+@click.option("--neighbors", "k", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Teacher neighbors kept per row (self excluded); 0 skips the table.")
+@click.option("--index", "factory", default="Flat", show_default=True,
+              help="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32.")
+@click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Rows per stored chunk (the unit of resumption and of streamed reads).")
+@click.option("--overwrite", is_flag=True, help="Replace a store built from other data or embeddings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def import_clip_retrieval_cmd(folder, out, annotations, id_column, split_column, split_label, model, k, factory,
+                              chunk_rows, overwrite, as_json):
+    """Make a store from clip-retrieval inference output (img_emb/, text_emb/, metadata/ in DIR) without running a
+    teacher: writes the annotation file from the metadata, then the store and its neighbor tables."""
+    from pipeline.clip_retrieval import ClipRetrievalImport, import_clip_retrieval
+
+    summary, written = import_clip_retrieval(ClipRetrievalImport(
+        folder=folder, out=out, annotations=annotations, id_column=id_column, split_column=split_column,
+        split=split_label, model=model, neighbors=k, index=factory, chunk_rows=chunk_rows, overwrite=overwrite,
+        progress=not as_json))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    d = {**summary.to_dict(), "annotations": str(written)}
+    lines = _build_lines(d) + [f"data      {written} (train with --data {written} --cache {d['store']})"]
+    emit(d, as_json, "\n".join(lines))
 
 
 if __name__ == "__main__":

