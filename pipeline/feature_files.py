@@ -72,8 +72,9 @@ def read_feature_file(path: Path, ids_path: Path | None = None, *, pickled: str 
     if header is None and not _looks_pickled(path):
         raise FeatureFileError(f"{path}: not a .npy or .npz file")
     if pickled == PICKLE_REFUSE:
+        hint = f"; {refusal_hint}" if refusal_hint else ""
         raise FeatureFileError(f"{path}: holds pickled Python objects (a {{image_id: vector}} dict saved with "
-                               f"np.save?), and unpickling it could run code{'; ' + refusal_hint if refusal_hint else ''}")
+                               f"np.save?), and unpickling it could run code{hint}")
     if ids_path is not None:
         raise FeatureFileError(f"{path}: a pickled {{image_id: vector}} dict names its own ids; drop the ids file "
                                f"{ids_path}")

@@ -16,6 +16,7 @@ import torch
 
 from helpers_train import (TEMPERATURE_RANGES, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
                            subprocess_env, train_args, without_timings)
+from helpers_train import assert_identical
 from train.cli import train_main
 from train.config import TrainConfig, build_config
 
@@ -282,24 +283,6 @@ def append_then_die(path, record):
 trainer._append_jsonl = append_then_die
 train_main.main(sys.argv[2:], prog_name="cusa-train")
 """
-
-
-def assert_identical(a, b, where: str = "") -> None:
-    """Tensors equal bit for bit, everything else equal, recursively."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit(demo_dir, demo_cache, tmp_path):

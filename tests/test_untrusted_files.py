@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers_train import invoke, invoke_json, run_script, train_args
+from helpers_train import assert_identical, invoke, invoke_json, run_script, train_args
 from pipeline.cli import main as cache_main
 from pipeline.encoders import build_encoder, file_sha256
 from pipeline.errors import EncoderError
@@ -194,22 +195,25 @@ def test_a_checkpoint_of_the_previous_release_still_evaluates_and_resumes_exactl
     a, b = load_checkpoint(current / "last.pt"), load_checkpoint(legacy / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
     for key in ("student", "optimizer", "rng"):
-        assert_same(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
 
 
-def assert_same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+def test_a_previous_release_checkpoint_written_under_numpy_1_loads_too(trained_run, tmp_path):
+    # numpy 1 pickles its arrays as numpy.core.multiarray._reconstruct (numpy 2: numpy._core.multiarray)
+    numpy2 = tmp_path / "numpy2.pt"
+    shutil.copy(trained_run / "last.pt", numpy2)
+    to_previous_format(numpy2)
+    numpy1 = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(numpy2) as src, zipfile.ZipFile(numpy1, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # protocol 2: GLOBAL "module\nname\n", length-free
+                assert data.count(b"numpy._core.multiarray\n") == 1
+                data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+            dst.writestr(info, data)
+    expected, got = load_checkpoint(trained_run / "last.pt"), load_checkpoint(numpy1)
+    assert torch.equal(got["rng"]["numpy"]["key"], expected["rng"]["numpy"]["key"])
+    assert got["rng"]["numpy"]["pos"] == expected["rng"]["numpy"]["pos"]
 
 
 def test_rng_state_round_trips_through_a_weights_only_file_and_converts_the_legacy_tuples(tmp_path):

@@ -62,7 +62,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned (or a legacy checkpoint's state, converted by :func:`load_checkpoint`)."""
+    """Restore what :func:`rng_state` returned (or the previous release's tuples, converted first)."""
     state = plain_rng_state(state)
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
