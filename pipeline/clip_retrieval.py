@@ -29,7 +29,8 @@ import numpy as np
 from pipeline.build import BuildConfig, BuildSummary, build_store
 from pipeline.encoders import PrecomputedEncoder, file_sha256
 from pipeline.errors import CusaError
-from pipeline.precomputed import PrecomputedTextEncoder, load_plain_array
+from pipeline.feature_files import read_plain_matrix
+from pipeline.precomputed import PrecomputedTextEncoder
 from teacher_cache.store import DEFAULT_CHUNK_ROWS
 
 _PART = re.compile(r"^(?:img_emb|text_emb|metadata)_(.+)\.(?:npy|parquet)$")
@@ -136,7 +137,7 @@ def _annotation_entries(cfg: ClipRetrievalImport, parts: list[_Part]) -> tuple[l
                                                  "split": cfg.split_column})
         n = len(cols["caption"])
         for what, path in (("img_emb", part.image_emb), ("text_emb", part.text_emb)):
-            array = load_plain_array(path, f"{what} embeddings")
+            array = read_plain_matrix(path, f"{what} embeddings")
             if array.ndim != 2 or array.shape[0] != n:
                 raise CusaError(f"{path}: shape {tuple(array.shape)}, but {part.metadata.name} has {n} rows; the "
                                 "partition's files must hold the same samples")
@@ -178,8 +179,8 @@ def import_clip_retrieval(cfg: ClipRetrievalImport) -> tuple[BuildSummary, Path]
     first_sample: dict[str, int] = {}
     for sample, image_id in enumerate(sample_ids):
         first_sample.setdefault(image_id, sample)
-    images = _Concatenated([load_plain_array(p.image_emb, "img_emb embeddings") for p in parts])
-    texts = _Concatenated([load_plain_array(p.text_emb, "text_emb embeddings") for p in parts])
+    images = _Concatenated([read_plain_matrix(p.image_emb, "img_emb embeddings") for p in parts])
+    texts = _Concatenated([read_plain_matrix(p.text_emb, "text_emb embeddings") for p in parts])
     first = np.fromiter(first_sample.values(), dtype=np.int64, count=len(first_sample))
 
     class _FirstSampleRows:  # the image rows PrecomputedEncoder looks up: one per image id

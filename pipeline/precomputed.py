@@ -23,25 +23,20 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.encoders import _EncoderBase, _one_line, file_sha256
+from pipeline.encoders import _EncoderBase, file_sha256
 from pipeline.errors import EncoderError
+from pipeline.errors import one_line as _one_line
+from pipeline.feature_files import FeatureFileError, read_plain_matrix
 
 KEYS_SUFFIXES = (".keys.txt", ".keys.json")
 
 
-def load_plain_array(path: Path, what: str = "features") -> np.ndarray:
-    """A ``.npy`` file holding a plain numeric array, memory-mapped (pickled objects are refused, never loaded)."""
+def load_plain_array(path: Path, what: str = "caption embeddings") -> np.ndarray:
+    """``feature_files.read_plain_matrix`` with its refusal as an encoder error."""
     try:
-        array = np.load(str(path), mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise EncoderError(f"{path}: not a plain numeric .npy array ({_one_line(exc)}); save the {what} with "
-                           "np.save(path, array) from a float array") from exc
-    except Exception as exc:
-        raise EncoderError(f"{path}: cannot read {what} ({_one_line(exc)})") from exc
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
-        kind = getattr(array, "dtype", type(array).__name__)
-        raise EncoderError(f"{path}: {what} must be a numeric array, got {kind}")
-    return array
+        return read_plain_matrix(path, what)
+    except FeatureFileError as exc:
+        raise EncoderError(str(exc)) from None
 
 
 def _read_keys(path: Path) -> list[str]:

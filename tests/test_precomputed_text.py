@@ -95,7 +95,7 @@ def test_caption_embeddings_with_a_keys_file_are_looked_up_by_text_in_any_order(
 @pytest.mark.parametrize("case, message", [
     ("short", "40 caption rows, but"),
     ("missing-key", "no embedding for caption 0 of"),
-    ("pickled", "not a plain numeric .npy array"),
+    ("pickled", "holds pickled Python objects, not a plain numeric array of caption embeddings"),
     ("key-count", "4 caption keys for 3 embedding rows"),
 ])
 def test_unusable_caption_embeddings_are_refused_before_the_store_is_made(demo_dir, demo_train, image_features,
