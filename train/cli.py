@@ -46,17 +46,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
               help="Caption soft labels from this store instead of --cache.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]),
               help="Batches of random pairs, or of teacher-neighbor groups from the cache [default: random].")
+@click.option("--save-every-steps", default=None, type=click.IntRange(min=0), metavar="N",
+              help="Also write last.pt every N optimizer steps, mid-epoch; --resume continues from that step "
+                   "[default: 0, epoch ends only].")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
-               config_file, overrides, split, val_split, workers, image_cache, text_cache, sampler, as_json):
+               config_file, overrides, split, val_split, workers, image_cache, text_cache, sampler, save_every_steps,
+               as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "out": out,
              "split": split, "val_split": val_split, "workers": workers, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler}
+             "text_cache": text_cache, "sampler": sampler, "save_every_steps": save_every_steps}
     cfg = build_config(preset, config_file, flags, list(overrides))
     summary = train(cfg, resume=resume, show_progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:

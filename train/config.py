@@ -75,6 +75,7 @@ class TrainConfig:
     sampler_group: int = 8  # teacher-neighbors: pairs per neighbor group
     gather: bool = False  # DDP: all-gather features, image ids and teacher rows across ranks
     log_every: int = 10
+    save_every_steps: int = 0  # also write last.pt every N optimizer steps, mid-epoch (0: at epoch ends only)
     eval_batch_size: int = 256
     image_cache: str | None = None  # soft labels for images from another store (default: --cache)
     text_cache: str | None = None  # soft labels for captions from another store (default: --cache)
@@ -236,6 +237,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"batch size must be ≥ 2 (in-batch negatives), got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.save_every_steps < 0:
+        raise ValueError(f"save_every_steps must be ≥ 0 (0: checkpoints at epoch ends only), got {cfg.save_every_steps}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):
         raise ValueError(f"soft_labels.mode must be dense or sparse, got {cfg.soft_labels.mode!r}")
     cfg.soft_labels.stream = _stream_setting(cfg.soft_labels.stream)

@@ -83,14 +83,20 @@ def cut_into_batches(sequence: np.ndarray, batch_size: int, rank: int = 0, world
 
 
 class PairImages(Dataset):
-    """(preprocessed image, caption text) for training pairs of an image-level student."""
+    """(preprocessed image, caption text) for training pairs of an image-level student.
+
+    With ``sample_seed`` set, the random augmentation of pair i draws from a generator seeded by (sample_seed, i):
+    an epoch's augmentations then depend neither on the DataLoader's worker count nor on where the epoch started,
+    which a resume from a mid-epoch checkpoint needs to see the batches an uninterrupted run saw.
+    """
 
     def __init__(self, manifest: Manifest, pairs_image_rows: np.ndarray, pairs_caption_rows: np.ndarray,
-                 preprocess: Callable):
+                 preprocess: Callable, sample_seed: int | None = None):
         self.manifest = manifest
         self.image_rows = pairs_image_rows
         self.caption_rows = pairs_caption_rows
         self.preprocess = preprocess
+        self.sample_seed = sample_seed
 
     def __len__(self) -> int:
         return len(self.caption_rows)
@@ -98,7 +104,12 @@ class PairImages(Dataset):
     def __getitem__(self, i: int):
         row = int(self.image_rows[i])
         img = load_image(self.manifest.image_path(row), row=row)
-        return self.preprocess(img), self.manifest.captions[int(self.caption_rows[i])].text
+        text = self.manifest.captions[int(self.caption_rows[i])].text
+        if self.sample_seed is None:
+            return self.preprocess(img), text
+        with torch.random.fork_rng(devices=[]):  # the process's own random state is left as it was
+            torch.manual_seed((self.sample_seed * 1_000_033 + i) % 2**63)
+            return self.preprocess(img), text
 
 
 class ManifestImages(Dataset):
@@ -116,13 +127,17 @@ class ManifestImages(Dataset):
 
 
 def pair_loader(pairs: TrainingPairs, batches: list[np.ndarray], preprocess: Callable, tokenizer: Callable,
-                workers: int) -> DataLoader:
-    """DataLoader yielding (images, tokens) for the given batches of pair indices, decoded in workers."""
-    dataset = PairImages(pairs.manifest, pairs.image_rows, pairs.caption_rows, preprocess)
+                workers: int, sample_seed: int | None = None) -> DataLoader:
+    """DataLoader yielding (images, tokens) for the given batches of pair indices, decoded in workers.
+
+    ``sample_seed`` (e.g. one per run and epoch) fixes every pair's augmentation (see ``PairImages``), and the
+    loader then takes its own seed from it rather than from the process's random state."""
+    dataset = PairImages(pairs.manifest, pairs.image_rows, pairs.caption_rows, preprocess, sample_seed)
 
     def collate(items):
         images = torch.stack([im for im, _ in items])
         return images, tokenizer([t for _, t in items])
 
+    generator = torch.Generator().manual_seed(sample_seed % 2**63) if sample_seed is not None else None
     return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
-                      collate_fn=collate, persistent_workers=False)
+                      collate_fn=collate, persistent_workers=False, generator=generator)

@@ -76,10 +76,14 @@ def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: s
     from train.features import frozen_features
 
     spec = parse_student_spec(cfg.student)
+    # Computing the features (the first run on a dataset) draws random numbers (DataLoader seeds); a run must train
+    # the same whether or not they were cached, so the run's random state is put back afterwards.
+    before = _rng_state()
     fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
                          cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
                          image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
                          workers=cfg.workers)
+    _set_rng_state(before)
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
 
 
@@ -242,6 +246,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
 
     start_epoch, best = 0, {"epoch": None, "rsum": -1.0, "metrics": None}
+    partial: dict | None = None  # a mid-epoch checkpoint's place: {"epoch", "steps" done, "sums" of the loss terms}
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
         student.load_state_dict(ckpt["student"])
@@ -249,6 +254,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = ckpt["epoch"] + 1
+        partial = ckpt.get("partial_epoch")
         best = ckpt["best"]
         rng = ckpt["rng"]
         if isinstance(rng, list):  # one state per rank; a run resumed on fewer or more ranks reuses rank 0's
@@ -257,34 +263,50 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics_path = out / "metrics.jsonl"
+    first_step = partial["steps"] if partial else 0  # steps of start_epoch a mid-epoch checkpoint had done
+
+    def checkpoint(finished_epoch: int, rng, partial_epoch: dict | None = None) -> dict:
+        """last.pt/best.pt: the state after ``finished_epoch`` (-1: none) and, mid-epoch, how far the next went."""
+        payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "epoch": finished_epoch, "best": best, "rng": rng,
+                   "config": cfg.to_dict(), "student_spec": cfg.student, "dims": _student_dims(student)}
+        if partial_epoch is not None:
+            payload["partial_epoch"] = partial_epoch
+        return payload
+
     if ctx.is_main and metrics_path.exists():
-        # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
-        _truncate_jsonl(metrics_path, start_epoch)
+        # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged after its
+        # checkpoint
+        _truncate_jsonl(metrics_path, start_epoch, start_epoch * steps_per_epoch + first_step if partial else None)
     t_run = time.perf_counter()
     history = []
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         batches = make_batches(epoch, ctx.rank)
+        n_batches = len(batches)
         if cfg.gather and ctx.enabled:
             # the loss sees every rank's rows in rank order (as all_gather concatenates them): so must the teacher
             every_rank = [make_batches(epoch, r) for r in range(ctx.world_size)]
             loss_batches = [np.concatenate(parts) for parts in zip(*every_rank)]
         else:
             loss_batches = batches
+        skip = first_step if epoch == start_epoch else 0  # resumed mid-epoch: the batches already trained on
+        batches, loss_batches = batches[skip:], loss_batches[skip:]
         if spec.kind == "frozen":
             inputs = ((train_feats[0][torch.as_tensor(pairs.image_rows[b])],
                        train_feats[1][torch.as_tensor(pairs.caption_rows[b])]) for b in batches)
         else:
             inputs = ((im.to(device, non_blocking=True), tok.to(device, non_blocking=True)) for im, tok in
-                      pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers))
+                      pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers,
+                                  sample_seed=(cfg.seed * 1_000_003 + epoch) * 64 + ctx.rank))
         block_rows = [_store_rows(pairs, image_store, text_store, b) for b in loss_batches]
         blocks = soft.blocks(block_rows) if soft is not None else iter(lambda: (None, None), 0)
-        sums: dict[str, float] = {}
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
+        sums: dict[str, float] = dict(partial["sums"]) if skip else {}
+        bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
                    dynamic_ncols=True, leave=False)
         t_epoch = time.perf_counter()
-        for step, (b, (x_img, x_txt), (t_ii, t_tt)) in enumerate(zip(batches, inputs, blocks)):
+        for step, (b, (x_img, x_txt), (t_ii, t_tt)) in enumerate(zip(batches, inputs, blocks), start=skip):
             t0 = time.perf_counter()
             image_ids = torch.as_tensor(pairs.image_rows[b], device=device)
             with _autocast(device):
@@ -304,15 +326,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             loss_fn.clamp_()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if ctx.is_main and (step % cfg.log_every == 0 or step == len(batches) - 1):
+            if ctx.is_main and (step % cfg.log_every == 0 or step == n_batches - 1):
                 record = {"kind": "step", "epoch": epoch, "step": epoch * steps_per_epoch + step,
                           **{k: float(v.detach()) for k, v in terms.items()}, **loss_fn.temperatures(),
                           "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
                 _append_jsonl(metrics_path, record)
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
+            done = epoch * steps_per_epoch + step + 1
+            if cfg.save_every_steps and done % cfg.save_every_steps == 0 and step + 1 < n_batches:
+                # mid-epoch: the epoch-end checkpoint follows anyway at the last step
+                rng = _gathered_rng_state(ctx)
+                if ctx.is_main:
+                    save_checkpoint(last_path, checkpoint(epoch - 1, rng, {"epoch": epoch, "steps": step + 1,
+                                                                           "sums": dict(sums)}))
         bar.close()
-        epoch_record = {"kind": "epoch", "epoch": epoch, **{k: v / max(len(batches), 1) for k, v in sums.items()},
+        epoch_record = {"kind": "epoch", "epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
                         **loss_fn.temperatures(), "lr": scheduler.get_last_lr()[0],
                         "epoch_time": time.perf_counter() - t_epoch}
         if val_manifest is not None and ctx.is_main:
@@ -323,18 +352,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                 best = {"epoch": epoch, "rsum": val["rsum"], "metrics": val}
         elif val_manifest is None:
             best = {"epoch": epoch, "rsum": None, "metrics": None}  # no validation: the last epoch is kept
-        rng = _rng_state()
-        if ctx.enabled:  # each rank's RNG (dropout, augmentation) continues where it was on resume
-            every_rng: list = [None] * ctx.world_size
-            dist.all_gather_object(every_rng, rng)
-            rng = every_rng
+        rng = _gathered_rng_state(ctx)
         if ctx.is_main:
             _append_jsonl(metrics_path, epoch_record)
             history.append(epoch_record)
-            payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(),
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                       "best": best, "rng": rng, "config": cfg.to_dict(), "student_spec": cfg.student,
-                       "dims": _student_dims(student)}
+            payload = checkpoint(epoch, rng)
             # best.pt first: a kill between the two writes leaves last.pt at the previous epoch, which a resume
             # redoes, so best.pt never lags behind the "best" that last.pt records
             if best["epoch"] == epoch:
@@ -360,6 +382,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _gathered_rng_state(ctx: DistContext):
+    """This rank's random state, or under DDP every rank's (a collective: every rank calls it at the same step), so
+    that each rank's dropout and augmentation continue where they were on resume."""
+    rng = _rng_state()
+    if ctx.enabled:
+        every_rng: list = [None] * ctx.world_size
+        dist.all_gather_object(every_rng, rng)
+        rng = every_rng
+    return rng
 
 
 def _student_dims(student) -> dict:
@@ -414,15 +447,18 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_jsonl(path: Path, first_epoch: int) -> None:
-    """Keep only the records of epochs before ``first_epoch`` (0: none), rewritten atomically."""
+def _truncate_jsonl(path: Path, first_epoch: int, resume_step: int | None = None) -> None:
+    """Keep only the records of epochs before ``first_epoch`` (0: none) and, when a mid-epoch checkpoint resumes
+    ``first_epoch`` at run-wide step ``resume_step``, that epoch's step records before it; rewritten atomically."""
     kept = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-        if record.get("epoch", first_epoch) < first_epoch:
+        epoch = record.get("epoch", first_epoch)
+        if epoch < first_epoch or (resume_step is not None and epoch == first_epoch
+                                   and record.get("kind") == "step" and record.get("step", resume_step) < resume_step):
             kept.append(line + "\n")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
