@@ -30,7 +30,11 @@ def test_every_pair_comes_once_an_epoch_and_a_batch_reads_at_most_two_windows(wi
     for pos, u in enumerate(sequence_units):
         first_seen.setdefault(int(u), pos)
     order = sorted(first_seen, key=first_seen.get)
-    windows = {u: i // window for i, u in enumerate(order)}
+    n_units = len(order)
+    sizes = [len(w) for w in np.array_split(np.arange(n_units), -(-n_units // window))]  # balanced, ≤ window
+    assert max(sizes) <= window
+    window_index = np.repeat(np.arange(len(sizes)), sizes)
+    windows = {u: int(window_index[i]) for i, u in enumerate(order)}
     window_of_position = np.array([windows[int(u)] for u in sequence_units])
     assert np.all(np.diff(window_of_position) >= 0)  # a window's pairs all come before the next window's
     # so a batch reads the chunks of the window it is in and, across a border, the next: two windows at most
@@ -109,3 +113,39 @@ def test_a_split_uses_only_its_own_chunks_renumbered_in_store_order(demo_cache):
     units = row_units(images[keep], keep, store, store)
     assert units.n_units == store.n_chunks("images") - 1
     assert np.array_equal(units.unit_of_pair, images[keep] // store.chunk_rows - 1)
+
+
+def test_captions_of_one_image_are_dealt_into_rounds_within_a_window():
+    # 40 units of 5 images × 5 captions; windows of 2 units hold 10 images, batches of 8
+    units = np.repeat(np.arange(40), 25)
+    images = np.arange(len(units)) // 5
+    batches = chunk_local_batches(units, 8, seed=0, epoch=0, window=2, image_of_pair=images)
+    sequence = np.concatenate(batches)
+    assert len(sequence) == len(np.unique(sequence)) == len(units)
+    for lo in range(0, len(sequence), 50):  # a window: 2 units × 25 pairs, in the order the epoch takes them
+        window = sequence[lo:lo + 50]
+        assert len(np.unique(units[window])) == 2
+        seen: dict[int, int] = {}
+        rounds = []
+        for pair in window:
+            seen[images[pair]] = seen.get(images[pair], -1) + 1
+            rounds.append(seen[images[pair]])
+        assert rounds == sorted(rounds)  # every image's first caption, then every second one, ...
+        assert all(rounds.count(k) == 10 for k in range(5))
+    # an image's captions then rarely meet in a batch; without the rounds they often do
+    plain = chunk_local_batches(units, 8, seed=0, epoch=0, window=2)
+
+    def repeats(bs):
+        return np.mean([len(b) - len(np.unique(images[b])) for b in bs])
+
+    assert repeats(batches) < 0.5 * repeats(plain)
+    # which caption of an image comes in which round is random, and differs by epoch
+    again = chunk_local_batches(units, 8, seed=0, epoch=1, window=2, image_of_pair=images)
+    assert not np.array_equal(np.concatenate(again), sequence)
+
+
+def test_windows_are_balanced_so_none_is_left_with_a_single_unit():
+    units = np.repeat(np.arange(4), 30)
+    sequence = np.concatenate(chunk_local_batches(units, 10, seed=0, epoch=0, window=3))
+    first_half, second_half = set(units[sequence[:60]]), set(units[sequence[60:]])
+    assert len(first_half) == len(second_half) == 2 and not first_half & second_half

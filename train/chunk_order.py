@@ -8,8 +8,10 @@ at a time, as webdataset does with shards and a shuffle buffer:
    modality has fewer chunks among the pairs (images, in the usual five-captions-an-image layout). A unit's
    pairs then also cover a contiguous run of the other modality's chunks, because a manifest keeps each
    image's captions together;
-2. the epoch shuffles the order of the units, takes them W at a time, and shuffles the pairs of those W units
-   together;
+2. the epoch shuffles the order of the units, splits them into windows of (at most) W, and shuffles the pairs of
+   each window together, dealing the captions of one image into successive rounds (an image's captions would
+   otherwise meet in one batch far more often than in a shuffle of the whole dataset when a window is only a few
+   batches long);
 3. the concatenated sequence is cut into global batches exactly as random batches are (``cut_into_batches``:
    under DDP each rank takes its contiguous slice of every global batch).
 
@@ -84,10 +86,16 @@ def row_units(image_rows: np.ndarray, caption_rows: np.ndarray, image_store, tex
 
 
 def chunk_local_batches(unit_of_pair: np.ndarray, batch_size: int, seed: int, epoch: int, window: int,
-                        rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+                        rank: int = 0, world_size: int = 1,
+                        image_of_pair: np.ndarray | None = None) -> list[np.ndarray]:
     """Pair indices of each batch of one epoch in the chunk-local order (see the module docstring).
 
-    ``window`` units are shuffled together; a window covering every unit gives ``epoch_batches`` exactly.
+    The units are shuffled and split into ceil(n_units / ``window``) windows of (nearly) equal size; each window's
+    pairs are shuffled together. With ``image_of_pair`` (the image of each pair), a window's captions of one image
+    are dealt into successive rounds, a random one of each image's captions per round: a window only a few batches
+    long would otherwise put an image's captions into one batch far more often than the full shuffle does (on the
+    demo, with the pairs of 1 of 4 chunks in a window, this cost CUSA 22 points of rsum, and 10 with the rounds).
+    A window covering every unit gives ``epoch_batches`` exactly.
     """
     n_units = int(unit_of_pair.max()) + 1 if len(unit_of_pair) else 0
     if window < 1:
@@ -99,7 +107,22 @@ def chunk_local_batches(unit_of_pair: np.ndarray, batch_size: int, seed: int, ep
     by_unit = np.argsort(unit_of_pair, kind="stable")
     bounds = np.searchsorted(unit_of_pair[by_unit], np.arange(n_units + 1))
     parts = []
-    for lo in range(0, n_units, window):
-        members = np.concatenate([by_unit[bounds[u]:bounds[u + 1]] for u in unit_order[lo:lo + window]])
-        parts.append(members[torch.randperm(len(members), generator=g).numpy()])
+    for units in np.array_split(unit_order, -(-n_units // window)):
+        members = np.concatenate([by_unit[bounds[u]:bounds[u + 1]] for u in units])
+        members = members[torch.randperm(len(members), generator=g).numpy()]
+        if image_of_pair is not None:
+            members = _in_rounds(members, np.asarray(image_of_pair)[members])
+        parts.append(members)
     return cut_into_batches(np.concatenate(parts), batch_size, rank, world_size)
+
+
+def _in_rounds(members: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """``members`` (shuffled) reordered into rounds: round k holds the k-th pair of every image that has one, in the
+    shuffled order, so each image comes at most once a round and which of its captions comes when is random."""
+    by_image = np.argsort(images, kind="stable")
+    sorted_images = images[by_image]
+    starts = np.flatnonzero(np.r_[True, sorted_images[1:] != sorted_images[:-1]])
+    rank_sorted = np.arange(len(members)) - np.repeat(starts, np.diff(np.r_[starts, len(members)]))
+    rank = np.empty_like(rank_sorted)
+    rank[by_image] = rank_sorted
+    return members[np.argsort(rank, kind="stable")]

@@ -33,6 +33,16 @@ class TeacherRowsPlan:
     def stream(self) -> bool:
         return self.mode == "stream"
 
+    def note_short_window(self, batch_size: int, at_least: int = 20) -> None:
+        """Say so when a window holds fewer than ``at_least`` batches: a shuffle that local changes what batches
+        hold (on the demo, windows of ~4 and ~8 batches cost CUSA 10 and 4 points of test rsum)."""
+        if not self.stream or self.window >= self.units.n_units:
+            return
+        per_window = len(self.units.unit_of_pair) * self.window / self.units.n_units / batch_size
+        if per_window < at_least:
+            self.reason += (f"; a window holds only ~{per_window:.0f} batches, far from a full shuffle: raise "
+                            "soft_labels.max_memory_mib if you can")
+
     def describe(self) -> str:
         if self.mode != "stream":
             return f"soft labels: {self.mode} ({self.reason})"

@@ -177,6 +177,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     pairs = join_pairs(manifest, stores)
     soft = None
     rows_plan = plan_teacher_rows(cfg.soft_labels, cfg.losses.needs_teacher, pairs, image_store, text_store)
+    rows_plan.note_short_window(cfg.batch_size * ctx.world_size)
     if rows_plan.stream and cfg.sampler != "random":
         rows_plan.reason += f"; the {cfg.sampler} sampler's batches are not chunk-local, expect slower reads"
     if ctx.is_main:
@@ -235,7 +236,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     elif rows_plan.stream:
         def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
             return chunk_local_batches(rows_plan.units.unit_of_pair, cfg.batch_size, cfg.seed, epoch,
-                                       rows_plan.window, rank, ctx.world_size)
+                                       rows_plan.window, rank, ctx.world_size, image_of_pair=pairs.image_rows)
     else:
         def make_batches(epoch: int, rank: int) -> list[np.ndarray]:
             return epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, rank, ctx.world_size)
