@@ -13,7 +13,8 @@ runs), and then each mode runs in a fresh process so that its peak memory is its
               ``SoftLabelSource`` and its chunk cache (``--max-memory-mib``), prefetched in a thread as the
               trainer does.
 
-Each process produces ``--blocks`` teacher blocks (``--random-blocks`` for ``random``, which takes seconds a
+Each mode runs ``--repeats`` times per size (fresh processes, rotated order; medians reported). Each process
+produces ``--blocks`` teacher blocks (``--random-blocks`` for ``random``, which takes seconds a
 block) of ``--batch-size`` pairs: a block is the B×B image and the B×B caption similarity of one batch. Reported
 per mode and size: ``rows_per_s`` (batch rows per second: each brings one image and one caption teacher row),
 ``block_ms`` (wall ms per block; ``block_cpu_ms`` CPU), ``peak_rss_mib`` (VmHWM of the process, which includes
@@ -41,7 +42,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import current_rss_bytes, machine, machine_line, make_store, peak_rss_bytes, rotated  # noqa: E402
+from _common import (current_rss_bytes, machine, machine_line, make_store, median, peak_rss_bytes,  # noqa: E402
+                     rotated)
 
 from teacher_cache.soft_labels import SoftLabelSource, dense_bytes, read_ahead_bytes  # noqa: E402
 from teacher_cache.store import Store  # noqa: E402
@@ -108,6 +110,19 @@ def child(store_path: str, mode: str, blocks: int, batch_size: int, budget_mib: 
     return result
 
 
+def summarise_runs(runs: list[dict]) -> dict:
+    """One mode at one size over the repetitions: medians of the rates and times, the most memory any run took;
+    every repetition is kept under "repeats"."""
+    out = dict(runs[0])
+    for key in ("rows_per_s", "block_ms", "block_cpu_ms", "setup_s"):
+        out[key] = median([r[key] for r in runs])
+    for key in ("peak_rss_mib", "teacher_rows_mib", "baseline_rss_mib", "after_setup_rss_mib"):
+        out[key] = max(r[key] for r in runs)
+    out["repeats"] = [{k: r[k] for k in ("rows_per_s", "block_ms", "block_cpu_ms", "peak_rss_mib",
+                                         "teacher_rows_mib")} for r in runs]
+    return out
+
+
 def run_child(store: Path, mode: str, args: argparse.Namespace) -> dict:
     blocks = args.random_blocks if mode == "random" else args.blocks
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(store), "--_mode", mode,
@@ -137,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-memory-mib", type=int, default=64,
                    help="stream: the chunk cache's budget (soft_labels.max_memory_mib), which sets the window")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of dense,random,stream")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="fresh processes per mode and size, in rotated order; medians are reported (3)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--workdir", default=None, help="where the stores go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the stores (and reuse them when present)")
@@ -182,15 +199,19 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\nstore: {n} captions x {args.text_dim} + {n_images} images x {args.image_dim}, float16, chunks of "
                   f"{args.chunk_rows} rows, {stores[n]['bytes_on_disk'] / MIB:.0f} MiB on disk "
                   f"({stores[n]['made_s']:.0f} s to write); batch {args.batch_size}", flush=True)
-            for mode in rotated(modes, sizes.index(n)):
-                r = run_child(path, mode, args)
-                results.append(r)
-                extra = f", window {r['window_chunks']} chunks, decodes per chunk {r['decodes_per_chunk_read']}" \
-                    if mode == "stream" else ""
-                print(f"  {mode:6s} {r['rows_per_s']:10,.0f} rows/s  {r['block_ms']:8.2f} ms/block (CPU "
-                      f"{r['block_cpu_ms']:.2f})  peak RSS {r['peak_rss_mib']:6.0f} MiB (baseline "
-                      f"{r['baseline_rss_mib']:.0f})  teacher rows {r['teacher_rows_mib']:7.1f} MiB  set-up "
-                      f"{r['setup_s']:.1f} s  [{r['blocks']} blocks{extra}]", flush=True)
+            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            for rep in range(args.repeats):
+                for mode in rotated(modes, rep + sizes.index(n)):
+                    r = run_child(path, mode, args)
+                    runs[mode].append(r)
+                    extra = f", window {r['window_chunks']} chunks, decodes per chunk {r['decodes_per_chunk_read']}" \
+                        if mode == "stream" else ""
+                    print(f"  {mode:6s} {r['rows_per_s']:10,.0f} rows/s  {r['block_ms']:8.2f} ms/block (CPU "
+                          f"{r['block_cpu_ms']:.2f})  peak RSS {r['peak_rss_mib']:6.0f} MiB (baseline "
+                          f"{r['baseline_rss_mib']:.0f})  teacher rows {r['teacher_rows_mib']:7.1f} MiB  set-up "
+                          f"{r['setup_s']:.1f} s  [{r['blocks']} blocks{extra}]", flush=True)
+            for mode in modes:
+                results.append(summarise_runs(runs[mode]))
             if not args.keep:
                 shutil.rmtree(path, ignore_errors=True)
     finally:
@@ -207,6 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
         if "random" in by and "stream" in by:
             ratios.setdefault(str(n), {})["random_block_ratio_vs_stream"] = \
                 by["random"]["block_ms"] / by["stream"]["block_ms"]
+    print("\nmedians:", flush=True)
+    for r in results:
+        print(f"  {r['rows']:>9,} rows  {r['mode']:6s} {r['rows_per_s']:10,.0f} rows/s  {r['block_ms']:7.2f} ms/block "
+              f"(CPU {r['block_cpu_ms']:.2f})  peak RSS {r['peak_rss_mib']:6.0f} MiB  teacher rows "
+              f"{r['teacher_rows_mib']:7.1f} MiB", flush=True)
     streamed = [r for r in results if r["mode"] == "stream"]
     if len(streamed) > 1:
         ratios["stream_memory_largest_over_smallest"] = streamed[-1]["teacher_rows_mib"] / streamed[0]["teacher_rows_mib"]

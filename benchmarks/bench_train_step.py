@@ -24,8 +24,9 @@ Students: open_clip ViT-B-32 (random init, full fine-tuning, as in the paper) an
 FeatureStudent on 1280-d image / 384-d text features.
 
 Then the memory of the read path: peak RSS of a fresh process per soft-label mode (dense in memory vs
-streamed from the store) on a COCO-sized synthetic store (600K captions x 384, 120K images x 1280),
-producing 50 blocks of random rows.
+streamed from the store through a 64 MiB chunk cache) on a COCO-sized synthetic store (600K captions x 384, 120K
+images x 1280), producing 50 blocks of random rows: what streaming costs without a chunk-local order
+(benchmarks/bench_stream.py measures streaming with one).
 
     python benchmarks/bench_train_step.py                              # open_clip at batch 32, frozen at 128, memory
     python benchmarks/bench_train_step.py --clip-batch-size 128 --both-live --skip-memory   # the paper's batch
@@ -206,13 +207,14 @@ def summarise(times: dict[str, list[tuple[float, float]]], label: str,
 
 
 # ---------------------------------------------------------------------------------------------- memory (child)
-def memory_child(store_path: str, stream: bool, blocks: int, batch: int, seed: int) -> dict:
-    """Runs in a fresh process: peak RSS of building a SoftLabelSource and producing ``blocks`` blocks."""
+def memory_child(store_path: str, stream: bool, blocks: int, batch: int, seed: int, budget_mib: int = 64) -> dict:
+    """Runs in a fresh process: peak RSS of building a SoftLabelSource and producing ``blocks`` blocks of random rows
+    (streamed: through a chunk cache of ``budget_mib``; benchmarks/bench_stream.py measures the chunk-local order)."""
     baseline = current_rss_bytes()
     store = Store.open(store_path, require_complete=True)
     n_img, n_txt = store.counts["images"], store.counts["texts"]
     t0 = time.perf_counter()
-    soft = SoftLabelSource(store, mode="dense", stream=stream)
+    soft = SoftLabelSource(store, mode="dense", stream=stream, max_memory_bytes=budget_mib << 20)
     setup_s = time.perf_counter() - t0
     after_setup = current_rss_bytes()
     rng = np.random.default_rng(seed)

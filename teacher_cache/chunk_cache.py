@@ -182,6 +182,7 @@ class _ReadAhead:
         self._stop = threading.Event()
         self._bytes_lock = threading.Lock()
         self.held_bytes = 0
+        self.peak_held_bytes = 0
         self._thread = threading.Thread(target=self._work, args=(order, readers), daemon=True)
         self._thread.start()
 
@@ -194,6 +195,7 @@ class _ReadAhead:
             if isinstance(item, np.ndarray):
                 with self._bytes_lock:
                     self.held_bytes += item.nbytes
+                    self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
             while not self._stop.is_set():
                 try:
                     self._queue.put((key, item), timeout=0.1)
@@ -224,15 +226,62 @@ class _ReadAhead:
         self._thread.join()
 
 
+class _Intervals:
+    """A plan whose chunks all fit the budget at once from their first use to their last: each stays decoded in a
+    slot of one preallocated pool per source over exactly that interval, and a batch's rows are a single gather
+    from the pool. What a chunk-local order gives, at a fraction of the per-batch cost of the general cache."""
+
+    def __init__(self, readers: dict[str, ChunkReader], starts: list[dict[str, list[int]]],
+                 ends: list[dict[str, list[int]]], slots: dict[str, int]):
+        self.readers = readers
+        self.starts, self.ends = starts, ends
+        self.pool = {name: np.empty((slots[name], r.chunk_rows, r.dim), dtype=np.float16)
+                     for name, r in readers.items()}
+        self.slot_of = {name: np.full(r.n_chunks, -1, dtype=np.int64) for name, r in readers.items()}
+        self.free = {name: list(range(slots[name] - 1, -1, -1)) for name in readers}
+        self.slot_bytes = {name: r.chunk_rows * r.dim * 2 for name, r in readers.items()}
+        self.used = {name: 0 for name in readers}
+
+    @property
+    def bytes(self) -> int:
+        return sum(pool.nbytes for pool in self.pool.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.used[name] * self.slot_bytes[name] for name in self.used)
+
+    def rows(self, name: str, t: int, index: np.ndarray, read: Callable[[str, int], np.ndarray]) -> np.ndarray:
+        reader, pool, slot_of = self.readers[name], self.pool[name], self.slot_of[name]
+        for c in self.starts[t].get(name, ()):
+            rows = read(name, c)
+            slot = self.free[name].pop()
+            pool[slot, :len(rows)] = rows
+            slot_of[c] = slot
+            self.used[name] += 1
+        chunks = index // reader.chunk_rows
+        slots = slot_of[chunks]
+        if len(slots) and slots.min() < 0:
+            c = int(chunks[np.argmin(slots)])
+            raise RuntimeError(f"{name} chunk {c} read at batch {t} outside the announced plan")
+        out = pool[slots, index - chunks * reader.chunk_rows]
+        for c in self.ends[t].get(name, ()):
+            self.free[name].append(int(slot_of[c]))
+            slot_of[c] = -1
+            self.used[name] -= 1
+        return out
+
+
 class StreamedRows:
-    """Rows of several store modalities through one shared ``ChunkCache``.
+    """Rows of several store modalities through decoded chunks held within one byte budget.
 
     ``rows(name, index)`` gathers float16 rows by store row. ``plan(batches)`` announces the row indices of the
     batches to come (a list of ``{name: rows}``); ``rows`` must then be called for them in that order, once per
-    batch and source. Each chunk is then kept exactly as long as a later batch needs it, and a reader thread
-    decodes each chunk for its first use up to ``read_ahead`` chunks early, so that decoding overlaps the blocks'
-    arithmetic. ``max_bytes`` bounds the decoded chunks held, those decoded ahead included (plus, at most, one
-    chunk read again while in use). Thread-safe.
+    batch and source, and a reader thread decodes each chunk for its first use up to ``read_ahead`` chunks early,
+    so that decoding overlaps the blocks' arithmetic. When every chunk fits the budget from its first use to its
+    last (a chunk-local order with the window the budget allows), chunks live in preallocated slots for exactly
+    that long; otherwise a ``ChunkCache`` keeps the ones needed soonest (and reads the others again). Without a plan
+    the cache keeps the most recently used. ``max_bytes`` bounds the decoded chunks held, those decoded ahead
+    included (plus, at most, one chunk read again while in use). Thread-safe.
     """
 
     def __init__(self, readers: dict[str, ChunkReader], max_bytes: int, read_ahead: int = READ_AHEAD_CHUNKS):
@@ -242,6 +291,7 @@ class StreamedRows:
         self.cache = ChunkCache(max(0, int(max_bytes) - read_ahead * largest))
         self._lock = threading.Lock()
         self._uses: dict[tuple[str, int], deque] | None = None  # planned batch positions of every chunk
+        self._intervals: _Intervals | None = None
         self._position: dict[str, int] = {}
         self._clock = 0
         self._ahead: _ReadAhead | None = None
@@ -259,20 +309,51 @@ class StreamedRows:
                         uses[key] = deque()
                         first_use_order.append(key)
                     uses[key].append(t)
+        intervals = self._intervals_if_they_fit(uses, len(batches))
         with self._lock:
-            self._uses = uses
+            self._uses = None if intervals is not None else uses
+            self._intervals = intervals
             self._position = {name: 0 for name in self.readers}
             self._taken = set()
             if self.read_ahead > 0 and first_use_order:
                 self._ahead = _ReadAhead(first_use_order, self.readers, self.read_ahead)
+            if intervals is not None:
+                self.cache.stats.peak_bytes = max(self.cache.stats.peak_bytes, intervals.bytes)
+
+    def _intervals_if_they_fit(self, uses: dict[tuple[str, int], deque], n_batches: int) -> _Intervals | None:
+        """The interval schedule of ``uses`` when its pools fit the cache's budget, else None."""
+        starts: list[dict[str, list[int]]] = [{} for _ in range(n_batches)]
+        ends: list[dict[str, list[int]]] = [{} for _ in range(n_batches)]
+        for (name, c), times in uses.items():
+            starts[times[0]].setdefault(name, []).append(c)
+            ends[times[-1]].setdefault(name, []).append(c)
+        slots = {}
+        for name in self.readers:
+            live = peak = 0
+            for t in range(n_batches):
+                live += len(starts[t].get(name, ()))
+                peak = max(peak, live)
+                live -= len(ends[t].get(name, ()))
+            slots[name] = peak
+        need = sum(slots[name] * r.chunk_rows * r.dim * 2 for name, r in self.readers.items())
+        if need > self.cache.max_bytes:
+            return None
+        for step in starts:
+            for chunks in step.values():
+                chunks.sort()  # the read-ahead thread delivers a batch's chunks in ascending order
+        return _Intervals(self.readers, starts, ends, slots)
 
     def end_plan(self) -> None:
         """Back to least-recently-used caching, dropping what a plan kept and stopping its reader thread."""
         with self._lock:
             if self._ahead is not None:
                 self._ahead.close()
+                self.cache.stats.peak_bytes = max(
+                    self.cache.stats.peak_bytes,
+                    (self._intervals.bytes if self._intervals is not None else 0) + self._ahead.peak_held_bytes)
                 self._ahead = None
             self._uses = None
+            self._intervals = None
             self.cache.clear()
 
     def _held_ahead(self) -> int:
@@ -285,12 +366,21 @@ class StreamedRows:
             return self._ahead.take(key)
         return self.readers[name].read(c)  # read again: the cache had to let it go
 
+    def _decoded(self, name: str, c: int) -> np.ndarray:
+        self.cache.stats.decoded[name] = self.cache.stats.decoded.get(name, 0) + 1
+        return self._read(name, c)
+
     def rows(self, name: str, index: np.ndarray) -> np.ndarray:
         reader = self.readers[name]
         index = np.asarray(index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= reader.rows):
             bad = index[(index < 0) | (index >= reader.rows)][0]
             raise IndexError(f"{reader.store.path}: {reader.modality} row {bad} out of range (0..{reader.rows - 1})")
+        if self._intervals is not None:
+            with self._lock:
+                t = self._position[name]
+                self._position[name] = t + 1
+                return self._intervals.rows(name, t, index, self._decoded)
         chunks = index // reader.chunk_rows
         # one pass over the batch's chunks in order, then one gather: rows sorted by chunk are contiguous runs
         by_chunk = np.argsort(chunks, kind="stable")
@@ -333,6 +423,8 @@ class StreamedRows:
 
     @property
     def resident_bytes(self) -> int:
+        if self._intervals is not None:
+            return self._intervals.resident_bytes
         return self.cache.stats.resident_bytes
 
     @property
