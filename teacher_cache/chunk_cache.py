@@ -422,6 +422,12 @@ class StreamedRows:
         return out
 
     @property
+    def schedule(self) -> str:
+        """How the current plan holds chunks: "slots" (each from its first use to its last), "cache" (the ones
+        needed soonest), or "unplanned" (the most recently used)."""
+        return "slots" if self._intervals is not None else "cache" if self._uses is not None else "unplanned"
+
+    @property
     def resident_bytes(self) -> int:
         if self._intervals is not None:
             return self._intervals.resident_bytes

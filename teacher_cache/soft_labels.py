@@ -61,6 +61,7 @@ class SoftLabelSource:
         self.k = k
         self._mods = {"images": _Modality(image_store, "images"), "texts": _Modality(text_store, "texts")}
         self._streamed: StreamedRows | None = None
+        self.schedules: list[str] = []  # streamed: how each planned sequence held its chunks (StreamedRows.schedule)
         if mode == "dense" and stream:
             budget = DEFAULT_STREAM_BYTES if max_memory_bytes is None else int(max_memory_bytes)
             self._streamed = StreamedRows({m.name: ChunkReader(m.store, m.name) for m in self._mods.values()},
@@ -126,6 +127,7 @@ class SoftLabelSource:
         if self._streamed is not None and self.mode == "dense":
             batches = [(_as_numpy(i), _as_numpy(c)) for i, c in batches]
             self._streamed.plan([{"images": i, "texts": c} for i, c in batches])
+            self.schedules.append(self._streamed.schedule)
 
         def work():
             try:
@@ -169,7 +171,8 @@ class SoftLabelSource:
         if self._streamed is None:
             return None
         return {**self._streamed.cache.stats.to_dict(),
-                "chunks": {m: self._streamed.readers[m].n_chunks for m in MODALITIES}}
+                "chunks": {m: self._streamed.readers[m].n_chunks for m in MODALITIES},
+                "schedules": {s: self.schedules.count(s) for s in sorted(set(self.schedules))}}
 
 
 def dense_bytes(image_store: Store, text_store: Store | None = None) -> int:

@@ -52,7 +52,7 @@ def test_auto_streams_rows_over_the_budget_decoding_each_chunk_once_an_epoch(dem
     plan = summary["soft_labels_plan"]
     assert plan["order"] == "chunk-local" and plan["unit_modality"] == "images" and plan["window"] == 1
     assert plan["decodes_per_chunk_per_epoch"] == {"images": 1.0, "texts": 1.0}
-    assert "soft labels: stream (auto: 0.3 MiB of teacher rows exceed soft_labels.max_memory_mib=0.21)" in log
+    assert "soft labels: stream (auto: 0.3 MiB of teacher rows exceed soft_labels.max_memory_mib=0.21; a window holds only ~2 batches" in log
     assert "the pairs of 1 of 3 image chunks shuffled together" in log
     records = read_jsonl(tmp_path / "stream" / "metrics.jsonl")
     assert all(np.isfinite(r["loss"]) and r["csa"] > 0 and r["usa"] > 0 for r in records)
