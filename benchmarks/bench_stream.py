@@ -73,7 +73,7 @@ def child(store_path: str, mode: str, blocks: int, batch_size: int, budget_mib: 
         window = units.window_for(budget_mib * MIB, read_ahead_bytes(store))
         if window < 1:
             raise SystemExit(f"--max-memory-mib {budget_mib} cannot hold one window of chunks")
-        order = chunk_local_batches(units.unit_of_pair, batch_size, seed, 0, window)[:blocks]
+        order = chunk_local_batches(units.unit_of_pair, batch_size, seed, 0, window, image_of_pair=image_rows)[:blocks]
         source = SoftLabelSource(store, stream=True, max_memory_bytes=budget_mib * MIB)
     else:
         order = epoch_batches(len(caption_rows), batch_size, seed, 0)[:blocks]
@@ -101,7 +101,7 @@ def child(store_path: str, mode: str, blocks: int, batch_size: int, budget_mib: 
               "checksum": checksum}
     if mode == "stream":
         stats = source.chunk_stats()
-        result.update(window_chunks=window, max_memory_mib=budget_mib, units=units.n_units,
+        result.update(window_chunks=window, max_memory_mib=budget_mib, units=units.n_units, schedule=stats["schedules"],
                       chunks_decoded=stats["decoded"], chunks_in_store=stats["chunks"],
                       # the blocks cover part of an epoch: decodes per chunk of the windows they reached
                       decodes_per_chunk_read={m: stats["decoded"][m] / max(1, len(np.unique(
