@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,6 +48,16 @@ def machine_line(info: dict) -> str:
             f"{info['torch_threads']} threads (OMP_WAIT_POLICY {info['omp_wait_policy']}); load average at start {info['load_avg_at_start'][0]} "
             "(other processes share the cores: compare ratios measured side by side, not absolute times "
             "across runs)")
+
+
+def work_folder(workdir: str | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """``workdir`` (created), or a temporary folder to clean up afterwards (returned second)."""
+    if workdir:
+        path = Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path, None
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return Path(tmp.name), tmp
 
 
 def median(values: list[float]) -> float:

@@ -34,7 +34,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (current_rss_bytes, machine, machine_line, make_store, median, peak_rss_bytes,  # noqa: E402
-                     rotated)
+                     rotated, work_folder)
 
 from teacher_cache.soft_labels import SoftLabelSource, dense_bytes, read_ahead_bytes  # noqa: E402
 from teacher_cache.store import Store  # noqa: E402
@@ -175,13 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.rows or [1_000_000, 4_000_000]
     info = machine()
     print(machine_line(info), flush=True)
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="cusa-bench-stream-")
-        workdir = Path(tmp.name)
+    workdir, tmp = work_folder(args.workdir, "cusa-bench-stream-")
     results: list[dict] = []
     stores: dict[int, dict] = {}
     try:

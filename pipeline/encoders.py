@@ -635,14 +635,21 @@ def _precomputed_options(spec: str, body: str) -> tuple[str, dict[str, bool]]:
     return body, options
 
 
+def precomputed_paths(body: str) -> tuple[Path, Path | None]:
+    """"FILE[:SIDE_FILE]" of a ``precomputed:`` spec: the array and the ids or keys file named after it, if any (a
+    path that exists as a whole is one path, colons and all)."""
+    path = Path(body).expanduser()
+    if not path.exists() and ":" in body:
+        head, tail = body.rsplit(":", 1)
+        return Path(head).expanduser(), Path(tail).expanduser()
+    return path, None
+
+
 def _build_precomputed(spec: str, body: str) -> PrecomputedEncoder:
     from pipeline.feature_files import PICKLE_REFUSE, PICKLE_TRUST, FeatureFileError, read_feature_file
 
     body, options = _precomputed_options(spec, body)
-    features_path, ids_path = Path(body).expanduser(), None
-    if not features_path.exists() and ":" in body:
-        head, tail = body.rsplit(":", 1)
-        features_path, ids_path = Path(head).expanduser(), Path(tail).expanduser()
+    features_path, ids_path = precomputed_paths(body)
     if not features_path.is_file():
         raise EncoderError(f"{features_path}: precomputed features file not found (spec {spec!r})")
     # The CUSA authors ship {image_id: vector} dicts pickled with np.save; unpickling runs whatever a file names,

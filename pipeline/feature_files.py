@@ -104,7 +104,7 @@ def read_plain_matrix(path: Path, what: str = "features") -> np.ndarray:
 
 def _read_npy_array(path: Path, ids_path: Path | None) -> FeatureTable:
     features = read_plain_matrix(path)
-    ids_path = ids_path or _sibling_ids_file(path)
+    ids_path = ids_path or sibling_file(path)
     if ids_path is None or not Path(ids_path).is_file():
         raise FeatureFileError(
             f"{path}: a [N, D] array needs its image ids, one per line, in {path.with_suffix('.ids.txt')} or "
@@ -138,7 +138,7 @@ def _read_npz(path: Path, ids_path: Path | None) -> FeatureTable:
             raise FeatureFileError(f"{path}: holds its own '{NPZ_IDS}' array; drop the ids file {ids_path}")
         ids = _ids_from_array(path, stored_ids)
     else:
-        ids_path = ids_path or _sibling_ids_file(path)
+        ids_path = ids_path or sibling_file(path)
         if ids_path is None or not Path(ids_path).is_file():
             raise FeatureFileError(f"{path}: no '{NPZ_IDS}' array and no ids file ({path.with_suffix('.ids.txt')}); "
                                    f"save the image ids in the .npz as '{NPZ_IDS}' [N]")
@@ -165,8 +165,10 @@ def _ids_from_array(path: Path, ids: np.ndarray) -> list[str]:
     return [str(v) for v in ids.tolist()]
 
 
-def _sibling_ids_file(path: Path) -> Path | None:
-    for suffix in (".ids.txt", ".ids.json"):
+def sibling_file(path: Path, suffixes: tuple[str, ...] = (".ids.txt", ".ids.json")) -> Path | None:
+    """The first file beside ``path`` named with one of ``suffixes`` in place of its own (``X.ids.txt`` for
+    ``X.npy``) or after it (``X.npy.ids.txt``): the ids of image features, the keys of caption embeddings."""
+    for suffix in suffixes:
         for candidate in (path.with_suffix(suffix), Path(str(path) + suffix)):
             if candidate.is_file():
                 return candidate

@@ -23,10 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.encoders import _EncoderBase, file_sha256
+from pipeline.encoders import _EncoderBase, file_sha256, precomputed_paths
 from pipeline.errors import EncoderError
 from pipeline.errors import one_line as _one_line
-from pipeline.feature_files import FeatureFileError, read_plain_matrix
+from pipeline.feature_files import FeatureFileError, read_plain_matrix, sibling_file
 
 KEYS_SUFFIXES = (".keys.txt", ".keys.json")
 
@@ -125,22 +125,12 @@ class PrecomputedTextEncoder(_EncoderBase):
 
 def build_precomputed_text(spec: str, body: str) -> PrecomputedTextEncoder:
     """The encoder ``precomputed:FEATURES.npy[:KEYS]`` names for captions (see the module docstring)."""
-    features_path, keys_path = Path(body).expanduser(), None
-    if not features_path.exists() and ":" in body:
-        head, tail = body.rsplit(":", 1)
-        features_path, keys_path = Path(head).expanduser(), Path(tail).expanduser()
-        if not keys_path.is_file():
-            raise EncoderError(f"{keys_path}: caption keys file not found (spec {spec!r})")
+    features_path, keys_path = precomputed_paths(body)
+    if keys_path is not None and not keys_path.is_file():
+        raise EncoderError(f"{keys_path}: caption keys file not found (spec {spec!r})")
     if not features_path.is_file():
         raise EncoderError(f"{features_path}: precomputed caption embeddings not found (spec {spec!r})")
-    if keys_path is None:
-        for suffix in KEYS_SUFFIXES:
-            for candidate in (features_path.with_suffix(suffix), Path(str(features_path) + suffix)):
-                if candidate.is_file():
-                    keys_path = candidate
-                    break
-            if keys_path is not None:
-                break
+    keys_path = keys_path or sibling_file(features_path, KEYS_SUFFIXES)
     features = load_plain_array(features_path, "caption embeddings")
     keys = _read_keys(keys_path) if keys_path is not None else None
     hashed = [features_path] + ([keys_path] if keys_path is not None else [])

@@ -15,11 +15,11 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from helpers_train import invoke_json, one_torch_thread, train_args
+from helpers_train import invoke_json, one_torch_thread
 from pipeline.build import BuildConfig, build_store, teacher_captions
 from pipeline.cli import main as cache_main
 from pipeline.encoders import build_encoder
-from pipeline.errors import CusaError, EncoderError
+from pipeline.errors import EncoderError
 from pipeline.manifest import read_manifest
 from teacher_cache.store import Store
 from teacher_cache.verify import verify_store
