@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.errors import ImageError
 from pipeline.images import load_image
 from pipeline.manifest import Manifest, read_manifest
 from teacher_cache.errors import StoreMismatch
@@ -18,6 +19,47 @@ from teacher_cache.store import Store
 def load_split(path: str, split: str, fmt: str = "auto", image_root: str | None = None) -> Manifest:
     """The rows of one split of an annotation file (a file without split labels is one split)."""
     return read_manifest(path, format=fmt, image_root=image_root).select_split(split)
+
+
+def load_split_rows(path: str, split: str, fmt: str = "auto", image_root: str | None = None
+                    ) -> tuple[Manifest, np.ndarray]:
+    """One split of an annotation file and, for each of its images, the image's row in the whole file."""
+    manifest = read_manifest(path, format=fmt, image_root=image_root)
+    return manifest.select_split(split), manifest.image_rows_of_split(split)
+
+
+@dataclass(frozen=True)
+class RowNames:
+    """How a message names an image of a split: by its row in a store or in the annotation file (not its row within
+    the split, which the user cannot look up)."""
+
+    rows: np.ndarray  # split image row -> row in ``where``
+    where: str  # "store caches/coco" or "data/coco/dataset_coco.json"
+
+    def __call__(self, row: int) -> str:
+        kind = "store row" if self.where.startswith("store ") else "image row"
+        return f"{kind} {int(self.rows[row])} of {self.where.removeprefix('store ')}"
+
+
+class BadImage(NamedTuple):
+    """An image that could not be read, returned by a dataset in place of raising: an exception raised inside a
+    DataLoader worker reaches the main process as "Caught ImageError in DataLoader worker process 0" with its cause
+    buried in a traceback, so the failure travels as data and the main process raises (or skips) it."""
+
+    row: int
+    message: str
+
+
+def read_image(path, preprocess: Callable, row: int, names: RowNames | None = None):
+    """The preprocessed image, or a BadImage naming the file, its store or annotation row (without ``names``: its
+    row in the caller's list) and the reason."""
+    try:
+        return preprocess(load_image(path, row=None if names is not None else row))
+    except ImageError as exc:
+        message = str(exc)
+        if names is not None and message.startswith(f"{path}: "):
+            message = f"{path} ({names(row)}): {message[len(str(path)) + 2:]}"
+        return BadImage(int(row), message)
 
 
 @dataclass
@@ -56,6 +98,17 @@ def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:
     return TrainingPairs(manifest, captions, all_image_rows[captions], img_map, cap_map, dropped)
 
 
+def drop_images(pairs: TrainingPairs, image_rows) -> TrainingPairs:
+    """``pairs`` less the pairs of the given manifest image rows (images another store could not read)."""
+    bad = np.isin(pairs.image_rows, np.asarray(list(image_rows), dtype=np.int64))
+    if not bad.any():
+        return pairs
+    dropped = pairs.dropped + [{"caption_row": int(c), "image_row": int(i)}
+                               for c, i in zip(pairs.caption_rows[bad], pairs.image_rows[bad])]
+    return TrainingPairs(pairs.manifest, pairs.caption_rows[~bad], pairs.image_rows[~bad], pairs.store_image_rows,
+                         pairs.store_caption_rows, dropped)
+
+
 def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                   world_size: int = 1) -> list[np.ndarray]:
     """Pair indices of each batch of one epoch: a seeded permutation, identical on every rank, cut into
@@ -83,26 +136,27 @@ def cut_into_batches(sequence: np.ndarray, batch_size: int, rank: int = 0, world
 
 
 class PairImages(Dataset):
-    """(preprocessed image, caption text) for training pairs of an image-level student."""
+    """(preprocessed image or BadImage, caption text) for training pairs of an image-level student."""
 
     def __init__(self, manifest: Manifest, pairs_image_rows: np.ndarray, pairs_caption_rows: np.ndarray,
-                 preprocess: Callable):
+                 preprocess: Callable, names: RowNames | None = None):
         self.manifest = manifest
         self.image_rows = pairs_image_rows
         self.caption_rows = pairs_caption_rows
         self.preprocess = preprocess
+        self.names = names
 
     def __len__(self) -> int:
         return len(self.caption_rows)
 
     def __getitem__(self, i: int):
         row = int(self.image_rows[i])
-        img = load_image(self.manifest.image_path(row), row=row)
-        return self.preprocess(img), self.manifest.captions[int(self.caption_rows[i])].text
+        image = read_image(self.manifest.image_path(row), self.preprocess, row, self.names)
+        return image, self.manifest.captions[int(self.caption_rows[i])].text
 
 
 class ManifestImages(Dataset):
-    """Preprocessed images of a manifest, by image row (evaluation)."""
+    """Preprocessed images of a manifest, by image row."""
 
     def __init__(self, manifest: Manifest, preprocess: Callable):
         self.manifest = manifest
@@ -115,14 +169,50 @@ class ManifestImages(Dataset):
         return self.preprocess(load_image(self.manifest.image_path(row), row=row))
 
 
+class ManifestImageRows(Dataset):
+    """(row, preprocessed image or BadImage) of the given image rows of a manifest (evaluation: an unreadable image
+    reaches the main process as data, batched by ``collate_rows``)."""
+
+    def __init__(self, manifest: Manifest, preprocess: Callable, rows: np.ndarray | None = None,
+                 names: RowNames | None = None):
+        self.manifest = manifest
+        self.preprocess = preprocess
+        self.rows = np.arange(len(manifest.images)) if rows is None else np.asarray(rows)
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        return row, read_image(self.manifest.image_path(row), self.preprocess, row, self.names)
+
+
+def collate_rows(items) -> tuple[list[int], torch.Tensor | None, list[BadImage]]:
+    """ManifestImageRows items -> (rows read, their images stacked, the images that could not be read)."""
+    rows = [r for r, im in items if not isinstance(im, BadImage)]
+    bad = [im for _, im in items if isinstance(im, BadImage)]
+    images = torch.stack([im for _, im in items if not isinstance(im, BadImage)]) if rows else None
+    return rows, images, bad
+
+
 def pair_loader(pairs: TrainingPairs, batches: list[np.ndarray], preprocess: Callable, tokenizer: Callable,
-                workers: int) -> DataLoader:
-    """DataLoader yielding (images, tokens) for the given batches of pair indices, decoded in workers."""
-    dataset = PairImages(pairs.manifest, pairs.image_rows, pairs.caption_rows, preprocess)
+                workers: int, names: RowNames | None = None):
+    """(images, tokens) for the given batches of pair indices, decoded in DataLoader workers. An image that cannot
+    be read stops training with one line naming it (the store read it when it was built, so the file changed)."""
+    dataset = PairImages(pairs.manifest, pairs.image_rows, pairs.caption_rows, preprocess, names)
 
     def collate(items):
+        bad = [im for im, _ in items if isinstance(im, BadImage)]
+        if bad:
+            return bad[0]
         images = torch.stack([im for im, _ in items])
         return images, tokenizer([t for _, t in items])
 
-    return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
-                      collate_fn=collate, persistent_workers=False)
+    loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
+                        collate_fn=collate, persistent_workers=False)
+    for batch in loader:
+        if isinstance(batch, BadImage):
+            raise ImageError(f"{batch.message}; the cache read this image when it was built, so the file has "
+                             "changed since: restore it, or rebuild the cache with --on-bad-image skip --overwrite")
+        yield batch

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.images import load_image
+from pipeline.errors import ImageError
+from train.data import BadImage, read_image
 from train.students import StudentSpec, parse_student_spec
 
 EMBEDDING_CHOICES: tuple[str, ...] = ("uni", "cross")
@@ -31,8 +32,14 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(load_image(self.paths[i], row=i))
+    def __getitem__(self, i: int):
+        return read_image(self.paths[i], self.preprocess, i)
+
+
+def _stack_or_first_bad(items):
+    """A batch of images, or the first image that could not be read (raised in the main process, see BadImage)."""
+    bad = [im for im in items if isinstance(im, BadImage)]
+    return bad[0] if bad else torch.stack(items)
 
 
 def _store_precision(features: np.ndarray) -> torch.Tensor:
@@ -89,10 +96,13 @@ class StudentEmbedder:
         encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
         frozen = self.spec.kind == "frozen"
         preprocess = self._backbone("image").preprocess if frozen else self.student.preprocess_val
-        loader = DataLoader(_ImageFiles(paths, preprocess), batch_size=self.batch_size, num_workers=self.workers)
+        loader = DataLoader(_ImageFiles(paths, preprocess), batch_size=self.batch_size, num_workers=self.workers,
+                            collate_fn=_stack_or_first_bad)
         parts = []
         with self._amp():
             for batch in loader:
+                if isinstance(batch, BadImage):
+                    raise ImageError(batch.message)
                 inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
                 parts.append(encode(inputs.to(self.device)).float().cpu())
         return torch.cat(parts) if parts else torch.zeros((0, 0))
