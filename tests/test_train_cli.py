@@ -130,7 +130,7 @@ def test_open_clip_student_trains_with_csa_and_usa_while_every_teacher_is_unimpo
     summary = json.loads(proc.stdout)
     assert summary["loss_terms"] == ["contrastive", "csa", "usa"]
     assert summary["teacher_passes"] == 0 and summary["backbone_passes"] == 0
-    assert summary["steps"] == 7 and summary["best_epoch"] == 0
+    assert summary["steps"] == 7 and summary["best_epoch"] == 1
     records = read_jsonl(out / "metrics.jsonl")
     assert all(r["csa"] > 0 and r["usa"] > 0 for r in records)
     assert 0 <= records[-1]["val"]["rsum"] <= 600
@@ -161,7 +161,7 @@ def eval_result(eval_run, demo_dir) -> dict:
 def test_eval_of_a_run_folder_uses_its_best_checkpoint(eval_run, eval_result):
     out, summary = eval_run
     assert eval_result["checkpoint"] == str(out / "best.pt")
-    assert eval_result["epoch"] == summary["best_epoch"] + 1
+    assert eval_result["epoch"] == summary["best_epoch"]  # numbered from 1 in both
     assert (eval_result["split"], eval_result["images"], eval_result["captions"]) == ("test", 9, 45)
 
 
@@ -247,3 +247,33 @@ def test_image_and_text_soft_labels_can_come_from_two_stores_each_checked_agains
     assert result.exit_code == 1
     assert "fingerprint" in result.output and str(other) in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ================================================================================================ open_clip messages
+def test_an_open_clip_student_whose_weights_need_the_hub_is_one_line_naming_hf_hub_offline(demo_dir, demo_cache,
+                                                                                            tmp_path):
+    proc = run_script("cusa-train", train_args(demo_dir, demo_cache, tmp_path / "run", "--student",
+                                               "open_clip:ViT-B-32:openai", epochs=1))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "Error: open_clip:ViT-B-32:openai: open_clip's pretrained weights 'openai' are not in the local Hugging Face "
+        "cache and the hub is switched off (HF_HUB_OFFLINE=1); run once with HF_HUB_OFFLINE=0 to download them, or "
+        "name a local file (open_clip:ARCH:/path/to/weights.pt)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluating_an_open_clip_run_does_not_announce_random_weights_it_then_replaces(demo_dir, demo_cache,
+                                                                                      tmp_path):
+    (tmp_path / "tiny_clip").mkdir()
+    (tmp_path / "tiny_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    out = tmp_path / "run"
+    trained = run_script("cusa-train", train_args(demo_dir, demo_cache, out, "--student",
+                                                  f"open_clip:local-dir:{tmp_path / 'tiny_clip'}", epochs=1))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "initialized randomly" in trained.stderr  # training does start from random weights: say so there
+    proc = run_script("cusa-eval", [out, "--data", demo_dir / "test.json", "--device", "cpu", "--workers", "0",
+                                    "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialized randomly" not in proc.stderr and "no CLIP weights" not in proc.stderr
+    assert proc.stderr.strip() == ""
+    assert json.loads(proc.stdout)["skipped_images"] == 0

@@ -10,36 +10,48 @@ import click
 import torch
 
 from pipeline.cli import emit, user_errors
-from train.config import LOSS_CHOICES, PRESETS, build_config
+from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training annotations.")
-@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache (cusa-cache build).")
+@click.option("--data", default=None, type=click.Path(dir_okay=False),
+              help="Training annotations (required, except with --resume: the run's own).")
+@click.option("--cache", default=None, type=click.Path(file_okay=False),
+              help="Teacher cache (cusa-cache build; required, except with --resume: the run's own).")
 @click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
               "frozen:efficientnet-lite0+minilm-l6) or open_clip:ARCH[:CHECKPOINT].")
 @click.option("--val-data", default=None, type=click.Path(dir_okay=False),
               help="Validation annotations: the best epoch is chosen on these, never on test.")
-@click.option("--preset", default="paper", show_default=True, type=click.Choice(sorted(PRESETS)))
+@click.option("--preset", default=None, type=click.Choice(sorted(PRESETS)),
+              help="Named settings [default: paper; with --resume: the run's].")
 @click.option("--loss", default=None, type=click.Choice(LOSS_CHOICES),
               help="Terms: contrastive only, +csa, +usa, or cusa (all) [default: cusa].")
 @click.option("--epochs", default=None, type=click.IntRange(min=1))
 @click.option("--batch-size", default=None, type=click.IntRange(min=2))
-@click.option("--lr", default=None, type=float)
+@click.option("--lr", default=None, type=float,
+              help="Peak learning rate (cosine to min_lr) [default: the preset's for the student: paper fine-tunes "
+                   "open_clip at 1e-5 and trains a frozen student's new layers at 1e-3]; --set head_lr=X gives the "
+                   "new heads their own.")
 @click.option("--seed", default=None, type=int)
 @click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder [default: runs/cusa].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint, with its own settings (config.json); "
+                   "only --epochs (to extend), --device, --workers may differ.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="YAML/JSON file of settings (overrides the preset).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Any setting, e.g. --set csa.rate=0.2 --set soft_labels.mode=sparse (repeatable).")
 @click.option("--split", default=None, help="Split of --data to train on [default: train].")
 @click.option("--val-split", default=None, help="Split of --val-data [default: val].")
-@click.option("--workers", default=None, type=click.IntRange(min=0))
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="DataLoader processes decoding images [default: 2].")
+@click.option("--on-bad-image", default=None, type=click.Choice(["fail", "skip"]),
+              help="An image that cannot be read while validating or computing frozen features: stop, or leave it "
+                   "out [default: fail; images the cache skipped are always left out].")
 @click.option("--image-cache", default=None, type=click.Path(file_okay=False),
               help="Image soft labels from this store instead of --cache.")
 @click.option("--text-cache", default=None, type=click.Path(file_okay=False),
@@ -49,25 +61,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
-               config_file, overrides, split, val_split, workers, image_cache, text_cache, sampler, as_json):
+               config_file, overrides, split, val_split, workers, on_bad_image, image_cache, text_cache, sampler,
+               as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
-             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "out": out,
-             "split": split, "val_split": val_split, "workers": workers, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler}
-    cfg = build_config(preset, config_file, flags, list(overrides))
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
+             "split": split, "val_split": val_split, "workers": workers, "on_bad_image": on_bad_image,
+             "image_cache": image_cache, "text_cache": text_cache, "sampler": sampler}
+    if resume:
+        from train.resume import resume_config
+
+        cfg = resume_config(out or TrainConfig.out, preset, config_file, flags, list(overrides))
+    else:
+        for name, value in (("--data", data), ("--cache", cache)):
+            if value is None:
+                raise click.UsageError(f"Missing option '{name}' (only --resume takes it from the run folder).")
+        cfg = build_config(preset or "paper", config_file, {**flags, "out": out}, list(overrides))
     summary = train(cfg, resume=resume, show_progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     best = summary.get("best_val")
-    human = [f"run       {summary['out']}  ({summary['epochs']} epochs, {summary['steps']} steps, "
+    lrs = ", ".join(f"{name} {g['lr']:.0e}" for name, g in summary["lr_groups"].items())
+    human = [f"run        {summary['out']}  ({summary['epochs']} epochs, {summary['steps']} steps, "
              f"{summary['seconds']:.1f} s on {summary['device']})",
-             f"terms     {', '.join(summary['loss_terms'])}",
+             f"terms      {', '.join(summary['loss_terms'])}",
+             f"lr         {lrs} (cosine to min_lr)",
              f"checkpoint {summary['checkpoint']}"]
     if best:
-        human.append(f"best val  epoch {summary['best_epoch'] + 1}: rsum {best['rsum']:.1f}")
+        human.append(f"best val   epoch {summary['best_epoch']}: rsum {best['rsum']:.1f}")
+    if summary.get("val_skipped_images"):
+        human.append(f"val        {summary['val_skipped_images']} unreadable image(s) left out")
     emit(summary, as_json, "\n".join(human))
 
 
@@ -78,6 +103,9 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="An image that cannot be read: stop, or leave it and its captions out (counted as "
+                   "skipped_images). Images the run's cache skipped at build time are always left out.")
 @click.option("--image-labels", default=None, type=click.Path(dir_okay=False),
               help="CSV/TSV (image,label) or JSON list of {image, label}: image→image mAP@R and R@1.")
 @click.option("--image-embedding", default="uni", show_default=True, type=click.Choice(["uni", "cross"]),
@@ -91,8 +119,8 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
                    "captions_val2014.json (captions are named by its annotation ids).")
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
-def eval_main(run, data, split, device, batch_size, workers, image_labels, image_embedding, sts, text_embedding,
-              eccv_captions, as_json):
+def eval_main(run, data, split, device, batch_size, workers, on_bad_image, image_labels, image_embedding, sts,
+              text_embedding, eccv_captions, as_json):
     """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
@@ -103,13 +131,18 @@ def eval_main(run, data, split, device, batch_size, workers, image_labels, image
         # read the input files first: a mistake in one should not cost the whole retrieval evaluation
         image_labels, sts = read_extra_inputs(image_labels, sts, eccv_captions)
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                          progress=not as_json)
+                          progress=not as_json, on_bad_image=on_bad_image)
     from train.evaluate import format_table
 
     table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                                                 "rsum")}}
-    title = f"{result['checkpoint']} on {data} [{split}]: {result['images']} images, {result['captions']} captions"
+    title = (f"{result['checkpoint']} on {data} [{split}]: {result['images']} images, {result['captions']} captions, "
+             f"skipped_images: {result['skipped_images']}")
+    if result["skipped_images"]:
+        title += " (unreadable: left out with their captions, not counted as misses)"
     human = format_table(table, title=title)
+    for skipped in result["skipped_image_details"][:10]:
+        human += f"\nskipped   {skipped['path']}: {skipped['reason']}"
     if "coco_1k" in result:
         human += "\n" + format_table({"COCO 1K (5-fold mean)": result["coco_1k"]})
     if image_labels or sts or eccv_captions:

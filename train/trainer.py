@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,9 +26,12 @@ from pipeline.distributed import DistContext, init_distributed, resolve_device, 
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
 from train.config import TrainConfig
-from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
-from train.evaluate import retrieval_metrics
+from train.data import RowNames, TrainingPairs, drop_images, epoch_batches, join_pairs, load_split, pair_loader
+from train.evaluation_set import evaluate_retrieval, evaluation_inputs
+from train.features import default_feature_cache, run_frozen_features  # noqa: F401 (re-exported)
 from train.losses import CusaLoss
+from train.optim import describe_lr_plan, group_lrs, lr_plan, parameter_groups
+from train.resume import CONFIG_FILE, check_resumable, record_resume, resume_history, run_config
 from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
 
 CHECKPOINT_LAST = "last.pt"
@@ -41,18 +45,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_feature_cache(cache: str) -> str:
-    p = Path(cache)
-    return str(p.with_name(p.name + "-features"))
-
-
 def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = None,
-                  text_dim: int | None = None) -> torch.nn.Module:
+                  text_dim: int | None = None, weights_from_checkpoint: bool = False) -> torch.nn.Module:
+    """The student a spec names; ``weights_from_checkpoint``: its weights are loaded next, so pretrained ones are
+    not fetched first."""
     spec = parse_student_spec(cfg_student)
     if spec.kind == "frozen":
         return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
                               dropout=frozen_opts["dropout"])
-    return OpenClipStudent.from_spec(spec)
+    return OpenClipStudent.from_spec(spec, weights_from_checkpoint=weights_from_checkpoint)
 
 
 @dataclass
@@ -65,16 +66,13 @@ class StudentInputs:
 
 
 def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: str, stores: list[Store],
-                  device: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                  device: str, progress: bool, on_bad_image: str = "fail") -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Backbone features of a dataset for a frozen student (computed once, cached, then reused)."""
-    from train.features import frozen_features
-
-    spec = parse_student_spec(cfg.student)
-    fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
-                         cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
-                         image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
-                         workers=cfg.workers)
+    fs = run_frozen_features(cfg, annotations, split, fingerprint, stores, cfg.device, progress, on_bad_image)
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
+
+
+
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -175,8 +173,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     # checked on every rank (one shared folder), so no rank goes on to wait for a peer that refused
     if not resume and last_path.exists():
         raise ValueError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    # a resume keeps the run's settings: anything else the command asks for is refused before any work
+    resume_changes = check_resumable(out, run_config(out), cfg) if resume else {}
     seed_everything(cfg.seed + ctx.rank)
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
@@ -192,24 +190,25 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                                stream=cfg.soft_labels.stream, device=device)
 
     spec = parse_student_spec(cfg.student)
-    train_feats = val_feats = None
+    train_feats = None
     backbone_passes = 0
     if spec.kind == "frozen":
-        img_f, txt_f, computed = frozen_inputs(cfg, cfg.data, cfg.split, manifest.fingerprint(), [cache], device,
-                                               show)
-        backbone_passes += int(computed)
+        # images the cache skipped are skipped by the backbones too; pairs of any image they cannot read are dropped
+        fs = run_frozen_features(cfg, cfg.data, cfg.split, manifest.fingerprint(), [cache], cfg.device, show,
+                                 "skip" if pairs.dropped else cfg.on_bad_image)
+        pairs = drop_images(pairs, fs.skipped)
+        backbone_passes += int(fs.computed)
+        img_f, txt_f = torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device)
         train_feats = (img_f, txt_f)
         student = build_student(cfg.student, vars(cfg.frozen), img_f.shape[1], txt_f.shape[1])
     else:
-        student = build_student(cfg.student, vars(cfg.frozen))
-    val_manifest = None
+        student = build_student(cfg.student, vars(cfg.frozen), weights_from_checkpoint=resume and last_path.exists())
+    val = None
     if cfg.val_data:
-        val_manifest = load_split(cfg.val_data, cfg.val_split, cfg.format, cfg.image_root)
-        if spec.kind == "frozen":
-            v_img, v_txt, computed = frozen_inputs(cfg, cfg.val_data, cfg.val_split, val_manifest.fingerprint(),
-                                                   [cache], device, show)
-            backbone_passes += int(computed)
-            val_feats = (v_img, v_txt)
+        # images a store lists as skipped (and, for a frozen student, those its features lack) are left out
+        val = evaluation_inputs(cfg, cfg.val_data, cfg.val_split, [cache, image_store], device, show,
+                                cfg.on_bad_image)
+        backbone_passes += val.backbone_passes
     if not cfg.losses.usa.enabled:
         # without USA nothing reaches the uni heads; frozen, they keep DDP from waiting for their gradients
         for head in (student.uni_head_v, student.uni_head_t):
@@ -221,15 +220,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
-    decay, no_decay = [], []
-    for name, p in student.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # norms, biases: no weight decay
+    # pretrained backbone and new parameters (adapters, heads, temperatures) each at their own lr (train/optim.py)
+    optimizer = torch.optim.AdamW(parameter_groups(student, loss_fn, cfg), lr=cfg.lr)
     temps = [p for p in loss_fn.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay + temps, "weight_decay": 0.0},
-    ], lr=cfg.lr)
     if cfg.sampler == "teacher-neighbors":
         from train.samplers import neighbor_batches, pair_neighbor_table
 
@@ -244,32 +237,90 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     steps_per_epoch = len(make_batches(0, ctx.rank))
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data}: {len(pairs)} training pairs cannot fill one batch of {cfg.batch_size}")
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = steps_per_epoch * cfg.epochs  # a run extended on resume: its cosine runs on to the new end
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
+    lrs = lr_plan(optimizer, cfg)
 
-    start_epoch, best = 0, {"epoch": None, "rsum": -1.0, "metrics": None}
+    # epochs are numbered from 1 everywhere (console, metrics.jsonl, checkpoints, summary.json): "epoch" in a
+    # checkpoint is the number of epochs it has finished
+    epochs_done, best, seconds_before, pending = 0, {"epoch": None, "rsum": -1.0, "metrics": None}, 0.0, None
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
         student.load_state_dict(ckpt["student"])
         loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = ckpt["epoch"] + 1
+        epochs_done = ckpt["epoch"]
+        if cfg.epochs < epochs_done:
+            raise ValueError(f"{out}: the run has trained {epochs_done} epochs; --epochs {cfg.epochs} cannot shorten it")
         best = ckpt["best"]
+        pending = ckpt.get("pending_validation")  # the epoch trained, its validation not finished
+        seconds_before = float(ckpt.get("seconds", 0.0))
         rng = ckpt["rng"]
         if isinstance(rng, list):  # one state per rank; a run resumed on fewer or more ranks reuses rank 0's
             rng = rng[ctx.rank] if ctx.rank < len(rng) else rng[0]
         _set_rng_state(rng)
-    if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics_path = out / "metrics.jsonl"
-    if ctx.is_main and metrics_path.exists():
-        # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
-        _truncate_jsonl(metrics_path, start_epoch)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            record_resume(out, epochs_done, resume_changes)
+        else:
+            _write_json(out / CONFIG_FILE, cfg.to_dict())
+        if metrics_path.exists():
+            # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
+            _truncate_jsonl(metrics_path, epochs_done, keep_steps_of_last=pending is not None)
+    if show:
+        tqdm.write(f"lr        {describe_lr_plan(lrs)}, cosine over {cfg.epochs} epochs", file=sys.stderr)
     t_run = time.perf_counter()
-    history = []
+    val_skipped: list = []
 
-    for epoch in range(start_epoch, cfg.epochs):
+    def finish_epoch(number: int, record: dict, saved: bool = False) -> None:
+        """Validate (when there is validation data) and checkpoint the epoch ``number`` that has trained."""
+        nonlocal best, val_skipped
+        base = {"student": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": number, "config": cfg.to_dict(),
+                "student_spec": cfg.student, "dims": _student_dims(student)}
+        if val is not None and not saved:
+            # last.pt first: a failure while validating (an unreadable image, say) loses no training, and a resume
+            # redoes only the validation
+            rng = _every_rank_rng(ctx)
+            if ctx.is_main:
+                save_checkpoint(last_path, {**base, "best": best, "rng": rng, "pending_validation": record,
+                                            "seconds": seconds_before + time.perf_counter() - t_run})
+        if val is not None and ctx.is_main:
+            result = evaluate_retrieval(student, val.manifest, device, cfg.eval_batch_size, cfg.workers,
+                                        feats=val.feats, known_skipped=val.known_skipped,
+                                        on_bad_image=cfg.on_bad_image, names=val.names, coco_1k=False)
+            record["val"] = result.metrics["all"]
+            if result.skipped and len(result.skipped) != len(val_skipped) and show:
+                tqdm.write(f"validation leaves out {len(result.skipped)} unreadable image(s): "
+                           f"{result.skipped[0].path} ({result.skipped[0].reason})", file=sys.stderr)
+            val_skipped = result.skipped
+            if record["val"]["rsum"] > best["rsum"]:
+                best = {"epoch": number, "rsum": record["val"]["rsum"], "metrics": record["val"]}
+        elif val is None:
+            best = {"epoch": number, "rsum": None, "metrics": None}  # no validation: the last epoch is kept
+        rng = _every_rank_rng(ctx)  # each rank's RNG (dropout, augmentation) continues where it was on resume
+        if ctx.is_main:
+            _append_jsonl(metrics_path, record)
+            payload = {**base, "best": best, "rng": rng, "seconds": seconds_before + time.perf_counter() - t_run}
+            # best.pt first: a kill between the two writes leaves last.pt at the previous epoch (or its validation),
+            # which a resume redoes, so best.pt never lags behind the "best" that last.pt records
+            if best["epoch"] == number:
+                save_checkpoint(out / CHECKPOINT_BEST, payload)
+            save_checkpoint(last_path, payload)
+            if show:
+                msg = f"epoch {number}/{cfg.epochs}: loss {record.get('loss', float('nan')):.4f}"
+                if "val" in record:
+                    msg += f"  val rsum {record['val']['rsum']:.1f} (best {best['rsum']:.1f} @ {best['epoch']})"
+                tqdm.write(msg, file=sys.stderr)
+        ctx.barrier()
+
+    if pending is not None:
+        finish_epoch(epochs_done, pending, saved=True)
+    for epoch in range(epochs_done, cfg.epochs):
+        number = epoch + 1
         model.train()
         batches = make_batches(epoch, ctx.rank)
         if cfg.gather and ctx.enabled:
@@ -282,12 +333,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             inputs = ((train_feats[0][torch.as_tensor(pairs.image_rows[b])],
                        train_feats[1][torch.as_tensor(pairs.caption_rows[b])]) for b in batches)
         else:
+            names = RowNames(pairs.store_image_rows[str(cache.path)], f"store {cache.path}")
             inputs = ((im.to(device, non_blocking=True), tok.to(device, non_blocking=True)) for im, tok in
-                      pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers))
+                      pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers, names))
         block_rows = [_store_rows(pairs, image_store, text_store, b) for b in loss_batches]
         blocks = soft.blocks(block_rows) if soft is not None else iter(lambda: (None, None), 0)
         sums: dict[str, float] = {}
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
+        bar = tqdm(total=len(batches), desc=f"epoch {number}/{cfg.epochs}", disable=not show,
                    dynamic_ncols=True, leave=False)
         t_epoch = time.perf_counter()
         for step, (b, (x_img, x_txt), (t_ii, t_tt)) in enumerate(zip(batches, inputs, blocks)):
@@ -311,58 +363,45 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if ctx.is_main and (step % cfg.log_every == 0 or step == len(batches) - 1):
-                record = {"kind": "step", "epoch": epoch, "step": epoch * steps_per_epoch + step,
+                record = {"kind": "step", "epoch": number, "step": epoch * steps_per_epoch + step,
                           **{k: float(v.detach()) for k, v in terms.items()}, **loss_fn.temperatures(),
-                          "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
+                          "lr": scheduler.get_last_lr()[0], "lr_groups": group_lrs(optimizer),
+                          "step_time": time.perf_counter() - t0}
                 _append_jsonl(metrics_path, record)
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
         bar.close()
-        epoch_record = {"kind": "epoch", "epoch": epoch, **{k: v / max(len(batches), 1) for k, v in sums.items()},
-                        **loss_fn.temperatures(), "lr": scheduler.get_last_lr()[0],
+        epoch_record = {"kind": "epoch", "epoch": number, **{k: v / max(len(batches), 1) for k, v in sums.items()},
+                        **loss_fn.temperatures(), "lr": scheduler.get_last_lr()[0], "lr_groups": group_lrs(optimizer),
                         "epoch_time": time.perf_counter() - t_epoch}
-        if val_manifest is not None and ctx.is_main:
-            img, txt = embed_for_retrieval(student, val_manifest, device, cfg.eval_batch_size, cfg.workers, val_feats)
-            val = retrieval_metrics(img, txt, val_manifest.caption_image_rows())
-            epoch_record["val"] = val
-            if val["rsum"] > best["rsum"]:
-                best = {"epoch": epoch, "rsum": val["rsum"], "metrics": val}
-        elif val_manifest is None:
-            best = {"epoch": epoch, "rsum": None, "metrics": None}  # no validation: the last epoch is kept
-        rng = _rng_state()
-        if ctx.enabled:  # each rank's RNG (dropout, augmentation) continues where it was on resume
-            every_rng: list = [None] * ctx.world_size
-            dist.all_gather_object(every_rng, rng)
-            rng = every_rng
-        if ctx.is_main:
-            _append_jsonl(metrics_path, epoch_record)
-            history.append(epoch_record)
-            payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(),
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                       "best": best, "rng": rng, "config": cfg.to_dict(), "student_spec": cfg.student,
-                       "dims": _student_dims(student)}
-            # best.pt first: a kill between the two writes leaves last.pt at the previous epoch, which a resume
-            # redoes, so best.pt never lags behind the "best" that last.pt records
-            if best["epoch"] == epoch:
-                save_checkpoint(out / CHECKPOINT_BEST, payload)
-            save_checkpoint(last_path, payload)
-            if show:
-                msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_record.get('loss', float('nan')):.4f}"
-                if "val" in epoch_record:
-                    msg += f"  val rsum {epoch_record['val']['rsum']:.1f} (best {best['rsum']:.1f} @ {best['epoch'] + 1})"
-                tqdm.write(msg)
-        ctx.barrier()
+        finish_epoch(number, epoch_record)
 
+    history = resume_history(out) if ctx.is_main else []
     summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
                "best_val": best["metrics"], "train_pairs": len(pairs), "dropped_pairs": len(pairs.dropped),
-               "seconds": time.perf_counter() - t_run, "backbone_passes": backbone_passes,
-               "teacher_passes": 0, "loss_terms": list(cfg.losses.terms), "device": device,
-               "world_size": ctx.world_size, "checkpoint": str(out / (CHECKPOINT_BEST if
-                                                                    (out / CHECKPOINT_BEST).exists() else
-                                                                    CHECKPOINT_LAST))}
+               "seconds": seconds_before + time.perf_counter() - t_run, "backbone_passes": backbone_passes,
+               "teacher_passes": 0, "loss_terms": list(cfg.losses.terms), "lr_groups": lrs, "device": device,
+               "world_size": ctx.world_size, "resumes": len(history),
+               "checkpoint": str(out / (CHECKPOINT_BEST if (out / CHECKPOINT_BEST).exists() else CHECKPOINT_LAST))}
+    if val is not None:
+        summary["val_skipped_images"] = len(val_skipped)
     if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_json(out / "summary.json", summary)
     return summary
+
+
+def _every_rank_rng(ctx: DistContext):
+    """This process's RNG state, or under DDP every rank's (a collective: every rank calls it)."""
+    rng = _rng_state()
+    if ctx.enabled:
+        every_rng: list = [None] * ctx.world_size
+        dist.all_gather_object(every_rng, rng)
+        return every_rng
+    return rng
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _student_dims(student) -> dict:
@@ -417,15 +456,19 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_jsonl(path: Path, first_epoch: int) -> None:
-    """Keep only the records of epochs before ``first_epoch`` (0: none), rewritten atomically."""
+def _truncate_jsonl(path: Path, epochs_done: int, keep_steps_of_last: bool = False) -> None:
+    """Keep only the records of the first ``epochs_done`` epochs (0: none), rewritten atomically. With
+    ``keep_steps_of_last`` the last of them trained but was not validated: its step records stay and its epoch
+    record (written after validation) goes."""
     kept = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-        if record.get("epoch", first_epoch) < first_epoch:
+        epoch = record.get("epoch", epochs_done + 1)
+        unvalidated = keep_steps_of_last and epoch == epochs_done and record.get("kind") == "epoch"
+        if epoch <= epochs_done and not unvalidated:
             kept.append(line + "\n")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
