@@ -38,11 +38,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Settings shared by every run.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]))
+@click.option("--overwrite", is_flag=True,
+              help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "
+                   "instead of refusing.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
-                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler, as_json):
-    """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains."""
+                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
+                overwrite, as_json):
+    """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains.
+
+    A re-run into the same --out reuses only runs made with the same settings and evaluation data; others are
+    refused naming the setting, or retrained with --overwrite."""
     from train.ablate import run_grid
 
     flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
@@ -50,7 +57,7 @@ def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, v
              "text_cache": text_cache, "sampler": sampler}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
-                       eval_split=eval_split, show=not as_json)
+                       eval_split=eval_split, show=not as_json, overwrite=overwrite)
     from train.ablate import results_markdown
 
     human = results_markdown(payload) + "\n" + "plots: " + ", ".join(payload["plots"])
