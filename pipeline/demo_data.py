@@ -3,7 +3,7 @@
 Each image is a rendered scene of one to three groups of coloured shapes on a plain background; each
 group has a shape, a colour, a size, a count and a position. Five captions per image describe the scene
 in plain English with varied wording, and attributes repeat across images, so a scene's nearest
-neighbours by image features and by caption embeddings are scenes with similar content and retrieval is
+neighbors by image features and by caption embeddings are scenes with similar content and retrieval is
 not trivial. Output is byte-identical for a given seed.
 """
 

@@ -1,4 +1,4 @@
-"""The k-nearest-neighbour table of a cached modality, built with FAISS.
+"""The k-nearest-neighbor table of a cached modality, built with FAISS.
 
 Embeddings in the store are L2-normalised, so inner product is cosine similarity. The index is
 described by a FAISS ``index_factory`` string ("Flat", "IVF4096,Flat", "HNSW32", ...) and search-time
@@ -37,9 +37,9 @@ _EXACT_SEARCH_MAX_ROWS_GPU = 4_000_000
 
 @dataclass
 class NeighborTable:
-    """Top-k neighbours of every row, self excluded, sorted by descending similarity.
+    """Top-k neighbors of every row, self excluded, sorted by descending similarity.
 
-    ``ids[i, j]`` is the row index of the j-th neighbour of row i and ``sims[i, j]`` its inner product
+    ``ids[i, j]`` is the row index of the j-th neighbor of row i and ``sims[i, j]`` its inner product
     with row i. An approximate index may find fewer than k candidates for a row (too small nprobe):
     those slots hold id -1 and similarity -inf; ``missing`` counts them.
     """
@@ -53,7 +53,7 @@ class NeighborTable:
 
 
 def recommended_factory(n_rows: int, gpu: bool = False) -> str:
-    """A factory string that keeps a neighbour-table build within minutes.
+    """A factory string that keeps a neighbor-table build within minutes.
 
     Exact search for small tables; above, an inverted file with nlist the power of two at or above
     4*sqrt(N) (FAISS's guideline is 4 to 16 sqrt(N)). On 600k x 384 clustered rows "IVF4096,Flat"
@@ -213,7 +213,7 @@ def build_neighbor_table(
         raise ValueError(f"k must be at least 1, got {k}")
     if n - 1 < k:
         raise ValueError(
-            f"cannot find k={k} neighbours among N={n} rows: each row has only N-1={n - 1} others; lower k"
+            f"cannot find k={k} neighbors among N={n} rows: each row has only N-1={n - 1} others; lower k"
         )
     if query_batch < 1:
         raise ValueError(f"query_batch must be at least 1, got {query_batch}")
@@ -252,7 +252,7 @@ def build_neighbor_table(
     order = None if index is not cpu_index else _inverted_list_order(cpu_index, n)
     ids = np.empty((n, k), dtype=np.int64)
     sims = np.empty((n, k), dtype=np.float32)
-    with tqdm(total=n, desc=f"neighbours ({factory})", unit="row", disable=not progress) as bar:
+    with tqdm(total=n, desc=f"neighbors ({factory})", unit="row", disable=not progress) as bar:
         for start in range(0, n, query_batch):
             stop = min(n, start + query_batch)
             rows = np.arange(start, stop) if order is None else order[start:stop]

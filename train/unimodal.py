@@ -212,7 +212,7 @@ def map_at_r(embeddings: torch.Tensor | np.ndarray, labels: list | np.ndarray) -
     r_of = torch.bincount(codes)[codes] - 1  # other images of each image's class
     queries = torch.nonzero(r_of > 0).flatten()
     if queries.numel() == 0:
-        raise ValueError("no class has two images: mAP@R needs at least one image with a same-class neighbour")
+        raise ValueError("no class has two images: mAP@R needs at least one image with a same-class neighbor")
     k = int(r_of.max())
     ap_sum, hits = 0.0, 0
     step = max(1, _SORT_BUDGET // n)
