@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -384,6 +385,12 @@ def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encode
     for modality, embed, encoder in (("images", _embed_images, image_encoder), ("texts", _embed_texts, text_encoder)):
         pending = [c for c in range(store.n_chunks(modality)) if c not in progress.done[modality]]
         mine = split_evenly(pending, ctx.rank, ctx.world_size)
+        if show and 0 < len(pending) < ctx.world_size:
+            # ranks take whole chunks (the unit of resumption): fewer chunks than ranks leaves some idle
+            rows = store.counts[modality]
+            tqdm.write(f"{modality}: {len(pending)} chunk(s) of {store.chunk_rows} rows for {ctx.world_size} ranks, "
+                       f"{ctx.world_size - len(pending)} rank(s) idle; a new store built with --chunk-rows "
+                       f"{-(-rows // ctx.world_size)} gives every rank a share", file=sys.stderr)
         t0 = time.perf_counter()
         embed(store, manifest, encoder, mine, cfg, show, ctx.rank, faults)
         ctx.barrier()  # the modality is done when every rank has written its share

@@ -111,9 +111,9 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
              f"{human_bytes(d['size_bytes'])} on disk, {d['seconds']:.1f} s)"]
     for modality in ("images", "texts"):
         st = d[modality]
-        lines.append(f"{modality:<9} {d['counts'][modality]} rows × {d['dims'][modality]} dims; this run embedded "
-                     f"{st.get('rows', 0)} rows in {st.get('seconds', 0):.1f} s ({st.get('rows_per_s', 0):.1f} rows/s), "
-                     f"{st.get('skipped_chunks', 0)} chunks were already done")
+        done = f"; {st['skipped_chunks']} chunks were already done" if st.get("skipped_chunks") else ""
+        lines.append(f"{modality:<9} {d['counts'][modality]} × {d['dims'][modality]}: {st.get('rows', 0)} embedded "
+                     f"now in {st.get('seconds', 0):.1f} s ({st.get('rows_per_s', 0):.1f} rows/s){done}")
     for modality, info in d["neighbors"].items():
         lines.append(f"neighbors {modality}: K={info.get('k')} with {info.get('factory')}")
     notes = d.get("caption_notes") or {}
@@ -160,22 +160,22 @@ def info(store_path, as_json):
         "completed": attrs.get("completed"),
         "source": attrs.get("source"),
     }
-    lines = [f"store        {d['store']}",
-             f"status       {'complete' if d['complete'] else 'INCOMPLETE (re-run the build command to resume)'}",
-             f"images       {d['counts']['images']} × {d['dims']['images']}  "
+    lines = [f"store          {d['store']}",
+             f"status         {'complete' if d['complete'] else 'INCOMPLETE (re-run the build command to resume)'}",
+             f"images         {d['counts']['images']} × {d['dims']['images']}  "
              f"(chunks {d['chunks_done']['images']}/{d['chunks_total']['images']})",
-             f"captions     {d['counts']['texts']} × {d['dims']['texts']}  "
+             f"captions       {d['counts']['texts']} × {d['dims']['texts']}  "
              f"(chunks {d['chunks_done']['texts']}/{d['chunks_total']['texts']})",
-             "splits       " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
-             f"image teacher {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
-             f"text teacher  {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
-             f"fingerprint  {d['fingerprint']}"]
+             "splits         " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
+             f"image teacher  {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
+             f"text teacher   {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
+             f"fingerprint    {d['fingerprint']}"]
     for m, n in (d["neighbors"] or {}).items():
         if n:
-            lines.append(f"neighbors    {m}: K={n.get('k')} {n.get('factory')}")
-    lines.append(f"size         {human_bytes(d['size_bytes'])}")
+            lines.append(f"neighbors      {m}: K={n.get('k')} {n.get('factory')}")
+    lines.append(f"size           {human_bytes(d['size_bytes'])}")
     if d["skipped_images"]:
-        lines.append(f"skipped      {len(d['skipped_images'])} bad images")
+        lines.append(f"skipped        {len(d['skipped_images'])} bad images")
     emit(d, as_json, "\n".join(lines))
 
 
@@ -308,7 +308,7 @@ def verify(store_path, as_json):
 @click.option("--data", "annotations", required=True, type=click.Path(dir_okay=False),
               help="The annotations the store was built from (or one of their splits, with --split).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
-              help="Report folder [default: STORE-report next to the store].")
+              help="Report folder [default: STORE-report next to the store, STORE-report-SPLIT for one split].")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "karpathy", "caption-json", "csv"]))
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to.")
@@ -344,7 +344,12 @@ def demo_data(out, n_images, seed, splits, as_json):
         raise click.BadParameter(f"expected three numbers like 0.5,0.15,0.35, got {splits!r}",
                                  param_hint="--splits") from None
     summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions)
-    emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    counts = summary["counts"]
+    lines = [f"demo set  {summary['root']}  ({counts['images']} images, {counts['captions']} captions; "
+             + ", ".join(f"{split} {n}" for split, n in counts.items() if split not in ("images", "captions")) + ")",
+             f"images    {summary['images_dir']}"]
+    lines += [f"{split:<9} {path}" for split, path in summary["files"].items()]
+    emit(summary, as_json, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -207,9 +207,11 @@ def _pair_sims(store: Store, modality: str, pairs: tuple[np.ndarray, np.ndarray]
     return np.einsum("ij,ij->i", emb[ia], emb[ib])
 
 
-def default_report_dir(store_path: str | Path) -> Path:
+def default_report_dir(store_path: str | Path, split: str = "all") -> Path:
+    """``STORE-report`` next to the store for the whole store, ``STORE-report-SPLIT`` for one split (so that a
+    report on another split does not overwrite it)."""
     p = Path(store_path)
-    return p.with_name(p.name + "-report")
+    return p.with_name(p.name + "-report" + ("" if split == "all" else f"-{split}"))
 
 
 def build_report(store_path: str | Path, annotations: str | Path, out: str | Path | None = None, *,
@@ -220,7 +222,7 @@ def build_report(store_path: str | Path, annotations: str | Path, out: str | Pat
     store = Store.open(store_path, require_complete=True)
     manifest = read_manifest(annotations, format=fmt, image_root=image_root).select_split(split)
     image_rows, caption_rows = store.rows_for(manifest.fingerprint(), f"annotations {annotations}")
-    out_dir = Path(out) if out is not None else default_report_dir(store.path)
+    out_dir = Path(out) if out is not None else default_report_dir(store.path, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
