@@ -23,6 +23,12 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 TEMPERATURE_RANGES = {"tau": (0.01, 0.10), "tau_csa": (0.10, 0.99), "tau_usa_images": (0.10, 1.00),
                       "tau_usa_texts": (0.10, 1.00)}
 TIMING_KEYS = ("step_time", "epoch_time")
+# A CLIP small enough to train an epoch on CPU in seconds (randomly initialised: its folder holds only this config).
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def train_args(demo_dir: Path, cache: Path, out: Path, *extra: str, epochs: int = 2, batch_size: int = 32,

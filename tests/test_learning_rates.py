@@ -8,20 +8,13 @@ import json
 
 import pytest
 
-from helpers_train import invoke_json, one_torch_thread, read_jsonl, train_args
+from helpers_train import TINY_CLIP, invoke_json, one_torch_thread, read_jsonl, train_args
 from train import config as config_module
 from train.cli import train_main
 from train.config import build_config
 from train.losses import CusaLoss
 from train.optim import BACKBONE, HEADS, parameter_groups
 from train.students import FeatureStudent, OpenClipStudent
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 def test_paper_preset_gives_each_kind_of_student_its_own_lr():
     frozen = build_config("paper")

@@ -13,20 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import (METRIC_KEYS, invoke, invoke_json, one_torch_thread, read_jsonl, run_script, train_args,
-                           without_timings)
+from helpers_train import (METRIC_KEYS, TINY_CLIP, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
+                           train_args, without_timings)
 from pipeline.build import BuildConfig, build_store
 from pipeline.manifest import read_manifest
 from teacher_cache.store import Store
 from train.cli import eval_main, train_main
 from train.evaluation_run import load_trained_student
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -41,11 +34,18 @@ def truncate(path: Path) -> bytes:
     return data
 
 
-def first_image(data: Path, split: str) -> tuple[int, str]:
-    """(row in all.json, relative path) of the first image of ``split``."""
+def image_of(data: Path, split: str, index: int = 0) -> tuple[int, str]:
+    """(row in all.json, relative path) of the ``index``-th image of ``split``."""
     manifest = read_manifest(str(data / "all.json"))
-    row = int(manifest.image_rows_of_split(split)[0])
+    row = int(manifest.image_rows_of_split(split)[index])
     return row, manifest.images[row].path
+
+
+def copy_of(data: Path, tmp_path: Path) -> Path:
+    """A private copy of the broken demo set (same annotations, so the same cache serves it)."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def broken(demo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
     data = root / "data"
     shutil.copytree(demo_dir, data)
-    row, rel = first_image(data, "test")
+    row, rel = image_of(data, "test")
     truncate(data / rel)
     cache = root / "cache"
     with one_torch_thread():
@@ -147,30 +147,25 @@ def test_open_clip_validation_skips_what_the_cache_skipped_with_two_workers(brok
 def test_a_training_image_broken_after_the_build_fails_in_a_worker_with_one_line_naming_its_store_row(
         broken, tiny_clip, tmp_path):
     data, cache, _ = broken
-    copy = tmp_path / "data"
-    shutil.copytree(data, copy)
-    row, rel = first_image(copy, "train")
-    manifest = read_manifest(str(copy / "all.json"))
-    second_train_row = int(manifest.image_rows_of_split("train")[1])
-    truncate(copy / manifest.images[second_train_row].path)
+    copy = copy_of(data, tmp_path)
+    row, rel = image_of(copy, "train", 1)
+    truncate(copy / rel)
     proc = run_script("cusa-train", train_args(copy, cache, tmp_path / "run", "--student", tiny_clip,
                                                "--workers", "2", epochs=1))
     assert proc.returncode == 1
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr, lines
-    path = copy / manifest.images[second_train_row].path
     # the row in the cache (all splits: not the row within the train split, which is 1)
-    assert lines[0].startswith(f"Error: {path} (store row {second_train_row} of {cache}): truncated or corrupt")
-    assert second_train_row != 1
+    assert lines[0].startswith(f"Error: {copy / rel} (store row {row} of {cache}): truncated or corrupt")
+    assert row != 1
     assert lines[0].endswith("rebuild the cache with --on-bad-image skip --overwrite")
 
 
 def test_a_validation_failure_keeps_the_trained_epoch_and_a_resume_redoes_only_the_validation(
         broken, tiny_clip, tmp_path):
     data, cache, _ = broken
-    copy = tmp_path / "data"
-    shutil.copytree(data, copy)
-    val_row, val_rel = first_image(copy, "val")
+    copy = copy_of(data, tmp_path)
+    val_row, val_rel = image_of(copy, "val")
     args = ("--student", tiny_clip, "--val-data", copy / "all.json", "--val-split", "val", "--workers", "2")
     straight = tmp_path / "straight"
     invoke_json(train_main, train_args(copy, cache, straight, *args, epochs=2))
@@ -199,11 +194,10 @@ def test_a_validation_failure_keeps_the_trained_epoch_and_a_resume_redoes_only_t
 
 def test_eval_of_an_image_no_store_lists_fails_in_one_line_or_skips_it_on_request(broken, tiny_clip, tmp_path):
     data, cache, _ = broken
-    copy = tmp_path / "data"
-    shutil.copytree(data, copy)
+    copy = copy_of(data, tmp_path)
     run = tmp_path / "run"
     invoke_json(train_main, train_args(copy, cache, run, "--student", tiny_clip, epochs=1))
-    row, rel = first_image(copy, "val")
+    row, rel = image_of(copy, "val")
     truncate(copy / rel)
     args = [run, "--data", copy / "all.json", "--split", "val", "--device", "cpu", "--workers", "2", "--json"]
     failed = invoke(eval_main, args)

@@ -110,7 +110,8 @@ def _stale_training(run_dir: Path, cfg: TrainConfig) -> str | None:
         return f"was made with {key} = {json.dumps(old)}, this grid asks for {json.dumps(new)}"
     started = extended_epochs(run_dir)
     if started is not None:
-        return f"was started for {started} epochs and extended by --resume, this grid asks for {cfg.epochs} from the start"
+        return (f"was started for {started} epochs and extended by --resume, this grid asks for {cfg.epochs} from "
+                "the start")
     return None
 
 

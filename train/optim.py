@@ -46,7 +46,8 @@ def lr_plan(optimizer: torch.optim.Optimizer, cfg) -> dict[str, dict]:
     plan: dict[str, dict] = {}
     for i, g in enumerate(optimizer.param_groups):
         peak = g["initial_lr"] if "initial_lr" in g else g["lr"]
-        entry = plan.setdefault(g.get("name", f"group{i}"), {"lr": peak, "min_lr": peak * cfg.min_lr / cfg.lr, "parameters": 0})
+        entry = plan.setdefault(g.get("name", f"group{i}"),
+                                {"lr": peak, "min_lr": peak * cfg.min_lr / cfg.lr, "parameters": 0})
         entry["parameters"] += sum(p.numel() for p in g["params"])
     return plan
 

@@ -252,7 +252,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         scheduler.load_state_dict(ckpt["scheduler"])
         epochs_done = ckpt["epoch"]
         if cfg.epochs < epochs_done:
-            raise ValueError(f"{out}: the run has trained {epochs_done} epochs; --epochs {cfg.epochs} cannot shorten it")
+            raise ValueError(f"{out}: the run has trained {epochs_done} epochs; --epochs {cfg.epochs} cannot "
+                             "shorten it")
         best = ckpt["best"]
         pending = ckpt.get("pending_validation")  # the epoch trained, its validation not finished
         seconds_before = float(ckpt.get("seconds", 0.0))
