@@ -125,7 +125,7 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
                      f"(rows {notes['cleaned_rows'][:5]}...)")
     if d["skipped_images"]:
         lines.append(f"skipped   {len(d['skipped_images'])} bad images (listed in the store's attributes):")
-        lines.extend(f"          row {s['row']}: {s['reason']}" for s in d["skipped_images"][:20])
+        lines.extend(f"          {s['reason']}" for s in d["skipped_images"][:20])  # names the file and its row
     emit(d, as_json, "\n".join(lines))
 
 

@@ -497,6 +497,18 @@ def test_skipped_bad_images_are_listed_zeroed_and_left_out_of_neighbors(mixed_im
     assert verified.exit_code == 0 and "OK" in verified.output
 
 
+def test_the_human_build_summary_names_each_skipped_image_and_its_row_once(mixed_images):
+    root, _ = mixed_images
+    again = cli("build", root / "ann.json", "--out", root / "store", "--on-bad-image", "skip", "--chunk-rows", 4,
+                "--neighbors", 8, "--workers", 1, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    lines = again.stdout.splitlines()
+    start = lines.index("skipped   3 bad images (listed in the store's attributes):")
+    for line, (row, name) in zip(lines[start + 1:], ((1, "missing.png"), (3, "truncated.png"), (5, "notes.png"))):
+        assert line.startswith(f"          {root / name} (image row {row}): ")
+        assert line.count("row") == 1 and line.count(name) == 1
+
+
 def test_grayscale_cmyk_and_alpha_images_embed_like_their_rgb_originals(mixed_images):
     root, built_ = mixed_images
     rows = built_["rows"]

@@ -133,7 +133,9 @@ def test_eval_ranks_only_the_readable_images_and_reports_skipped_images(frozen_r
     assert human.returncode == 0, human.stderr[-3000:]
     assert (f"[test]: 8 images, 40 captions, skipped_images: 1 (unreadable: left out with their captions, not "
             "counted as misses)") in human.stdout.splitlines()[0]
-    assert human.stdout.splitlines()[-1].startswith(f"skipped   {rel}: skipped by the build of {cache}: ")
+    row = image_of(data, "test")[0]
+    assert human.stdout.splitlines()[-1] == (f"skipped   {rel}: skipped by the build of {cache} (store row {row}): "
+                                             "truncated or corrupt image data (image file is truncated)")
 
 
 def test_open_clip_validation_skips_what_the_cache_skipped_with_two_workers(broken, tiny_clip, tmp_path):

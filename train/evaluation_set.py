@@ -25,7 +25,7 @@ from pipeline.manifest import CaptionRecord, Manifest
 from teacher_cache.store import Store
 from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows
 from train.evaluate import evaluate_embeddings, retrieval_metrics
-from train.features import run_frozen_features
+from train.features import run_frozen_features, skip_reason
 from train.students import parse_student_spec
 
 BAD_IMAGE_HINT = "--on-bad-image skip leaves such images out of the evaluation"
@@ -52,7 +52,7 @@ def skipped_by_stores(manifest: Manifest, stores: Iterable[Store]) -> dict[int, 
     by_id: dict[tuple[str, str], str] = {}
     for store in stores:
         for entry in store.skipped_images:
-            reason = f"skipped by the build of {store.path}: {entry.get('reason', 'unreadable')}"
+            reason = skip_reason(store, entry)
             path = str(entry.get("path", ""))
             by_path.setdefault(path, reason)
             by_id.setdefault((str(entry.get("id", "")), PurePosixPath(path).name), reason)

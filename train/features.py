@@ -46,11 +46,17 @@ def _specs_match(store: Store, image_spec: str, text_spec: str) -> bool:
     return t.get("image", {}).get("spec") == image_spec and t.get("text", {}).get("spec") == text_spec
 
 
+def skip_reason(store: Store, entry: dict) -> str:
+    """Why a store's build skipped an image (an entry of its skipped_images), without repeating the file name."""
+    reason = str(entry.get("reason", "unreadable"))
+    _, found, tail = reason.partition(f"(image row {entry.get('row')}): ")
+    return f"skipped by the build of {store.path} (store row {entry.get('row')}): {tail if found else reason}"
+
+
 def store_skipped_rows(store: Store, image_rows: np.ndarray) -> dict[int, str]:
     """Dataset rows whose store row (``image_rows[dataset row]``) the store's build skipped -> reason."""
-    bad = {int(s["row"]): s.get("reason", "unreadable") for s in store.skipped_images}
-    return {i: f"skipped by the build of {store.path}: {bad[int(r)]}" for i, r in enumerate(image_rows)
-            if int(r) in bad}
+    bad = {int(s["row"]): skip_reason(store, s) for s in store.skipped_images}
+    return {i: bad[int(r)] for i, r in enumerate(image_rows) if int(r) in bad}
 
 
 def _from_store(store: Store, fingerprint: str, computed: bool) -> FeatureSet:
