@@ -51,7 +51,7 @@ def test_resume_without_the_lr_flag_keeps_the_runs_lr_and_never_rewrites_config_
     assert (out / "config.json").read_bytes() == config
     assert json.loads(config)["lr"] == 3e-3 and json.loads(config)["epochs"] == 2
     assert summary["epochs"] == 3 and summary["lr_groups"]["heads"]["lr"] == 3e-3
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 3 and last["config"]["lr"] == 3e-3 and last["config"]["epochs"] == 3
     assert [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()] == [
         {"epochs_done": 2, "changed": {"epochs": [2, 3], "workers": [0, 1]}}]

@@ -180,14 +180,14 @@ def test_a_validation_failure_keeps_the_trained_epoch_and_a_resume_redoes_only_t
     assert len(lines) == 1 and "Traceback" not in proc.stderr, lines
     assert lines[0].startswith(f"Error: {copy / val_rel} (store row {val_row} of {cache}): truncated or corrupt")
     assert lines[0].endswith("(--on-bad-image skip leaves such images out of the evaluation)")
-    kept = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    kept = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert kept["epoch"] == 1 and kept["pending_validation"]["epoch"] == 1  # the trained epoch is kept
 
     (copy / val_rel).write_bytes(original)
     summary = invoke_json(train_main, train_args(copy, cache, run, "--resume", *args, epochs=2))
     assert summary["best_epoch"] is not None
-    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     # the same run as one never interrupted: weights, best epoch and log
     assert a["epoch"] == b["epoch"] == 2 and a["best"] == b["best"] and "pending_validation" not in b
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
