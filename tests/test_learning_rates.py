@@ -34,6 +34,17 @@ def test_explicit_lr_from_a_flag_a_file_or_set_beats_the_per_student_default(tmp
     assert (cfg.lr, cfg.head_lr) == (3e-4, 1e-3)
 
 
+def test_a_lower_lr_with_its_own_min_lr_is_accepted_whatever_order_the_layers_give_them(tmp_path):
+    # --lr below the frozen default's min_lr is fine when min_lr comes down too, from a later or an earlier layer
+    cfg = build_config("paper", flags={"lr": 1e-5}, overrides=["min_lr=1e-6"])
+    assert (cfg.lr, cfg.min_lr) == (1e-5, 1e-6)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"min_lr": 1e-7}))
+    assert build_config("paper", str(path), flags={"lr": 1e-5}).min_lr == 1e-7
+    with pytest.raises(ValueError, match=r"min_lr must lie in \[0, lr = 1e-05\], got 0.0001"):
+        build_config("paper", flags={"lr": 1e-5})
+
+
 def test_a_preset_without_per_student_values_sets_its_lr_for_every_student(monkeypatch):
     monkeypatch.setitem(config_module.PRESETS, "region-like", {"lr": 2e-4, "min_lr": 1e-5, "epochs": 40})
     for student in (None, "open_clip:ViT-B-32"):

@@ -97,7 +97,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        return apply_overrides(cls(), d)
+        return check_schedule(apply_overrides(cls(), d))
 
 
 # Named presets. "paper" is the reference configuration for CLIP ViT-B/32 on COCO and Flickr30K (METHOD.md): lr 1e-5
@@ -137,7 +137,7 @@ def build_config(preset: str = "paper", config_file: str | None = None, flags: M
         cfg = apply_overrides(cfg, per_student)
     for layer in layers:
         cfg = apply_overrides(cfg, layer)
-    return cfg
+    return check_schedule(cfg)
 
 
 def explicit_settings(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
@@ -239,6 +239,13 @@ def _coerce_top(key: str, value: Any, current: Any) -> Any:
     return coerce_setting(value, current, key)
 
 
+def check_schedule(cfg: TrainConfig) -> TrainConfig:
+    """The checks between settings, made once every layer is applied (a later layer may fix an earlier one's lr)."""
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ValueError(f"min_lr must lie in [0, lr = {cfg.lr:g}], got {cfg.min_lr:g}; set it with --set min_lr=X")
+    return cfg
+
+
 def _validate(cfg: TrainConfig) -> None:
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {cfg.epochs}")
@@ -246,8 +253,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"batch size must be ≥ 2 (in-batch negatives), got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.min_lr <= cfg.lr:
-        raise ValueError(f"min_lr must lie in [0, lr = {cfg.lr:g}], got {cfg.min_lr:g}; set it with --set min_lr=X")
     if cfg.head_lr is not None and not cfg.head_lr > 0:
         raise ValueError(f"head_lr must be > 0 (or none: the same as lr), got {cfg.head_lr}")
     if cfg.on_bad_image not in ON_BAD_IMAGE:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from train.config import TrainConfig, apply_overrides, explicit_settings
+from train.config import TrainConfig, apply_overrides, check_schedule, explicit_settings
 
 CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
@@ -103,7 +103,7 @@ def resume_config(out: str, preset: str | None = None, config_file: str | None =
     cfg = saved
     for layer in explicit_settings(config_file, flags, overrides):
         cfg = apply_overrides(cfg, {k: v for k, v in layer.items() if k != "out"})
-    check_resumable(out, saved, cfg)
+    check_resumable(out, saved, check_schedule(cfg))
     return cfg
 
 
