@@ -28,6 +28,7 @@ from train.config import TrainConfig
 from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
 from train.evaluate import retrieval_metrics
 from train.losses import CusaLoss
+from train.metrics_log import MetricsLogger
 from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
 
 CHECKPOINT_LAST = "last.pt"
@@ -266,6 +267,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     if ctx.is_main and metrics_path.exists():
         # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
         _truncate_jsonl(metrics_path, start_epoch)
+    logger = MetricsLogger(out, cfg.report_to) if ctx.is_main else None
     t_run = time.perf_counter()
     history = []
 
@@ -314,7 +316,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                 record = {"kind": "step", "epoch": epoch, "step": epoch * steps_per_epoch + step,
                           **{k: float(v.detach()) for k, v in terms.items()}, **loss_fn.temperatures(),
                           "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
-                _append_jsonl(metrics_path, record)
+                logger.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
         bar.close()
@@ -335,7 +337,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             dist.all_gather_object(every_rng, rng)
             rng = every_rng
         if ctx.is_main:
-            _append_jsonl(metrics_path, epoch_record)
+            logger.log(epoch_record)
             history.append(epoch_record)
             payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
@@ -352,6 +354,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                     msg += f"  val rsum {epoch_record['val']['rsum']:.1f} (best {best['rsum']:.1f} @ {best['epoch'] + 1})"
                 tqdm.write(msg)
         ctx.barrier()
+    if logger is not None:
+        logger.close()
 
     summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
                "best_val": best["metrics"], "train_pairs": len(pairs), "dropped_pairs": len(pairs.dropped),
@@ -410,11 +414,6 @@ def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> Non
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world_size)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_jsonl(path: Path, first_epoch: int) -> None:
