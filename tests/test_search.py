@@ -200,3 +200,22 @@ def test_collection_fingerprint_depends_on_the_image_root(demo_dir, tmp_path):
     b = read_collection(demo_dir / "test.json", image_root=str(tmp_path))
     assert a.fingerprint != b.fingerprint and a.image_ids == b.image_ids
     assert read_collection(demo_dir / "test.json").fingerprint == a.fingerprint
+
+
+def test_an_unreadable_file_in_a_folder_is_left_out_and_listed_and_the_rest_is_searched(runs, demo_dir, tmp_path):
+    run, _ = runs
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted((demo_dir / "images").glob("*.png"))[:3]:
+        shutil.copy(src, folder / src.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for call in range(2):
+        result = search(run, "--collection", folder, "--query", "a red circle", "-k", "10")
+        assert result["collection_cached"] is bool(call)
+        assert result["collection"]["images"] == 3
+        (skipped,) = result["collection"]["skipped"]
+        assert skipped["image_id"] == "broken.jpg" and "broken.jpg" in skipped["reason"]
+        assert len(result["queries"][0]["results"]) == 3
+        assert "broken.jpg" not in {r["image_id"] for r in result["queries"][0]["results"]}
+    human = invoke(search_main, [run, "--collection", folder, "--query", "a red circle", "--device", "cpu"])
+    assert human.stdout.splitlines()[1].startswith("skipped 1 unreadable image(s), e.g. ")

@@ -109,6 +109,8 @@ def eval_main(run, data, split, device, batch_size, workers, image_labels, image
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
 
+    if out_dir is not None and not n_examples:
+        raise click.UsageError("--out names the folder for --examples; add --examples N")
     if image_labels or sts or eccv_captions:
         from train.unimodal import read_extra_inputs
 

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline.errors import ImageError
 from pipeline.images import as_rgb, load_image
 from train.students import StudentSpec, parse_student_spec
 
@@ -30,16 +31,29 @@ ImageInput = Union[str, os.PathLike, Image.Image]
 
 
 class _ImageInputs(Dataset):
-    """Image files (decoded here, in DataLoader workers when there are any) or PIL images already in memory."""
+    """Image files (decoded here, in DataLoader workers when there are any) or PIL images already in memory.
 
-    def __init__(self, images: Sequence[ImageInput], preprocess: Callable):
+    With ``skip_unreadable`` an item is (tensor, message): a file that cannot be decoded gives a blank placeholder
+    and the error's one-line message (empty for a good image), so one bad file does not lose a whole folder.
+    """
+
+    def __init__(self, images: Sequence[ImageInput], preprocess: Callable, skip_unreadable: bool = False):
         self.images = list(images)
         self.preprocess = preprocess
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
+        if not self.skip_unreadable:
+            return self._load(i)
+        try:
+            return self._load(i), ""
+        except ImageError as e:
+            return self.preprocess(Image.new("RGB", (32, 32))), str(e)
+
+    def _load(self, i: int) -> torch.Tensor:
         item = self.images[i]
         if isinstance(item, Image.Image):
             return self.preprocess(as_rgb(item))
@@ -106,25 +120,45 @@ class StudentEmbedder:
         return self.image_dataset(lambda preprocess: _ImageInputs(images, preprocess), embedding, progress,
                                   batch_size)
 
-    @torch.no_grad()
+    def images_skipping_unreadable(self, images: Sequence[ImageInput], embedding: str = "uni",
+                                   progress: bool = False, batch_size: int | None = None
+                                   ) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+        """Embeddings of the images that decode: (float32 [n_ok, dim], their int64 positions in ``images``,
+        {position: one-line reason} of the ones that do not)."""
+        emb, errors = self._embed_dataset(
+            lambda preprocess: _ImageInputs(images, preprocess, skip_unreadable=True), embedding, progress,
+            batch_size)
+        keep = np.array([i for i in range(len(emb)) if i not in errors], dtype=np.int64)
+        return emb[torch.from_numpy(keep)], keep, errors
+
     def image_dataset(self, make_dataset: Callable[[Callable], Dataset], embedding: str = "uni",
                       progress: bool = False, batch_size: int | None = None) -> torch.Tensor:
         """Embeddings of a dataset of preprocessed images, built by ``make_dataset(preprocess)`` with the
         student's own preprocessing (an open_clip student's, or a frozen student's backbone's)."""
+        return self._embed_dataset(make_dataset, embedding, progress, batch_size)[0]
+
+    @torch.no_grad()
+    def _embed_dataset(self, make_dataset: Callable[[Callable], Dataset], embedding: str, progress: bool,
+                       batch_size: int | None) -> tuple[torch.Tensor, dict[int, str]]:
         _check_embedding(embedding)
         encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
         frozen = self.spec.kind == "frozen"
         preprocess = self._backbone("image").preprocess if frozen else self.student.preprocess_val
         dataset = make_dataset(preprocess)
         loader = DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.workers)
-        parts = []
+        parts: list[torch.Tensor] = []
+        errors: dict[int, str] = {}
         with self._amp(), tqdm(total=len(dataset), desc="images", unit="img", disable=not progress,
                                dynamic_ncols=True, leave=False) as bar:
             for batch in loader:
+                if isinstance(batch, (list, tuple)):  # (images, messages): a dataset that reports unreadable files
+                    batch, messages = batch
+                    seen = sum(len(p) for p in parts)
+                    errors.update({seen + j: m for j, m in enumerate(messages) if m})
                 inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
                 parts.append(encode(inputs.to(self.device)).float().cpu())
                 bar.update(len(batch))
-        return torch.cat(parts) if parts else torch.zeros((0, self.dim))
+        return (torch.cat(parts) if parts else torch.zeros((0, self.dim))), errors
 
     @torch.no_grad()
     def texts(self, sentences: Sequence[str], embedding: str = "uni", progress: bool = False,

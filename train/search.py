@@ -46,10 +46,18 @@ class Collection:
     caption_image_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     fingerprint: str = ""
     manifest: Manifest | None = None  # annotation collections: images are read through the manifest
+    skipped: list[dict] = field(default_factory=list)  # image-folder files that could not be decoded, left out
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "images": len(self.image_ids),
-                "captions": len(self.captions), "fingerprint": self.fingerprint}
+                "captions": len(self.captions), "fingerprint": self.fingerprint, "skipped": self.skipped}
+
+    def without_unreadable(self, skipped: list[dict]) -> "Collection":
+        """An image folder without the files listed in ``skipped`` (their ids), which stay listed there."""
+        gone = {s["image_id"] for s in skipped}
+        keep = [i for i, image_id in enumerate(self.image_ids) if image_id not in gone]
+        return Collection(self.source, self.kind, [self.image_paths[i] for i in keep],
+                          [self.image_ids[i] for i in keep], fingerprint=self.fingerprint, skipped=list(skipped))
 
 
 def read_collection(source: str | os.PathLike, split: str = "all", fmt: str = "auto",
@@ -118,6 +126,8 @@ def collection_index(model: TrainedModel, collection: Collection, factory: str =
     images = texts = None
     if meta and meta.get("format") == _CACHE_FORMAT and meta.get("collection") == collection.fingerprint \
             and meta.get("model") == model.identity:
+        if meta.get("skipped"):
+            collection = collection.without_unreadable(meta["skipped"])
         images = _load_rows(folder / "images.npy", len(collection.image_ids), model.dim)
         texts = _load_rows(folder / "texts.npy", len(collection.captions), model.dim) if has_texts else None
     cached = images is not None and (texts is not None or not has_texts)
@@ -125,7 +135,7 @@ def collection_index(model: TrainedModel, collection: Collection, factory: str =
         if meta_path.exists():
             meta_path.unlink()  # from another model or collection: the entry is being replaced
         folder.mkdir(parents=True, exist_ok=True)
-        images = _embed_images(model, collection, progress)
+        images, collection = _embed_images(model, collection, progress)
         _save_rows(folder / "images.npy", images)
         texts = model.encode_texts(collection.captions, progress=progress) if has_texts else None
         if texts is not None:
@@ -135,6 +145,7 @@ def collection_index(model: TrainedModel, collection: Collection, factory: str =
         meta = _write_indexes(folder, images, texts, factory)
         meta.update({"format": _CACHE_FORMAT, "collection": collection.fingerprint, "model": model.identity,
                      "checkpoint": str(model.checkpoint), "model_spec": model.spec, **collection.describe()})
+        meta.pop("fingerprint")
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
         image_index, text_index = _read_indexes(folder, has_texts, meta)
     else:
@@ -146,13 +157,19 @@ def collection_index(model: TrainedModel, collection: Collection, factory: str =
     return CollectionIndex(collection, images, texts, image_index, text_index, cached, folder)
 
 
-def _embed_images(model: TrainedModel, collection: Collection, progress: bool) -> np.ndarray:
+def _embed_images(model: TrainedModel, collection: Collection, progress: bool) -> tuple[np.ndarray, Collection]:
+    """The collection's image embeddings, and the collection they are of (a folder's unreadable files left out)."""
     if collection.manifest is not None:
         # through the manifest, as training and cusa-eval read its images
         emb = model.embedder.image_dataset(lambda preprocess: ManifestImages(collection.manifest, preprocess),
                                            "cross", progress)
-        return np.ascontiguousarray(emb.numpy(), dtype=np.float32)
-    return model.encode_images(collection.image_paths, progress=progress)
+        return np.ascontiguousarray(emb.numpy(), dtype=np.float32), collection
+    emb, _, errors = model.embedder.images_skipping_unreadable(collection.image_paths, "cross", progress)
+    if errors:
+        collection = collection.without_unreadable(
+            [{"image_id": collection.image_ids[i], "path": str(collection.image_paths[i]), "reason": reason}
+             for i, reason in sorted(errors.items())])
+    return np.ascontiguousarray(emb.numpy(), dtype=np.float32), collection
 
 
 def _write_indexes(folder: Path, images: np.ndarray, texts: np.ndarray | None, factory: str) -> dict:

@@ -69,6 +69,7 @@ def search_main(run, collection, queries, query_file, images, k, compare, split,
     for name in runs:
         model = load_model(name, device=device, batch_size=batch_size, workers=workers)
         ci = collection_index(model, col, factory=factory, progress=not as_json, cache_root=cache_dir)
+        described = ci.collection.describe()  # a folder's unreadable files are left out and listed
         cache_folders[name] = str(ci.folder)
         cached[name] = ci.cached
         per_run[name] = (search_texts(ci, model, texts, k, progress=not as_json) if texts
@@ -85,7 +86,7 @@ def search_main(run, collection, queries, query_file, images, k, compare, split,
             entry["runs"] = {name: per_run[name][i] for name in runs}
         entries.append(entry)
     payload = {"collection_cached": all(cached.values()), "collection_cached_by_run": cached,
-               "collection": col.describe(), "cache": cache_folders, "query_kind": "text" if texts else "image",
+               "collection": described, "cache": cache_folders, "query_kind": "text" if texts else "image",
                "searched": searched, "k": k, "queries": entries}
     emit(payload, as_json, human_results(payload, runs))
 
@@ -97,6 +98,9 @@ def human_results(payload: dict, runs: list[str]) -> str:
     lines = [f"collection {col['source']}: {col['images']} images, {col['captions']} captions "
              f"({'embeddings reused' if payload['collection_cached'] else 'embedded now and cached'}); "
              f"top {payload['k']} {payload['searched']}"]
+    if col["skipped"]:
+        first = col["skipped"][0]
+        lines.append(f"skipped {len(col['skipped'])} unreadable image(s), e.g. {first['reason']}")
     captions = payload["searched"] == "captions"
     for entry in payload["queries"]:
         lines += ["", f"query: {entry['query']}"]
