@@ -1,6 +1,7 @@
 """`--report-to tensorboard`: every value of metrics.jsonl as a TensorBoard scalar, read back from the event files;
 the event files rebuilt from metrics.jsonl (the source of truth) when a run starts; cusa-ablate's per-seed-pair
-gains and one TensorBoard folder per run."""
+gains and one TensorBoard folder per run; and what pairing by seed relies on: a seed's run trains alike whether its
+features were cached before or computed during the run."""
 
 from __future__ import annotations
 
@@ -165,3 +166,17 @@ def test_ablation_reports_paired_gains_and_writes_one_tensorboard_folder_per_run
         run = out / "runs" / name
         assert_same(read_events(run / "tensorboard"), expected_events(read_jsonl(run / "metrics.jsonl")))
     assert "paired rsum gain" in (out / "results.md").read_text()
+
+
+def test_a_run_trains_alike_whether_its_validation_features_are_computed_now_or_cached(demo_dir, demo_cache,
+                                                                                       tmp_path):
+    import torch
+
+    features = tmp_path / "features"  # a fresh feature cache: the first run computes the validation features
+    outs = [tmp_path / "computing", tmp_path / "cached"]
+    for out in outs:
+        summary = invoke_json(train_main, train_args(demo_dir, demo_cache, out, "--set",
+                                                     f"frozen.feature_cache={features}", epochs=1, val=True))
+        assert summary["backbone_passes"] == (1 if out == outs[0] else 0)
+    a, b = (torch.load(out / "last.pt", map_location="cpu", weights_only=False)["student"] for out in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

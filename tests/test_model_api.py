@@ -11,21 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_train import METRIC_KEYS, invoke_json, one_torch_thread, train_args
+from helpers_train import METRIC_KEYS, TINY_CLIP, invoke_json, one_torch_thread, train_args
 from pipeline.errors import ImageError
 from train.cli import train_main
 from train.data import load_split
 from train.evaluate import retrieval_metrics
 from train.evaluation_run import evaluate_run
 from train.model import load_model
-
-# A CLIP small enough to train an epoch on CPU in seconds (randomly initialised: the folder holds only a config).
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():

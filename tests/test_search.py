@@ -3,7 +3,6 @@ every test caption equal cusa-eval's t2i R@1; captions for a query image; image 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_train import invoke, invoke_json, one_torch_thread, run_script, train_args
-from train.cli import train_main
+from helpers_train import cusa_and_contrastive_runs, invoke, invoke_json, one_torch_thread, run_script
 from train.data import load_split
 from train.evaluation_run import evaluate_run
 from train.search import ranked, read_collection
@@ -28,12 +26,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def runs(demo_dir, demo_cache, tmp_path_factory) -> tuple[Path, Path]:
-    """A CUSA run and a contrastive run of the frozen student (a few seconds each)."""
-    root = tmp_path_factory.mktemp("search")
-    with one_torch_thread():
-        for loss in ("cusa", "contrastive"):
-            invoke_json(train_main, train_args(demo_dir, demo_cache, root / loss, "--loss", loss, epochs=2, val=True))
-    return root / "cusa", root / "contrastive"
+    return cusa_and_contrastive_runs(demo_dir, demo_cache, tmp_path_factory.mktemp("search"))
 
 
 def search(*args) -> dict:

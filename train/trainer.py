@@ -71,10 +71,13 @@ def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: s
     from train.features import frozen_features
 
     spec = parse_student_spec(cfg.student)
-    fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
-                         cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
-                         image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
-                         workers=cfg.workers)
+    # computing features draws from torch's global RNG (a DataLoader seeds its workers from it): isolated, so a run
+    # trains alike (dropout) whether its features were cached already or are computed now
+    with torch.random.fork_rng(devices=[]):
+        fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
+                             cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                             image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
+                             workers=cfg.workers)
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
 
 
