@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from click.testing import CliRunner, Result
 
@@ -99,3 +100,21 @@ def cusa_and_contrastive_runs(demo_dir: Path, demo_cache: Path, root: Path, cont
             invoke_json(train_main, train_args(demo_dir, demo_cache, root / loss, "--loss", loss, epochs=epochs,
                                                val=True))
     return root / "cusa", root / "contrastive"
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Tensors equal bit for bit, everything else equal, recursively."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
