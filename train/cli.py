@@ -150,7 +150,7 @@ def _compare_and_examples(result: dict, run: str, data: str, split: str, device:
     human = []
     runs = [run]
     if compare is not None:
-        from train.examples import run_labels
+        from train.search import run_labels
 
         other = evaluate_run(compare, data, split=split, device=device, batch_size=batch_size, workers=workers,
                              progress=progress)

@@ -20,7 +20,7 @@ import torch
 
 from train.data import ManifestImages
 from train.model import TrainedModel, load_model
-from train.search import Collection, collection_index, read_collection
+from train.search import Collection, collection_index, read_collection, run_labels
 
 TOP = 5
 _CHUNK = 1024
@@ -93,15 +93,6 @@ def choose(n: int, size: int, hit: list[np.ndarray], top1: list[np.ndarray], see
     pools = {"hit_differs": int(hit_differs.sum()), "top1_differs": int(top_differs.sum()),
              "first_run_only": int((hit[0] & ~hit[1]).sum()), "second_run_only": int((hit[1] & ~hit[0]).sum())}
     return np.sort(np.asarray(picked, dtype=np.int64)), pools
-
-
-def run_labels(runs: list[str]) -> list[str]:
-    """Short names for runs: the folder name (or folder/file of a checkpoint), full paths when those clash."""
-    def short(run: str) -> str:
-        p = Path(run)
-        return p.name if p.is_dir() else f"{p.parent.name}/{p.name}"
-    labels = [short(r) for r in runs]
-    return labels if len(set(labels)) == len(labels) else list(runs)
 
 
 def write_examples(runs: list[str], data: str, split: str, n: int, out: str | os.PathLike, seed: int = 0,

@@ -93,6 +93,15 @@ def _image_folder(root: Path) -> Collection:
                       fingerprint=digest.hexdigest())
 
 
+def run_labels(runs: list[str]) -> list[str]:
+    """Short names for runs: the folder name (or folder/file of a checkpoint), full paths when those clash."""
+    def short(run: str) -> str:
+        p = Path(run)
+        return p.name if p.is_dir() else f"{p.parent.name}/{p.name}"
+    labels = [short(r) for r in runs]
+    return labels if len(set(labels)) == len(labels) else list(runs)
+
+
 # ---------------------------------------------------------------------------------------------- cached index
 @dataclass
 class CollectionIndex:

@@ -93,6 +93,8 @@ def search_main(run, collection, queries, query_file, images, k, compare, split,
 
 def human_results(payload: dict, runs: list[str]) -> str:
     """A readable table per query; two runs side by side under ``--compare``."""
+    from train.search import run_labels
+
     col = payload["collection"]
     width = max(80, min(shutil.get_terminal_size((120, 20)).columns, 200))
     lines = [f"collection {col['source']}: {col['images']} images, {col['captions']} captions "
@@ -112,7 +114,7 @@ def human_results(payload: dict, runs: list[str]) -> str:
             continue
         columns = entry["runs"]
         cell = (width - 8) // len(columns) - 3
-        header = "    # | " + " | ".join(_fit(name, cell) for name in columns)
+        header = ("    # | " + " | ".join(_fit(name, cell) for name in run_labels(list(columns)))).rstrip()
         lines += [header, "-" * len(header)]
         for i in range(max(len(r) for r in columns.values())):
             cells = []
@@ -121,7 +123,7 @@ def human_results(payload: dict, runs: list[str]) -> str:
                 what = "" if r is None else f"{r['score']:.3f} {r['image_id']}" + (f": {r['caption']}" if captions
                                                                                    else "")
                 cells.append(_fit(what, cell))
-            lines.append(f"{i + 1:>5} | " + " | ".join(cells))
+            lines.append((f"{i + 1:>5} | " + " | ".join(cells)).rstrip())
     return "\n".join(lines)
 
 
