@@ -127,3 +127,5 @@ def test_bad_inputs_are_one_line_errors_naming_the_input(frozen_run, demo_dir, t
         model.encode_texts(["fine", 3])
     with pytest.raises(ValueError, match="no checkpoint"):
         load_model(tmp_path)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'gpu'"):
+        load_model(frozen_run, device="gpu")

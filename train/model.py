@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -118,6 +119,8 @@ def load_model(run: str | os.PathLike, device: str = "cpu", batch_size: int = 25
     from train.evaluation_run import load_trained_student, resolve_checkpoint
 
     _checked(batch_size)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     checkpoint = resolve_checkpoint(run)
     device = resolve_device(device)
     student, cfg, ckpt = load_trained_student(checkpoint, device)
