@@ -191,6 +191,23 @@ def _drop_self(raw_ids: np.ndarray, raw_sims: np.ndarray, rows: np.ndarray, k: i
     return ids, sims
 
 
+def empty_index(factory: str, d: int, n: int) -> faiss.Index:
+    """An untrained, empty inner-product CPU index of ``factory`` for ``n`` rows of dimension ``d``; a factory
+    string FAISS does not know, or one with more inverted lists than rows to train them, is a one-line ValueError
+    (so callers can check it before computing what the index will hold)."""
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ValueError(f"FAISS index factory {factory!r} is not valid (e.g. Flat, IVF1024,Flat, HNSW32)") from None
+    ivf = _ivf_of(index)
+    if ivf is not None and n < ivf.nlist:
+        raise ValueError(
+            f"factory {factory!r} has {ivf.nlist} inverted lists but only N={n} rows to train them; "
+            "use fewer lists or 'Flat'"
+        )
+    return index
+
+
 def build_index(emb: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None, k: int = 32,
                 nprobe: int | None = None, params: str | None = None) -> tuple[faiss.Index, faiss.Index, str]:
     """An inner-product index of ``emb`` (L2-normalised rows) made by ``factory``, trained and filled.
@@ -204,16 +221,8 @@ def build_index(emb: np.ndarray, factory: str = "Flat", use_gpu: bool | None = N
         use_gpu = _gpu_available()
     elif use_gpu and not _gpu_available():
         raise ValueError("use_gpu=True but this FAISS build sees no GPU; pass use_gpu=None or False")
-    try:
-        cpu_index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise ValueError(f"FAISS index factory {factory!r} is not valid (e.g. Flat, IVF1024,Flat, HNSW32)") from None
+    cpu_index = empty_index(factory, d, n)
     ivf = _ivf_of(cpu_index)
-    if ivf is not None and n < ivf.nlist:
-        raise ValueError(
-            f"factory {factory!r} has {ivf.nlist} inverted lists but only N={n} rows to train them; "
-            "use fewer lists or 'Flat'"
-        )
     applied = _search_params(cpu_index, n, k, nprobe, params)
 
     index = cpu_index

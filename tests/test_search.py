@@ -3,6 +3,7 @@ every test caption equal cusa-eval's t2i R@1; captions for a query image; image 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -212,3 +213,22 @@ def test_an_unreadable_file_in_a_folder_is_left_out_and_listed_and_the_rest_is_s
         assert "broken.jpg" not in {r["image_id"] for r in result["queries"][0]["results"]}
     human = invoke(search_main, [run, "--collection", folder, "--query", "a red circle", "--device", "cpu"])
     assert human.stdout.splitlines()[1].startswith("skipped 1 unreadable image(s), e.g. ")
+
+
+def test_another_index_factory_reuses_the_embeddings_and_a_bad_one_fails_before_embedding(runs, demo_dir, tmp_path):
+    run, _ = runs
+    args = ("--collection", demo_dir / "test.json", "--query", "a red circle", "-k", "9", "--cache-dir", tmp_path)
+    exact = search(run, *args)
+    hnsw = search(run, *args, "--index", "HNSW8")
+    assert exact["collection_cached"] is False and hnsw["collection_cached"] is True
+    meta = json.loads((Path(hnsw["cache"][str(run)]) / "meta.json").read_text())
+    assert meta["factory"] == "HNSW8" and meta["search_params"]["images"].startswith("efSearch=")
+    # HNSW over 9 images with efSearch ≥ 128 visits them all: the same ranking as exact search
+    assert [r["image_id"] for r in hnsw["queries"][0]["results"]] == [
+        r["image_id"] for r in exact["queries"][0]["results"]]
+    fresh = tmp_path / "fresh"
+    result = invoke(search_main, [run, "--collection", demo_dir / "test.json", "--query", "x", "--index", "NOPE",
+                                  "--cache-dir", fresh, "--device", "cpu"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "Error: FAISS index factory 'NOPE' is not valid (e.g. Flat, IVF1024,Flat, HNSW32)"]
+    assert not fresh.exists()

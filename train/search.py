@@ -126,8 +126,13 @@ def cache_folder(model: TrainedModel, collection: Collection, cache_root: str | 
 def collection_index(model: TrainedModel, collection: Collection, factory: str = "Flat", progress: bool = True,
                      cache_root: str | os.PathLike | None = None) -> CollectionIndex:
     """The collection's embeddings and indexes: read from the cache when the entry matches this collection and
-    this model, otherwise embedded now and cached (the metadata file is written last, so an interrupted write is
-    never read as complete)."""
+    this model, otherwise embedded now and cached. The metadata file is written after the arrays it describes, so
+    an interrupted write is never read as complete; indexes of another factory are rebuilt from the embeddings."""
+    from teacher_cache.neighbors import empty_index
+
+    for rows in (len(collection.image_ids), len(collection.captions)):
+        if rows:
+            empty_index(factory, model.dim, rows)  # a factory that cannot work is refused before any embedding
     folder = cache_folder(model, collection, cache_root)
     meta_path = folder / "meta.json"
     has_texts = bool(collection.captions)
@@ -149,21 +154,25 @@ def collection_index(model: TrainedModel, collection: Collection, factory: str =
         texts = model.encode_texts(collection.captions, progress=progress) if has_texts else None
         if texts is not None:
             _save_rows(folder / "texts.npy", texts)
-        meta = None
-    if meta is None or meta.get("factory") != factory:
-        meta = _write_indexes(folder, images, texts, factory)
-        meta.update({"format": _CACHE_FORMAT, "collection": collection.fingerprint, "model": model.identity,
-                     "checkpoint": str(model.checkpoint), "model_spec": model.spec, **collection.describe()})
-        meta.pop("fingerprint")
+        # the embeddings are recorded at once (indexes to follow), so no later failure costs them
+        meta = {"format": _CACHE_FORMAT, "collection": collection.fingerprint, "model": model.identity,
+                "checkpoint": str(model.checkpoint), "model_spec": model.spec, "factory": None, "search_params": {},
+                **{k: v for k, v in collection.describe().items() if k != "fingerprint"}}
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
-        image_index, text_index = _read_indexes(folder, has_texts, meta)
-    else:
+    indexes = None
+    if meta.get("factory") == factory:
         try:
-            image_index, text_index = _read_indexes(folder, has_texts, meta)
+            indexes = _read_indexes(folder, has_texts, meta)
         except (OSError, RuntimeError):
-            meta = _write_indexes(folder, images, texts, factory)  # an index file went missing: rebuild it
-            image_index, text_index = _read_indexes(folder, has_texts, meta)
-    return CollectionIndex(collection, images, texts, image_index, text_index, cached, folder)
+            pass  # an index file went missing or is damaged: rebuilt below from the embeddings
+    if indexes is None:
+        if meta.get("factory") is not None:
+            meta["factory"] = None  # until every index file of the new factory is written
+            _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+        meta.update(_write_indexes(folder, images, texts, factory))
+        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+        indexes = _read_indexes(folder, has_texts, meta)
+    return CollectionIndex(collection, images, texts, *indexes, cached, folder)
 
 
 def _embed_images(model: TrainedModel, collection: Collection, progress: bool) -> tuple[np.ndarray, Collection]:
