@@ -27,7 +27,6 @@ from train.trainer import default_feature_cache
 FROZEN_SPECS = ("efficientnet-lite0", "minilm-l6")  # the default student's backbones = the demo cache's teachers
 
 
-
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     with one_torch_thread():

@@ -38,6 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Settings shared by every run.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]))
+@click.option("--report-to", default=None, metavar="none|tensorboard",
+              help="TensorBoard scalars of every run, each in its own run folder (tensorboard --logdir OUT/runs).")
 @click.option("--overwrite", is_flag=True,
               help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "
                    "instead of refusing.")
@@ -45,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
                 lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
-                overwrite, as_json):
+                report_to, overwrite, as_json):
     """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains.
 
     A re-run into the same --out reuses only runs made with the same settings and evaluation data; others are
@@ -54,7 +56,7 @@ def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, v
 
     flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
              "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler}
+             "text_cache": text_cache, "sampler": sampler, "report_to": report_to}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
                        eval_split=eval_split, show=not as_json, overwrite=overwrite)

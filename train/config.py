@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train.losses import LossConfig
+from train.metrics_log import parse_report_to
 from train.settings import coerce_setting
 from train.students import DEFAULT_STUDENT, parse_student_spec
 
@@ -80,6 +81,7 @@ class TrainConfig:
     sampler_group: int = 8  # teacher-neighbors: pairs per neighbor group
     gather: bool = False  # DDP: all-gather features, image ids and teacher rows across ranks
     log_every: int = 10
+    report_to: str = "none"  # none | tensorboard: metrics.jsonl's values also as TensorBoard scalars in RUN/tensorboard
     eval_batch_size: int = 256
     on_bad_image: str = "fail"  # validation images that cannot be read: fail, or leave out (skipped_images)
     image_cache: str | None = None  # soft labels for images from another store (default: --cache)
@@ -261,3 +263,4 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"soft_labels.mode must be dense or sparse, got {cfg.soft_labels.mode!r}")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+    parse_report_to(cfg.report_to)

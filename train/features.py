@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from teacher_cache.errors import StoreError
@@ -107,7 +108,10 @@ def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, sto
                         progress: bool, on_bad_image: str = "fail") -> FeatureSet:
     """The features of a dataset for the frozen student of a run's TrainConfig ``cfg``, in its feature cache."""
     spec = parse_student_spec(cfg.student)
-    return frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
-                           cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
-                           image_root=cfg.image_root, reuse=stores, device=device, progress=progress,
-                           workers=cfg.workers, on_bad_image=on_bad_image)
+    # computing features draws from torch's global RNG (a DataLoader seeds its workers from it): isolated, so a run
+    # trains alike (dropout) whether its features were cached already or are computed now
+    with torch.random.fork_rng(devices=[]):
+        return frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
+                               cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                               image_root=cfg.image_root, reuse=stores, device=device, progress=progress,
+                               workers=cfg.workers, on_bad_image=on_bad_image)

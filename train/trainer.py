@@ -35,6 +35,7 @@ from train.features import default_feature_cache, run_frozen_features  # noqa: F
 from train.losses import CusaLoss
 from train.optim import describe_lr_plan, group_lrs, lr_plan, parameter_groups
 from train.resume import CONFIG_FILE, check_resumable, record_resume, resume_history, run_config
+from train.metrics_log import MetricsLogger
 from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
 
 CHECKPOINT_LAST = "last.pt"
@@ -73,8 +74,6 @@ def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: s
     """Backbone features of a dataset for a frozen student (computed once, cached, then reused)."""
     fs = run_frozen_features(cfg, annotations, split, fingerprint, stores, cfg.device, progress, on_bad_image)
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
-
-
 
 
 
@@ -255,6 +254,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             _truncate_jsonl(metrics_path, epochs_done, keep_steps_of_last=pending is not None)
     if show:
         tqdm.write(f"lr        {describe_lr_plan(lrs)}, cosine over {cfg.epochs} epochs", file=sys.stderr)
+    logger = MetricsLogger(out, cfg.report_to) if ctx.is_main else None
     t_run = time.perf_counter()
     val_skipped: list = []
 
@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             best = {"epoch": number, "rsum": None, "metrics": None}  # no validation: the last epoch is kept
         rng = _every_rank_rng(ctx)  # each rank's RNG (dropout, augmentation) continues where it was on resume
         if ctx.is_main:
-            _append_jsonl(metrics_path, record)
+            logger.log(record)
             payload = {**base, "best": best, "rng": rng, "seconds": seconds_before + time.perf_counter() - t_run}
             # best.pt first: a kill between the two writes leaves last.pt at the previous epoch (or its validation),
             # which a resume redoes, so best.pt never lags behind the "best" that last.pt records
@@ -350,7 +350,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                           **{k: float(v.detach()) for k, v in terms.items()}, **loss_fn.temperatures(),
                           "lr": scheduler.get_last_lr()[0], "lr_groups": group_lrs(optimizer),
                           "step_time": time.perf_counter() - t0}
-                _append_jsonl(metrics_path, record)
+                logger.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
         bar.close()
@@ -358,6 +358,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                         **loss_fn.temperatures(), "lr": scheduler.get_last_lr()[0], "lr_groups": group_lrs(optimizer),
                         "epoch_time": time.perf_counter() - t_epoch}
         finish_epoch(number, epoch_record)
+    if logger is not None:
+        logger.close()
 
     history = resume_history(out) if ctx.is_main else []
     summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
@@ -432,11 +434,6 @@ def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> Non
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world_size)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_jsonl(path: Path, epochs_done: int, keep_steps_of_last: bool = False) -> None:
