@@ -274,8 +274,9 @@ def results_markdown(payload: dict) -> str:
                      f"| {paired_cell} |")
     paired = [row for row in payload["settings"] if row.get("paired_gain")]
     if paired:
+        over = "mean ± std over the pairs" if payload["seeds"] > 1 else "one pair"
         lines += ["", "Paired gains: each run minus its baseline run with the same seed (same initialisation and "
-                  "batches), mean ± std over the pairs, and how many pairs gained:", "",
+                  f"batches), {over}, and how many pairs gained:", "",
                   "| setting | pairs | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
         for row in paired:
             p = row["paired_gain"]

@@ -125,4 +125,4 @@ def load_model(run: str | os.PathLike, device: str = "cpu", batch_size: int = 25
     device = resolve_device(device)
     student, cfg, ckpt = load_trained_student(checkpoint, device)
     embedder = StudentEmbedder(student, cfg.student, device, batch_size, workers, config=cfg)
-    return TrainedModel(embedder, checkpoint, int(ckpt.get("epoch", -1)) + 1)
+    return TrainedModel(embedder, checkpoint, int(ckpt.get("epoch", 0)))  # checkpoints number epochs from 1
