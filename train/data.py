@@ -9,15 +9,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.images import load_image
+from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from teacher_cache.errors import StoreMismatch
 from teacher_cache.store import Store
 
 
-def load_split(path: str, split: str, fmt: str = "auto", image_root: str | None = None) -> Manifest:
-    """The rows of one split of an annotation file (a file without split labels is one split)."""
-    return read_manifest(path, format=fmt, image_root=image_root).select_split(split)
+def load_split(path: str, split: str, fmt: str = "auto", image_root: str | None = None,
+               shard_layout: ShardLayout | None = None) -> Manifest:
+    """The rows of one split of an annotation file or shard source (a source without split labels is one split)."""
+    return read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout).select_split(split)
+
+
+def shard_layout_of(cfg) -> ShardLayout:
+    """The webdataset sample layout a training config names (its image_key, caption_key and id_field)."""
+    return ShardLayout(cfg.image_key, cfg.caption_key or DEFAULT_CAPTION_KEY, cfg.id_field)
+
+
+def load_config_split(cfg, path: str, split: str) -> Manifest:
+    """One split of ``path`` read the way a training config says (format, image root, shard layout)."""
+    return load_split(path, split, cfg.format, cfg.image_root, shard_layout_of(cfg))
 
 
 @dataclass
@@ -96,8 +108,7 @@ class PairImages(Dataset):
         return len(self.caption_rows)
 
     def __getitem__(self, i: int):
-        row = int(self.image_rows[i])
-        img = load_image(self.manifest.image_path(row), row=row)
+        img = open_image(self.manifest, int(self.image_rows[i]))
         return self.preprocess(img), self.manifest.captions[int(self.caption_rows[i])].text
 
 
@@ -112,7 +123,7 @@ class ManifestImages(Dataset):
         return len(self.manifest.images)
 
     def __getitem__(self, row: int):
-        return self.preprocess(load_image(self.manifest.image_path(row), row=row))
+        return self.preprocess(open_image(self.manifest, row))
 
 
 def pair_loader(pairs: TrainingPairs, batches: list[np.ndarray], preprocess: Callable, tokenizer: Callable,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.images import load_image
+from pipeline.images import load_image, open_image
 from train.students import StudentSpec, parse_student_spec
 
 EMBEDDING_CHOICES: tuple[str, ...] = ("uni", "cross")
@@ -33,6 +33,19 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.preprocess(load_image(self.paths[i], row=i))
+
+
+class _ManifestRows(Dataset):
+    def __init__(self, manifest, rows: Sequence[int], preprocess: Callable):
+        self.manifest = manifest
+        self.rows = [int(r) for r in rows]
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(open_image(self.manifest, self.rows[i]))
 
 
 def _store_precision(features: np.ndarray) -> torch.Tensor:
@@ -83,13 +96,20 @@ class StudentEmbedder:
             self._backbones[modality] = encoder
         return self._backbones[modality]
 
-    @torch.no_grad()
     def images(self, paths: Sequence[Path], embedding: str = "uni") -> torch.Tensor:
+        return self._images(lambda preprocess: _ImageFiles(paths, preprocess), embedding)
+
+    def manifest_images(self, manifest, rows: Sequence[int], embedding: str = "uni") -> torch.Tensor:
+        """Embeddings of a manifest's images by row, whether files or members of webdataset shards."""
+        return self._images(lambda preprocess: _ManifestRows(manifest, rows, preprocess), embedding)
+
+    @torch.no_grad()
+    def _images(self, dataset: Callable[[Callable], Dataset], embedding: str) -> torch.Tensor:
         _check_embedding(embedding)
         encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
         frozen = self.spec.kind == "frozen"
         preprocess = self._backbone("image").preprocess if frozen else self.student.preprocess_val
-        loader = DataLoader(_ImageFiles(paths, preprocess), batch_size=self.batch_size, num_workers=self.workers)
+        loader = DataLoader(dataset(preprocess), batch_size=self.batch_size, num_workers=self.workers)
         parts = []
         with self._amp():
             for batch in loader:

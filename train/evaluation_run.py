@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.distributed import resolve_device
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.config import TrainConfig
-from train.data import load_split
+from train.data import load_config_split
 from train.evaluate import evaluate_embeddings
 from train.students import parse_student_spec
 from train.trainer import (CHECKPOINT_BEST, CHECKPOINT_LAST, build_student, embed_for_retrieval, frozen_inputs,
@@ -39,12 +40,29 @@ def load_trained_student(checkpoint: Path, device: str):
     return student.to(device).eval(), cfg, ckpt
 
 
+SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field")
+
+
+def with_source_options(cfg: TrainConfig, options: dict | None) -> TrainConfig:
+    """The run's config with how to read a dataset (format, image root, shard layout) overridden where ``options``
+    gives a value; the run's own values stand for the rest."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = set(given) - set(SOURCE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown source option(s) {', '.join(sorted(unknown))}; known: {', '.join(SOURCE_OPTIONS)}")
+    return dataclasses.replace(cfg, **given) if given else cfg
+
+
 def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = "auto", batch_size: int = 256,
-                 workers: int = 2, progress: bool = True, uni: bool = False) -> dict:
+                 workers: int = 2, progress: bool = True, uni: bool = False,
+                 source_options: dict | None = None) -> dict:
+    """Retrieval recalls of a run's checkpoint on one split of ``data`` (annotations or shards), read as the run's
+    config says unless ``source_options`` ({format, image_root, image_key, caption_key, id_field}) overrides it."""
     device = resolve_device(device)
     checkpoint = resolve_checkpoint(run)
     student, cfg, ckpt = load_trained_student(checkpoint, device)
-    manifest = load_split(data, split, cfg.format, cfg.image_root)
+    cfg = with_source_options(cfg, source_options)
+    manifest = load_config_split(cfg, data, split)
     feats = None
     backbone_passes = 0  # frozen backbones run only when their features are not cached yet
     if parse_student_spec(cfg.student).kind == "frozen":
@@ -60,7 +78,7 @@ def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = 
     metrics = evaluate_embeddings(img, txt, manifest.caption_image_rows())
     result = {**metrics["all"], "split": split, "images": len(manifest.images), "captions": len(manifest.captions),
               "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", -1)) + 1,
-              "backbone_passes": backbone_passes}
+              "backbone_passes": backbone_passes, "skipped_samples": len(manifest.skipped_samples)}
     if "coco_1k" in metrics:
         result["coco_1k"] = metrics["coco_1k"]
     return result

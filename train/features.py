@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from pipeline.shards import ShardLayout
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 
@@ -45,7 +46,7 @@ def _from_store(store: Store, fingerprint: str) -> tuple[np.ndarray, np.ndarray]
 def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
                     feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
                     reuse: list[Store] | None = None, device: str = "auto", progress: bool = True,
-                    workers: int = 2) -> FeatureSet:
+                    workers: int = 2, shard_layout: ShardLayout | None = None) -> FeatureSet:
     """Features of every image and caption of a dataset (``annotations`` at ``split``) by the two backbones.
 
     Order: a store in ``reuse`` whose encoders are the backbones and which holds the dataset (no compute);
@@ -70,9 +71,11 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
     # deferred import: only this path runs backbones (the registry's encoders)
     from pipeline.build import BuildConfig, build_store
 
+    layout = shard_layout or ShardLayout()
     build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
                             split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
-                            device=device, progress=progress, workers=workers, chunk_rows=4096))
+                            device=device, progress=progress, workers=workers, chunk_rows=4096,
+                            image_key=layout.image_key, caption_key=layout.caption_key, id_field=layout.id_field))
     if dist.is_available() and dist.is_initialized():
         # under torchrun every rank embeds a share, but only rank 0 finishes the store: wait for its mark
         dist.barrier()

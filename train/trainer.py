@@ -25,7 +25,7 @@ from pipeline.distributed import DistContext, init_distributed, resolve_device, 
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
 from train.config import TrainConfig
-from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
+from train.data import TrainingPairs, epoch_batches, join_pairs, load_config_split, pair_loader, shard_layout_of
 from train.evaluate import retrieval_metrics
 from train.losses import CusaLoss
 from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
@@ -73,7 +73,7 @@ def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: s
     fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
                          cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
                          image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
-                         workers=cfg.workers)
+                         workers=cfg.workers, shard_layout=shard_layout_of(cfg))
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
 
 
@@ -180,7 +180,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     seed_everything(cfg.seed + ctx.rank)
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
-    manifest = load_split(cfg.data, cfg.split, cfg.format, cfg.image_root)
+    manifest = load_config_split(cfg, cfg.data, cfg.split)
     cache = Store.open(cfg.cache, require_complete=True)
     image_store = Store.open(cfg.image_cache, require_complete=True) if cfg.image_cache else cache
     text_store = Store.open(cfg.text_cache, require_complete=True) if cfg.text_cache else cache
@@ -204,7 +204,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         student = build_student(cfg.student, vars(cfg.frozen))
     val_manifest = None
     if cfg.val_data:
-        val_manifest = load_split(cfg.val_data, cfg.val_split, cfg.format, cfg.image_root)
+        val_manifest = load_config_split(cfg, cfg.val_data, cfg.val_split)
         if spec.kind == "frozen":
             v_img, v_txt, computed = frozen_inputs(cfg, cfg.val_data, cfg.val_split, val_manifest.fingerprint(),
                                                    [cache], device, show)
@@ -355,6 +355,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
 
     summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
                "best_val": best["metrics"], "train_pairs": len(pairs), "dropped_pairs": len(pairs.dropped),
+               "skipped_samples": len(manifest.skipped_samples),
                "seconds": time.perf_counter() - t_run, "backbone_passes": backbone_passes,
                "teacher_passes": 0, "loss_terms": list(cfg.losses.terms), "device": device,
                "world_size": ctx.world_size, "checkpoint": str(out / (CHECKPOINT_BEST if
