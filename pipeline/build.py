@@ -34,7 +34,7 @@ from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, Encod
 from pipeline.errors import CusaError, ImageError
 from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
-from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
+from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout, describe_skipped
 from teacher_cache.errors import StoreError
 from teacher_cache.neighbors import build_neighbor_table, save_index
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
@@ -441,11 +441,9 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
     if not manifest.images:
         raise CusaError(f"{cfg.annotations}: no images in split {cfg.split!r}")
     if manifest.skipped_samples and cfg.on_bad_image == "fail":
-        first = manifest.skipped_samples[0]
         more = f" ({len(manifest.skipped_samples) - 1} more bad samples)" if len(manifest.skipped_samples) > 1 else ""
-        sample = f"sample {first['key']!r}: " if first["key"] else ""
-        raise CusaError(f"{first['shard']}: {sample}{first['reason']}{more}; fix the shard or use --on-bad-image "
-                        "skip to leave such samples out")
+        raise CusaError(f"{describe_skipped(manifest.skipped_samples[0])}{more}; fix the shard or use "
+                        "--on-bad-image skip to leave such samples out")
     if not cfg.overwrite:
         _refuse_other_manifest(cfg.out, manifest)
     faults = FaultInjector.from_env()

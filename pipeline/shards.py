@@ -36,6 +36,7 @@ missing image file), so it is a bad image for the build.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -234,6 +235,7 @@ class ShardIndex:
     damage: str = ""  # "" for a sound archive; else why the index stops early (truncated, corrupt, not a tar)
 
 
+@functools.lru_cache(maxsize=1)
 def _indexing_reader():
     """wids' tar indexer, made to keep the members it read before a damaged part instead of losing them all."""
     from wids.wids_tar import TarFileReader
@@ -359,7 +361,9 @@ class _ShardManifestBuilder:
         index = read_shard_index(shard)
         samples = _samples(index)
         if not samples and not index.damage:
-            raise ManifestError(f"{shard}: no samples (no member has a KEY.EXT name)")
+            self.skipped.append({"shard": shard, "key": "", "split": split,
+                                 "reason": "no samples in the shard (no member named KEY.EXT)"})
+            return
         with open(shard, "rb") as fh:
             for i, sample in enumerate(samples):
                 cut = bool(index.damage) and i == len(samples) - 1  # its later members may be missing
@@ -459,10 +463,15 @@ class _ShardManifestBuilder:
 
     def finish(self) -> Manifest:
         if not self.images:
-            first = f"; the first left out: {self.skipped[0]['shard']}: sample {self.skipped[0]['key']!r}: " \
-                    f"{self.skipped[0]['reason']}" if self.skipped else ""
+            first = f"; the first left out: {describe_skipped(self.skipped[0])}" if self.skipped else ""
             raise ManifestError(f"{self.source}: no usable samples in the shards{first}")
         return Manifest(self.images, self.captions, self.source, "", FORMAT, skipped_samples=self.skipped)
+
+
+def describe_skipped(record: dict) -> str:
+    """One line naming a left-out sample: "SHARD: sample 'KEY': REASON" (or "SHARD: REASON" for a whole shard)."""
+    sample = f"sample {record['key']!r}: " if record.get("key") else ""
+    return f"{record['shard']}: {sample}{record['reason']}"
 
 
 def _member_bytes(fh, index: ShardIndex, position: int) -> bytes:

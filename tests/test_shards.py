@@ -102,6 +102,13 @@ def test_a_file_that_is_not_a_tar_is_named(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(ManifestError, match="empty.tar: empty file, not a tar shard"):
         read_manifest(tmp_path / "empty.tar")
+    tarfile.open(tmp_path / "no-samples.tar", "w").close()  # a valid archive without members
+    with pytest.raises(ManifestError, match=r"no-samples.tar: no usable samples in the shards; the first left out: "
+                                            r".*no-samples.tar: no samples in the shard \(no member named KEY.EXT\)$"):
+        read_manifest(tmp_path / "no-samples.tar")
+    write_shard(tmp_path / "good.tar", [sample("k0")])
+    m = read_manifest(f"{tmp_path}/good.tar::{tmp_path}/no-samples.tar")
+    assert m.image_ids() == ["k0"] and m.skipped_samples[0]["key"] == ""
 
 
 # ================================================================================================ rows
