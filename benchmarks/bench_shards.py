@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, median, rotated, spread  # noqa: E402
+from _common import machine, machine_line, median, rotated, scratch_folder, spread  # noqa: E402
 from bench_build import StageCpu, cpu_seconds, make_jpeg_dataset  # noqa: E402
 
 from pipeline.build import BuildConfig, build_store  # noqa: E402
@@ -91,14 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     workers_list = args.workers or [2]
     info = machine()
     print(machine_line(info), flush=True)
-    tmp = None
-    if args.workdir:
-        root = Path(args.workdir)
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="cusa-bench-shards-")
-        root = Path(tmp.name)
-    try:
+    with scratch_folder(args.workdir, "cusa-bench-shards-") as root:
         annotations, data = make_jpeg_dataset(root, args.images, args.width, args.height, args.jpeg_quality,
                                               args.grain, args.seed, args.captions_per_image)
         written = write_manifest_shards(read_manifest(annotations), root / "shards", "data", args.samples_per_shard)
@@ -127,9 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
                 label = f"{kind} {name}" + (f" workers={workers}" if workers is not None else "")
                 print(f"  rep {rep + 1}/{args.repeats} {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()),
                       flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     result = {"benchmark": "bench_shards", "machine": info, "data": data, "repeats": args.repeats,
               "samples_per_shard": args.samples_per_shard, "target_ratio": TARGET_RATIO, "read": {}, "builds": {}}

@@ -5,9 +5,6 @@ Real teachers (efficientnet-lite0, MiniLM), real Zarr and FAISS, real tar shards
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import webdataset as wds
 from click.testing import CliRunner
 
-from helpers_build import BIN, BUILD_ARGS, one_thread_env, one_torch_thread, val_reference
+from helpers_build import BUILD_ARGS, kill_build_after_image_chunks, one_torch_thread, val_reference
 from pipeline.cli import main
 from pipeline.manifest import read_manifest
 from teacher_cache.errors import StoreError
@@ -65,19 +62,7 @@ def test_a_shard_build_gives_the_json_builds_bytes_and_matches_its_own_manifest(
 def test_a_killed_shard_build_resumes_to_the_uninterrupted_store(demo_shards, reference, tmp_path):
     out = tmp_path / "store"
     command = ["build", demo_shards["val"], "--out", str(out), *BUILD_ARGS, "--json"]
-    proc = subprocess.Popen([str(BIN / "cusa-cache"), *command], env=one_thread_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while len(markers(out, "images")) < 2:
-            assert proc.poll() is None, "the build ended before two image chunks were marked finished"
-            assert time.monotonic() < deadline, "no image chunk finished within 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_build_after_image_chunks(command, out)
     done = markers(out, "images")
     with pytest.raises(StoreError, match="incomplete"):
         Store.open(out, require_complete=True)
