@@ -95,7 +95,9 @@ def main() -> None:
 def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher, batch_size, workers, device, k,
           factory, on_bad_image, overwrite, chunk_rows, image_column, caption_column, id_column, image_key,
           caption_key, id_field, as_json):
-    """Embed every image and caption of ANNOTATIONS with the teachers into the store --out."""
+    """Embed every image and caption of ANNOTATIONS (an annotation file, or webdataset shards:
+    'data/train-{000000..000127}.tar', '::'-joined patterns, a .tar or a list file) with the teachers into the
+    store --out."""
     from pipeline.build import BuildConfig, build_store
     from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 

@@ -5,6 +5,7 @@ Real teachers (efficientnet-lite0, MiniLM), real Zarr and FAISS, real tar shards
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 import webdataset as wds
 from click.testing import CliRunner
 
-from helpers_build import BUILD_ARGS, kill_build_after_image_chunks, one_torch_thread, val_reference
+from helpers_build import BIN, BUILD_ARGS, kill_build_after_image_chunks, one_thread_env, one_torch_thread, \
+    val_reference
 from pipeline.cli import main
 from pipeline.manifest import read_manifest
 from teacher_cache.errors import StoreError
@@ -128,3 +130,17 @@ def test_bad_samples_stop_the_build_in_one_line_naming_shard_and_key_or_are_skip
     assert not store.array("images")[1].any() and store.array("images")[0].any()
     info = CliRunner().invoke(main, ["info", str(tmp_path / "store"), "--json"])
     assert json.loads(info.stdout)["skipped_samples"] == summary["skipped_samples"]
+
+
+def test_two_torchrun_ranks_build_from_shards_in_disjoint_shares_to_the_json_builds_bytes(demo_shards, reference,
+                                                                                       tmp_path):
+    out = tmp_path / "store"
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.cli", "build",
+         demo_shards["val"], "--out", str(out), *BUILD_ARGS, "--json"],
+        env=one_thread_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["world_size"] == 2
+    assert_same_rows(out, reference)
+    done = Store.open(out).progress().done["images"]
+    assert {c: m["rank"] for c, m in done.items()} == {0: 0, 1: 1, 2: 1}  # each rank read only its images' rows
