@@ -110,6 +110,14 @@ def decode_image(stream: IO[bytes], where: str, max_pixels: int = DEFAULT_MAX_PI
         raise ImageError(f"{where}: cannot convert {img.mode} image to RGB ({e})") from None
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """An image already in memory, converted to 8-bit RGB exactly as ``load_image`` converts decoded files."""
+    try:
+        return _to_rgb(img)
+    except (ValueError, OSError) as e:
+        raise ImageError(f"cannot convert {img.mode} image to RGB ({e})") from None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":

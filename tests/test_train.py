@@ -270,17 +270,17 @@ KILLED_IN_THIRD_EPOCH = """
 import os, signal, sys
 import torch
 torch.set_num_threads(int(sys.argv[1]))
-import train.trainer as trainer
+from train.metrics_log import MetricsLogger
 from train.cli import train_main
 
-append = trainer._append_jsonl
+log = MetricsLogger.log
 
-def append_then_die(path, record):
-    append(path, record)
+def log_then_die(self, record):
+    log(self, record)
     if record["kind"] == "step" and record["epoch"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
 
-trainer._append_jsonl = append_then_die
+MetricsLogger.log = log_then_die
 train_main.main(sys.argv[2:], prog_name="cusa-train")
 """
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from helpers_train import (METRIC_KEYS, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
+from helpers_train import (METRIC_KEYS, TINY_CLIP, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
                            subprocess_env, train_args)
 from pipeline.manifest import read_manifest
 from teacher_cache.errors import StoreMismatch
@@ -25,14 +25,6 @@ from train.features import frozen_features
 from train.trainer import default_feature_cache
 
 FROZEN_SPECS = ("efficientnet-lite0", "minilm-l6")  # the default student's backbones = the demo cache's teachers
-
-# A CLIP small enough to train an epoch on CPU in seconds (randomly initialised: the folder holds only a config).
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():

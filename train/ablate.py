@@ -156,18 +156,55 @@ def aggregate(settings: list[Setting]) -> list[dict]:
         row["baseline"] = base.name if base else None
         row["gain"] = ({k: row["mean"][k] - by_name[base.name]["mean"][k] for k in METRIC_KEYS}
                        if base is not None else None)
+        row["paired_gain"] = paired_gain(s.runs, base.runs) if base is not None and base is not s else None
     return rows
+
+
+def paired_gain(runs: list[dict], baseline_runs: list[dict]) -> dict | None:
+    """The gain over the baseline seed by seed: a run and its baseline with the same seed share the initialisation
+    and the batches, so their difference leaves out the seed-to-seed spread that the difference of means keeps.
+
+    {"pairs", "seeds", "mean", "std", "positive", "per_seed"}: mean and std (n−1) of the per-pair gains of every
+    metric, how many pairs gained (> 0), and each pair's rsum gain; None when no seed has both runs.
+    """
+    base_by_seed = {r["seed"]: r for r in baseline_runs if "seed" in r}
+    seeds = sorted(r["seed"] for r in runs if r.get("seed") in base_by_seed)
+    if not seeds:
+        return None
+    by_seed = {r["seed"]: r for r in runs}
+    diffs = {k: [by_seed[s][k] - base_by_seed[s][k] for s in seeds] for k in METRIC_KEYS}
+    mean, std = {}, {}
+    for k in METRIC_KEYS:
+        mean[k], std[k] = _mean_std(diffs[k])
+    return {"pairs": len(seeds), "seeds": seeds, "mean": mean, "std": std,
+            "positive": {k: sum(d > 0 for d in diffs[k]) for k in METRIC_KEYS},
+            "per_seed": {str(s): d for s, d in zip(seeds, diffs["rsum"])}}
 
 
 def results_markdown(payload: dict) -> str:
     lines = [f"# Ablation results ({payload['seeds']} seed(s) per setting, {payload['eval_split']} split of "
              f"{payload['eval_data']})", "",
-             "| setting | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | gain vs contrastive |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | gain vs contrastive "
+             "| paired rsum gain (pairs > 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in payload["settings"]:
         cells = [f"{row['mean'][k]:.1f} ± {row['std'][k]:.1f}" for k in METRIC_KEYS]
         gain = row["gain"]["rsum"] if row["gain"] else None
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}'} |")
+        paired = row.get("paired_gain")
+        paired_cell = (f"{paired['mean']['rsum']:+.1f} ± {paired['std']['rsum']:.1f} "
+                       f"({paired['positive']['rsum']}/{paired['pairs']})" if paired else "")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}'} "
+                     f"| {paired_cell} |")
+    paired = [row for row in payload["settings"] if row.get("paired_gain")]
+    if paired:
+        lines += ["", "Paired gains: each run minus its baseline run with the same seed (same initialisation and "
+                  "batches), mean ± std over the pairs, and how many pairs gained:", "",
+                  "| setting | pairs | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+        for row in paired:
+            p = row["paired_gain"]
+            lines.append(f"| {row['name']} | {p['pairs']} | " + " | ".join(
+                f"{p['mean'][k]:+.1f} ± {p['std'][k]:.1f} ({p['positive'][k]}/{p['pairs']})" for k in METRIC_KEYS)
+                + " |")
     c = payload["counts"]
     lines += ["", f"Runs: {c['runs']} ({c['trained']} trained now, {c['resumed']} resumed, "
               f"{c['skipped_finished']} already finished). Teacher passes: {c['teacher_passes']}. "

@@ -39,21 +39,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Settings shared by every run.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]))
+@click.option("--report-to", default=None, metavar="none|tensorboard",
+              help="TensorBoard scalars of every run, each in its own run folder (tensorboard --logdir OUT/runs).")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
-                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler, fmt,
-                image_key, caption_key, id_field, as_json):
+                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
+                report_to, fmt, image_key, caption_key, id_field, as_json):
     """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains."""
     from train.ablate import run_grid
 
     flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
              "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler, "format": fmt, "image_key": image_key,
-             "caption_key": caption_key, "id_field": id_field}
+             "text_cache": text_cache, "sampler": sampler, "report_to": report_to, "format": fmt,
+             "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
                        eval_split=eval_split, show=not as_json)

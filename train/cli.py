@@ -49,22 +49,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
               help="Caption soft labels from this store instead of --cache.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]),
               help="Batches of random pairs, or of teacher-neighbor groups from the cache [default: random].")
+@click.option("--report-to", default=None, metavar="none|tensorboard",
+              help="Also write every value of metrics.jsonl as TensorBoard scalars in RUN/tensorboard "
+                   "(tensorboard --logdir RUN) [default: none].")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
-               config_file, overrides, split, val_split, workers, image_cache, text_cache, sampler, fmt, image_key,
-               caption_key, id_field, as_json):
+               config_file, overrides, split, val_split, workers, image_cache, text_cache, sampler, report_to, fmt,
+               image_key, caption_key, id_field, as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "out": out,
              "split": split, "val_split": val_split, "workers": workers, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler, "format": fmt, "image_key": image_key,
-             "caption_key": caption_key, "id_field": id_field}
+             "text_cache": text_cache, "sampler": sampler, "report_to": report_to, "format": fmt,
+             "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     cfg = build_config(preset, config_file, flags, list(overrides))
     summary = train(cfg, resume=resume, show_progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -101,14 +104,24 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--eccv", "eccv_captions", default=None, type=click.Path(dir_okay=False), metavar="CAPTIONS_JSON",
               help="ECCV Caption mAP@R, R-P, R@1 on the COCO 5K test split of --data; give COCO's "
                    "captions_val2014.json (captions are named by its annotation ids).")
+@click.option("--compare", "compare", default=None, type=click.Path(), metavar="RUN_B",
+              help="Evaluate a second run too: both tables and the gain RUN − RUN_B (and side-by-side examples).")
+@click.option("--examples", "n_examples", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Write retrieval examples of N test captions and N test images to --out: examples_t2i.png "
+                   "(top-5 images of each run, the ground truth framed) and examples.md.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for --examples [default: RUN/examples].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed that picks the examples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
 def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, batch_size, workers, image_labels,
-              image_embedding, sts, text_embedding, eccv_captions, as_json):
+              image_embedding, sts, text_embedding, eccv_captions, compare, n_examples, out_dir, seed, as_json):
     """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
 
+    if out_dir is not None and not n_examples:
+        raise click.UsageError("--out names the folder for --examples; add --examples N")
     if image_labels or sts or eccv_captions:
         from train.unimodal import read_extra_inputs
 
@@ -133,4 +146,39 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
                                                    progress=not as_json)
         result.update(extra)
         human += "\n" + extra_human
+    if compare is not None or n_examples:
+        human += "\n" + _compare_and_examples(result, run, data, split, device, batch_size, workers, compare,
+                                              n_examples, out_dir, seed, not as_json)
     emit(result, as_json, human)
+
+
+def _compare_and_examples(result: dict, run: str, data: str, split: str, device: str, batch_size: int, workers: int,
+                          compare: str | None, n_examples: int | None, out_dir: str | None, seed: int,
+                          progress: bool) -> str:
+    """``--compare``: RUN_B's recalls and the gain (added to ``result``); ``--examples``: the example files."""
+    from train.evaluate import format_table, gain
+    from train.evaluation_run import evaluate_run
+
+    human = []
+    runs = [run]
+    if compare is not None:
+        from train.search import run_labels
+
+        other = evaluate_run(compare, data, split=split, device=device, batch_size=batch_size, workers=workers,
+                             progress=progress)
+        keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+        result["compare"] = other
+        result["gain"] = gain(other, result)
+        a, b = run_labels([run, compare])
+        human.append(format_table({a: {k: result[k] for k in keys}, b: {k: other[k] for k in keys},
+                                   f"gain ({a} − {b})": result["gain"]}))
+        runs.append(compare)
+    if n_examples:
+        from train.evaluation_run import resolve_checkpoint
+        from train.examples import write_examples
+
+        out = out_dir or str(resolve_checkpoint(run).parent / "examples")
+        result["examples"] = write_examples(runs, data, split, n_examples, out, seed=seed, device=device,
+                                            batch_size=batch_size, workers=workers, progress=progress)
+        human.append(f"examples  {result['examples']['png']}, {result['examples']['md']}")
+    return "\n".join(human)

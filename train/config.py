@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train.losses import LossConfig
+from train.metrics_log import parse_report_to
 from train.students import DEFAULT_STUDENT
 
 LOSS_CHOICES = ("contrastive", "csa", "usa", "cusa")
@@ -74,6 +75,7 @@ class TrainConfig:
     sampler_group: int = 8  # teacher-neighbors: pairs per neighbor group
     gather: bool = False  # DDP: all-gather features, image ids and teacher rows across ranks
     log_every: int = 10
+    report_to: str = "none"  # none | tensorboard: metrics.jsonl's values also as TensorBoard scalars in RUN/tensorboard
     eval_batch_size: int = 256
     image_cache: str | None = None  # soft labels for images from another store (default: --cache)
     text_cache: str | None = None  # soft labels for captions from another store (default: --cache)
@@ -238,3 +240,4 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"soft_labels.mode must be dense or sparse, got {cfg.soft_labels.mode!r}")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+    parse_report_to(cfg.report_to)

@@ -113,17 +113,18 @@ class PairImages(Dataset):
 
 
 class ManifestImages(Dataset):
-    """Preprocessed images of a manifest, by image row (evaluation)."""
+    """Preprocessed images of a manifest (evaluation): every image in row order, or the given ``rows``."""
 
-    def __init__(self, manifest: Manifest, preprocess: Callable):
+    def __init__(self, manifest: Manifest, preprocess: Callable, rows=None):
         self.manifest = manifest
         self.preprocess = preprocess
+        self.rows = None if rows is None else [int(r) for r in rows]
 
     def __len__(self) -> int:
-        return len(self.manifest.images)
+        return len(self.manifest.images) if self.rows is None else len(self.rows)
 
-    def __getitem__(self, row: int):
-        return self.preprocess(open_image(self.manifest, row))
+    def __getitem__(self, i: int):
+        return self.preprocess(open_image(self.manifest, i if self.rows is None else self.rows[i]))
 
 
 def pair_loader(pairs: TrainingPairs, batches: list[np.ndarray], preprocess: Callable, tokenizer: Callable,

@@ -31,6 +31,7 @@ from train.config import TrainConfig
 from train.data import TrainingPairs, epoch_batches, join_pairs, load_config_split, pair_loader, shard_layout_of
 from train.evaluate import retrieval_metrics
 from train.losses import CusaLoss
+from train.metrics_log import MetricsLogger
 from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
 
 CHECKPOINT_LAST = "last.pt"
@@ -73,10 +74,13 @@ def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: s
     from train.features import frozen_features
 
     spec = parse_student_spec(cfg.student)
-    fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
-                         cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
-                         image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
-                         workers=cfg.workers, shard_layout=shard_layout_of(cfg))
+    # computing features draws from torch's global RNG (a DataLoader seeds its workers from it): isolated, so a run
+    # trains alike (dropout) whether its features were cached already or are computed now
+    with torch.random.fork_rng(devices=[]):
+        fs = frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
+                             cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                             image_root=cfg.image_root, reuse=stores, device=cfg.device, progress=progress,
+                             workers=cfg.workers, shard_layout=shard_layout_of(cfg))
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
 
 
@@ -248,6 +252,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     if ctx.is_main and metrics_path.exists():
         # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
         _truncate_jsonl(metrics_path, start_epoch)
+    logger = MetricsLogger(out, cfg.report_to) if ctx.is_main else None
     t_run = time.perf_counter()
     history = []
 
@@ -296,7 +301,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                 record = {"kind": "step", "epoch": epoch, "step": epoch * steps_per_epoch + step,
                           **{k: float(v.detach()) for k, v in terms.items()}, **loss_fn.temperatures(),
                           "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
-                _append_jsonl(metrics_path, record)
+                logger.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
         bar.close()
@@ -317,7 +322,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             dist.all_gather_object(every_rng, rng)
             rng = every_rng
         if ctx.is_main:
-            _append_jsonl(metrics_path, epoch_record)
+            logger.log(epoch_record)
             history.append(epoch_record)
             payload = {"student": student.state_dict(), "loss": loss_fn.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
@@ -334,6 +339,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                     msg += f"  val rsum {epoch_record['val']['rsum']:.1f} (best {best['rsum']:.1f} @ {best['epoch'] + 1})"
                 tqdm.write(msg)
         ctx.barrier()
+    if logger is not None:
+        logger.close()
 
     summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
                "best_val": best["metrics"], "train_pairs": len(pairs), "dropped_pairs": len(pairs.dropped),
@@ -393,11 +400,6 @@ def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> Non
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world_size)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_jsonl(path: Path, first_epoch: int) -> None:
