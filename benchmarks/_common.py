@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import tempfile
 import random
 import statistics
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -102,3 +105,15 @@ def captions(n: int, seed: int = 0) -> list[str]:
     """COCO-like captions (subject, action, place; 8 to 16 words): what a text teacher would see per batch."""
     rng = random.Random(seed)
     return [f"{rng.choice(_SUBJECTS)} {rng.choice(_ACTIONS)} {rng.choice(_PLACES)}." for _ in range(n)]
+
+
+@contextlib.contextmanager
+def scratch_folder(workdir: str | None, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created, kept) when given, else a temporary folder removed afterwards."""
+    if workdir:
+        root = Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

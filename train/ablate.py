@@ -26,7 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from train.config import TrainConfig, build_config
-from train.data import load_split
+from train.data import load_config_split
 from train.evaluation_run import evaluate_run
 from train.resume import CONFIG_FILE, HOW_NOT_WHAT, differences, extended_epochs
 from train.trainer import CHECKPOINT_LAST, train
@@ -148,7 +148,7 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
                                            list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])))
     first = runs[0][2]
     request = {"eval_data": eval_data, "eval_split": eval_split,
-               "eval_fingerprint": load_split(eval_data, eval_split, first.format, first.image_root).fingerprint()}
+               "eval_fingerprint": load_config_split(first, eval_data, eval_split).fingerprint()}
     # every run is checked before any trains: a grid that must refuse does so at once, not hours later
     plan = []
     for s, seed, cfg in runs:

@@ -10,6 +10,7 @@ import click
 import torch
 
 from pipeline.cli import emit, user_errors
+from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
 from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
-              help="Training annotations (required, except with --resume: the run's own).")
+              help="Training annotations, or webdataset shards ('train-{000000..000127}.tar', '::'-joined patterns, "
+                   "a .tar, or a list file); required, except with --resume (the run's own).")
 @click.option("--cache", default=None, type=click.Path(file_okay=False),
               help="Teacher cache (cusa-cache build; required, except with --resume: the run's own).")
 @click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
@@ -61,18 +63,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--report-to", default=None, metavar="none|tensorboard",
               help="Also write every value of metrics.jsonl as TensorBoard scalars in RUN/tensorboard "
                    "(tensorboard --logdir RUN) [default: none].")
+@click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data and --val-data [default: auto].")
+@shard_layout_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
                config_file, overrides, split, val_split, workers, on_bad_image, image_cache, text_cache, sampler,
-               report_to, as_json):
+               report_to, fmt, image_key, caption_key, id_field, as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
              "split": split, "val_split": val_split, "workers": workers, "on_bad_image": on_bad_image,
-             "image_cache": image_cache, "text_cache": text_cache, "sampler": sampler, "report_to": report_to}
+             "image_cache": image_cache, "text_cache": text_cache, "sampler": sampler, "report_to": report_to,
+             "format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     if resume:
         from train.resume import resume_config
 
@@ -101,8 +107,12 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(exists=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Annotations to evaluate on.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Annotations or webdataset shards to evaluate on.")
 @click.option("--split", default="test", show_default=True)
+@click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data [default: the run's setting].")
+@shard_layout_options(defaults_from_run=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
@@ -130,8 +140,9 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed that picks the examples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
-def eval_main(run, data, split, device, batch_size, workers, on_bad_image, image_labels, image_embedding, sts,
-              text_embedding, eccv_captions, compare, n_examples, out_dir, seed, as_json):
+def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, batch_size, workers, on_bad_image,
+              image_labels, image_embedding, sts, text_embedding, eccv_captions, compare, n_examples, out_dir, seed,
+              as_json):
     """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
@@ -144,7 +155,9 @@ def eval_main(run, data, split, device, batch_size, workers, on_bad_image, image
         # read the input files first: a mistake in one should not cost the whole retrieval evaluation
         image_labels, sts = read_extra_inputs(image_labels, sts, eccv_captions)
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                          progress=not as_json, on_bad_image=on_bad_image)
+                          progress=not as_json, on_bad_image=on_bad_image,
+                          source_options={"format": fmt, "image_key": image_key, "caption_key": caption_key,
+                                          "id_field": id_field})
     from train.evaluate import format_table
 
     table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",

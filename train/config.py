@@ -75,6 +75,9 @@ class TrainConfig:
     workers: int = 2
     format: str = "auto"
     image_root: str | None = None
+    image_key: str | None = None  # webdataset shards: image member extension(s) [default: jpg;jpeg;png;webp]
+    caption_key: str = "txt"  # webdataset shards: caption member (one caption per line), or json:FIELD
+    id_field: str | None = None  # webdataset shards: json field holding the image id [default: the sample key]
     split: str = "train"
     val_split: str = "val"
     sampler: str = "random"  # random | teacher-neighbors (batches of teacher-neighbor groups)

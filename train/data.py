@@ -10,21 +10,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import ImageError
-from pipeline.images import load_image
+from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from teacher_cache.errors import StoreMismatch
 from teacher_cache.store import Store
 
 
-def load_split(path: str, split: str, fmt: str = "auto", image_root: str | None = None) -> Manifest:
-    """The rows of one split of an annotation file (a file without split labels is one split)."""
-    return read_manifest(path, format=fmt, image_root=image_root).select_split(split)
+def load_split(path: str, split: str, fmt: str = "auto", image_root: str | None = None,
+               shard_layout: ShardLayout | None = None) -> Manifest:
+    """The rows of one split of an annotation file or shard source (a source without split labels is one split)."""
+    return read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout).select_split(split)
 
 
-def load_split_rows(path: str, split: str, fmt: str = "auto", image_root: str | None = None
-                    ) -> tuple[Manifest, np.ndarray]:
-    """One split of an annotation file and, for each of its images, the image's row in the whole file."""
-    manifest = read_manifest(path, format=fmt, image_root=image_root)
+def shard_layout_of(cfg) -> ShardLayout:
+    """The webdataset sample layout a training config names (its image_key, caption_key and id_field)."""
+    return ShardLayout(cfg.image_key, cfg.caption_key or DEFAULT_CAPTION_KEY, cfg.id_field)
+
+
+def load_config_split(cfg, path: str, split: str) -> Manifest:
+    """One split of ``path`` read the way a training config says (format, image root, shard layout)."""
+    return load_split(path, split, cfg.format, cfg.image_root, shard_layout_of(cfg))
+
+
+def load_split_rows(path: str, split: str, fmt: str = "auto", image_root: str | None = None,
+                    shard_layout: ShardLayout | None = None) -> tuple[Manifest, np.ndarray]:
+    """One split of an annotation file or shard source and, for each of its images, the image's row in the whole
+    source."""
+    manifest = read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout)
     return manifest.select_split(split), manifest.image_rows_of_split(split)
 
 
@@ -50,15 +63,15 @@ class BadImage(NamedTuple):
     message: str
 
 
-def read_image(path, preprocess: Callable, row: int, names: RowNames | None = None):
-    """The preprocessed image, or a BadImage naming the file, its store or annotation row (without ``names``: its
-    row in the caller's list) and the reason."""
+def read_image(manifest: Manifest, row: int, preprocess: Callable, names: RowNames | None = None):
+    """Image ``row`` of ``manifest`` preprocessed, or a BadImage naming the file (or shard member), its store or
+    annotation row (without ``names``: its row in ``manifest``) and the reason."""
     try:
-        return preprocess(load_image(path, row=None if names is not None else row))
+        return preprocess(open_image(manifest, row))
     except ImageError as exc:
         message = str(exc)
-        if names is not None and message.startswith(f"{path}: "):
-            message = f"{path} ({names(row)}): {message[len(str(path)) + 2:]}"
+        if names is not None:
+            message = message.replace(f"(image row {row})", f"({names(row)})", 1)
         return BadImage(int(row), message)
 
 
@@ -151,22 +164,23 @@ class PairImages(Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.image_rows[i])
-        image = read_image(self.manifest.image_path(row), self.preprocess, row, self.names)
+        image = read_image(self.manifest, row, self.preprocess, self.names)
         return image, self.manifest.captions[int(self.caption_rows[i])].text
 
 
 class ManifestImages(Dataset):
-    """Preprocessed images of a manifest, by image row."""
+    """Preprocessed images of a manifest (evaluation): every image in row order, or the given ``rows``."""
 
-    def __init__(self, manifest: Manifest, preprocess: Callable):
+    def __init__(self, manifest: Manifest, preprocess: Callable, rows=None):
         self.manifest = manifest
         self.preprocess = preprocess
+        self.rows = None if rows is None else [int(r) for r in rows]
 
     def __len__(self) -> int:
-        return len(self.manifest.images)
+        return len(self.manifest.images) if self.rows is None else len(self.rows)
 
-    def __getitem__(self, row: int):
-        return self.preprocess(load_image(self.manifest.image_path(row), row=row))
+    def __getitem__(self, i: int):
+        return self.preprocess(open_image(self.manifest, i if self.rows is None else self.rows[i]))
 
 
 class ManifestImageRows(Dataset):
@@ -185,7 +199,7 @@ class ManifestImageRows(Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.rows[i])
-        return row, read_image(self.manifest.image_path(row), self.preprocess, row, self.names)
+        return row, read_image(self.manifest, row, self.preprocess, self.names)
 
 
 def collate_rows(items) -> tuple[list[int], torch.Tensor | None, list[BadImage]]:

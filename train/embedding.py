@@ -110,6 +110,12 @@ class StudentEmbedder:
             self._backbones[modality] = encoder
         return self._backbones[modality]
 
+    def manifest_images(self, manifest, rows: Sequence[int], embedding: str = "uni") -> torch.Tensor:
+        """Embeddings of a manifest's images by row, whether files or members of webdataset shards."""
+        from train.data import ManifestImages
+
+        return self.image_dataset(lambda preprocess: ManifestImages(manifest, preprocess, rows), embedding)
+
     @property
     def dim(self) -> int:
         return int(self.student.embed_dim)

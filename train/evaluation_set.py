@@ -11,6 +11,7 @@ rows by path (or by id and file name); an image-level student also finds out whi
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -21,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.errors import ImageError
-from pipeline.manifest import CaptionRecord, Manifest
+from pipeline.manifest import Manifest
 from teacher_cache.store import Store
-from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows
+from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows, shard_layout_of
 from train.evaluate import evaluate_embeddings, retrieval_metrics
 from train.features import run_frozen_features, skip_reason
 from train.students import parse_student_spec
@@ -73,10 +74,10 @@ def without_images(manifest: Manifest, rows: Iterable[int]) -> tuple[Manifest, n
     kept_images = np.array([r for r in range(len(manifest.images)) if r not in drop], dtype=np.int64)
     new_row = {int(old): new for new, old in enumerate(kept_images)}
     kept_captions = np.array([j for j, c in enumerate(manifest.captions) if c.image_row in new_row], dtype=np.int64)
-    sub = Manifest(images=[manifest.images[r] for r in kept_images],
-                   captions=[CaptionRecord(manifest.captions[j].text, new_row[manifest.captions[j].image_row])
-                             for j in kept_captions],
-                   source=manifest.source, image_root=manifest.image_root, format=manifest.format)
+    sub = dataclasses.replace(manifest, images=[manifest.images[r] for r in kept_images],
+                              captions=[dataclasses.replace(manifest.captions[j],
+                                                            image_row=new_row[manifest.captions[j].image_row])
+                                        for j in kept_captions])
     return sub, kept_images, kept_captions
 
 
@@ -96,7 +97,7 @@ def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], de
     """Load ``split`` of ``annotations`` for evaluation by a student trained with ``cfg``: the images its stores
     list as skipped and, for a frozen student, its backbone features (from a store that holds them, or computed
     once into the feature cache; an image a store already skipped is skipped there too)."""
-    manifest, file_rows = load_split_rows(annotations, split, cfg.format, cfg.image_root)
+    manifest, file_rows = load_split_rows(annotations, split, cfg.format, cfg.image_root, shard_layout_of(cfg))
     known = skipped_by_stores(manifest, stores)
     names = RowNames(file_rows, str(annotations))
     for store in stores:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.data import ManifestImages
+from train.data import ManifestImages, shard_layout_of
 from train.model import TrainedModel, load_model
 from train.search import Collection, collection_index, read_collection, run_labels
 
@@ -104,7 +104,8 @@ def write_examples(runs: list[str], data: str, split: str, n: int, out: str | os
     out_dir.mkdir(parents=True, exist_ok=True)
     models: list[TrainedModel] = [load_model(r, device=device, batch_size=batch_size, workers=workers) for r in runs]
     cfg = models[0].config
-    col = read_collection(data, split=split, fmt=cfg.format, image_root=cfg.image_root)
+    col = read_collection(data, split=split, fmt=cfg.format, image_root=cfg.image_root,
+                          shard_layout=shard_layout_of(cfg))
     if col.kind != "annotations":
         raise ValueError(f"{data}: examples need captions with their images (an annotation file)")
     rankings = []

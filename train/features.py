@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.shards import ShardLayout
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.students import parse_student_spec
@@ -69,7 +70,8 @@ def _from_store(store: Store, fingerprint: str, computed: bool) -> FeatureSet:
 def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
                     feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
                     reuse: list[Store] | None = None, device: str = "auto", progress: bool = True,
-                    workers: int = 2, on_bad_image: str = "fail") -> FeatureSet:
+                    workers: int = 2, shard_layout: ShardLayout | None = None, on_bad_image: str = "fail"
+                    ) -> FeatureSet:
     """Features of every image and caption of a dataset (``annotations`` at ``split``) by the two backbones.
 
     Order: a store in ``reuse`` whose encoders are the backbones and which holds the dataset (no compute);
@@ -93,9 +95,11 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
     # deferred import: only this path runs backbones (the registry's encoders)
     from pipeline.build import BuildConfig, build_store
 
+    layout = shard_layout or ShardLayout()
     build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
                             split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
                             device=device, progress=progress, workers=workers, chunk_rows=4096,
+                            image_key=layout.image_key, caption_key=layout.caption_key, id_field=layout.id_field,
                             on_bad_image=on_bad_image))
     if dist.is_available() and dist.is_initialized():
         # under torchrun every rank embeds a share, but only rank 0 finishes the store: wait for its mark
@@ -103,10 +107,11 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
     return _from_store(Store.open(path, require_complete=True), fingerprint, computed=True)
 
 
-
 def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, stores: list[Store], device: str,
                         progress: bool, on_bad_image: str = "fail") -> FeatureSet:
     """The features of a dataset for the frozen student of a run's TrainConfig ``cfg``, in its feature cache."""
+    from train.data import shard_layout_of
+
     spec = parse_student_spec(cfg.student)
     # computing features draws from torch's global RNG (a DataLoader seeds its workers from it): isolated, so a run
     # trains alike (dropout) whether its features were cached already or are computed now
@@ -114,4 +119,4 @@ def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, sto
         return frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
                                cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
                                image_root=cfg.image_root, reuse=stores, device=device, progress=progress,
-                               workers=cfg.workers, on_bad_image=on_bad_image)
+                               workers=cfg.workers, shard_layout=shard_layout_of(cfg), on_bad_image=on_bad_image)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.manifest import Manifest
+from pipeline.shards import ShardLayout
 from train.data import ManifestImages, load_split
 from train.model import TrainedModel
 
@@ -61,12 +62,12 @@ class Collection:
 
 
 def read_collection(source: str | os.PathLike, split: str = "all", fmt: str = "auto",
-                    image_root: str | None = None) -> Collection:
-    """An image folder, or one split ("all": every image) of an annotation file."""
+                    image_root: str | None = None, shard_layout: ShardLayout | None = None) -> Collection:
+    """An image folder, or one split ("all": every image) of an annotation file or shard source."""
     path = Path(source)
     if path.is_dir():
         return _image_folder(path)
-    manifest = load_split(str(source), split, fmt, image_root)
+    manifest = load_split(str(source), split, fmt, image_root, shard_layout)
     digest = hashlib.sha256(_ANNOTATION_FINGERPRINT_VERSION.encode())
     # the manifest's fingerprint covers ids, paths, captions and splits; the root says which files those paths are
     digest.update(f"\n{manifest.fingerprint()}\n{os.path.abspath(manifest.image_root)}".encode())

@@ -29,7 +29,8 @@ from train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from train.checkpoint import rng_state as _rng_state
 from train.checkpoint import set_rng_state as _set_rng_state
 from train.config import TrainConfig
-from train.data import RowNames, TrainingPairs, drop_images, epoch_batches, join_pairs, load_split, pair_loader
+from train.data import (RowNames, TrainingPairs, drop_images, epoch_batches, join_pairs, load_config_split,
+                        pair_loader)
 from train.evaluation_set import evaluate_retrieval, evaluation_inputs
 from train.features import default_feature_cache, run_frozen_features  # noqa: F401 (re-exported)
 from train.losses import CusaLoss
@@ -159,7 +160,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     seed_everything(cfg.seed + ctx.rank)
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
-    manifest = load_split(cfg.data, cfg.split, cfg.format, cfg.image_root)
+    manifest = load_config_split(cfg, cfg.data, cfg.split)
     cache = Store.open(cfg.cache, require_complete=True)
     image_store = Store.open(cfg.image_cache, require_complete=True) if cfg.image_cache else cache
     text_store = Store.open(cfg.text_cache, require_complete=True) if cfg.text_cache else cache
@@ -364,6 +365,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     history = resume_history(out) if ctx.is_main else []
     summary = {"out": str(out), "epochs": cfg.epochs, "steps": total_steps, "best_epoch": best["epoch"],
                "best_val": best["metrics"], "train_pairs": len(pairs), "dropped_pairs": len(pairs.dropped),
+               "skipped_samples": len(manifest.skipped_samples),
                "seconds": seconds_before + time.perf_counter() - t_run, "backbone_passes": backbone_passes,
                "teacher_passes": 0, "loss_terms": list(cfg.losses.terms), "lr_groups": lrs, "device": device,
                "world_size": ctx.world_size, "resumes": len(history),

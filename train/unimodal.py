@@ -296,11 +296,11 @@ def run_extra_evaluations(result: dict, data: str, split: str, device: str, batc
         extra["sts"] = evaluate_sts(embedder, sts, text_embedding)
     human = format_unimodal(extra)
     if eccv_captions:
-        from train.data import load_split
+        from train.data import load_config_split
         from train.eccv import evaluate_eccv, format_eccv
 
         cfg = embedder.config
-        manifest = load_split(data, split, cfg.format, cfg.image_root)
+        manifest = load_config_split(cfg, data, split)
         extra["eccv"] = evaluate_eccv(embedder, manifest, eccv_captions, progress=progress)
         human = "\n".join(x for x in (human, format_eccv(extra["eccv"])) if x)
     return extra, human
