@@ -42,7 +42,15 @@ def test_a_lower_lr_with_its_own_min_lr_is_accepted_whatever_order_the_layers_gi
     path.write_text(json.dumps({"min_lr": 1e-7}))
     assert build_config("paper", str(path), flags={"lr": 1e-5}).min_lr == 1e-7
     with pytest.raises(ValueError, match=r"min_lr must lie in \[0, lr = 1e-05\], got 0.0001"):
-        build_config("paper", flags={"lr": 1e-5})
+        build_config("paper", flags={"lr": 1e-5}, overrides=["min_lr=1e-4"])
+
+
+def test_an_lr_given_without_min_lr_keeps_the_presets_floor_at_the_same_fraction():
+    # the frozen default decays 1e-3 -> 1e-4 and open_clip 1e-5 -> 1e-6: a tenth of the peak, whatever --lr says
+    assert build_config("paper", flags={"lr": 1e-5}).min_lr == pytest.approx(1e-6)
+    assert build_config("paper", overrides=["lr=3e-4"]).min_lr == pytest.approx(3e-5)
+    clip = build_config("paper", flags={"student": "open_clip:ViT-B-32", "lr": 2e-5})
+    assert clip.min_lr == pytest.approx(2e-6)
 
 
 def test_a_preset_without_per_student_values_sets_its_lr_for_every_student(monkeypatch):

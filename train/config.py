@@ -140,8 +140,13 @@ def build_config(preset: str = "paper", config_file: str | None = None, flags: M
     per_student = PRESETS[preset].get(STUDENT_DEFAULTS_KEY, {}).get(kind)
     if per_student:
         cfg = apply_overrides(cfg, per_student)
+    ratio = cfg.min_lr / cfg.lr  # the preset's schedule floor, relative to its peak
     for layer in layers:
         cfg = apply_overrides(cfg, layer)
+    given = set().union(*(_flatten(layer) for layer in layers)) if layers else set()
+    if "lr" in given and "min_lr" not in given:
+        # an lr asked for without a floor keeps the preset's shape: the cosine ends at the same fraction of it
+        cfg = apply_overrides(cfg, {"min_lr": cfg.lr * ratio})
     return check_schedule(cfg)
 
 
