@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -9,7 +10,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,16 +49,6 @@ def machine_line(info: dict) -> str:
             f"{info['torch_threads']} threads (OMP_WAIT_POLICY {info['omp_wait_policy']}); load average at start {info['load_avg_at_start'][0]} "
             "(other processes share the cores: compare ratios measured side by side, not absolute times "
             "across runs)")
-
-
-def work_folder(workdir: str | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    """``workdir`` (created), or a temporary folder to clean up afterwards (returned second)."""
-    if workdir:
-        path = Path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
-        return path, None
-    tmp = tempfile.TemporaryDirectory(prefix=prefix)
-    return Path(tmp.name), tmp
 
 
 def median(values: list[float]) -> float:
@@ -154,3 +145,15 @@ def make_store(path: Path, n_images: int, image_dim: int, n_captions: int, text_
                 bar.update(1)
     store.finalize({"synthetic": True})
     return Store.open(path, require_complete=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(workdir: str | None, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created, kept) when given, else a temporary folder removed afterwards."""
+    if workdir:
+        root = Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

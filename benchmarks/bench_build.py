@@ -31,6 +31,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, median, rotated, spread, work_folder  # noqa: E402
+from _common import machine, machine_line, median, rotated, spread  # noqa: E402
 
 import pipeline.build as build_module  # noqa: E402
 from pipeline.build import BuildConfig, build_store  # noqa: E402
@@ -184,7 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine()
     print(machine_line(info), flush=True)
 
-    root, tmp = work_folder(args.workdir, "cusa-bench-build-")
+    tmp = None
+    if args.workdir:
+        root = Path(args.workdir)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="cusa-bench-build-")
+        root = Path(tmp.name)
     try:
         t0 = time.perf_counter()
         annotations, data = make_jpeg_dataset(root, args.images, args.width, args.height, args.jpeg_quality,

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (current_rss_bytes, machine, machine_line, make_store, median, peak_rss_bytes,  # noqa: E402
-                     rotated, work_folder)
+                     rotated, scratch_folder)
 
 from teacher_cache.soft_labels import SoftLabelSource, dense_bytes, read_ahead_bytes  # noqa: E402
 from teacher_cache.store import Store  # noqa: E402
@@ -174,10 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.rows or [1_000_000, 4_000_000]
     info = machine()
     print(machine_line(info), flush=True)
-    workdir, tmp = work_folder(args.workdir, "cusa-bench-stream-")
     results: list[dict] = []
     stores: dict[int, dict] = {}
-    try:
+    with scratch_folder(args.workdir, "cusa-bench-stream-") as workdir:
         for n in sizes:
             n_images = max(1, n // args.captions_per_image)
             path = workdir / f"store-{n}"
@@ -207,9 +206,6 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(summarise_runs(runs[mode]))
             if not args.keep:
                 shutil.rmtree(path, ignore_errors=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     ratios = {}
     for n in sizes:
         by = {r["mode"]: r for r in results if r["rows"] == n}

@@ -40,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (captions, current_rss_bytes, machine, machine_line, make_store, median,  # noqa: E402
-                     peak_rss_bytes, rotated, spread, work_folder)
+                     peak_rss_bytes, rotated, spread)
 
 from teacher_cache.soft_labels import SoftLabelSource  # noqa: E402
 from teacher_cache.store import Store  # noqa: E402
@@ -328,7 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(machine_line(info), flush=True)
     result: dict = {"benchmark": "bench_train_step", "machine": info,
                     "authors_ratios_4xV100": AUTHORS, "target_cached_ratio": TARGET_CACHED_RATIO}
-    workdir, tmp = work_folder(args.workdir, "cusa-bench-train-")
+    tmp = None
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="cusa-bench-train-")
+        workdir = Path(tmp.name)
     try:
         torch.manual_seed(args.seed)
         kinds = ["contrastive", "cached", "text-live"] + (["both-live"] if args.both_live else [])

@@ -17,8 +17,8 @@ from helpers_train import (assert_identical, invoke, invoke_json, one_torch_thre
                            train_args, without_timings)
 from train.cli import train_main
 
-# 210 pairs in batches of 32: 7 steps an epoch. Every 3 steps: mid-epoch checkpoints after run-wide steps 3 and 6
-# (epoch 1), 9 and 12 (epoch 2: its steps 2 and 5), ...
+# 210 pairs in batches of 32: 7 steps an epoch (numbered from 1). Every 3 steps: mid-epoch checkpoints after run-wide
+# steps 3 and 6 (epoch 1), 9 and 12 (epoch 2: its steps 2 and 5), ...
 EVERY = ("--save-every-steps", "3", "--set", "log_every=1")
 
 # Dies right after the first step logged behind the first mid-epoch checkpoint of the second epoch: last.pt then holds
@@ -28,22 +28,23 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 import train.trainer as trainer
+from train.metrics_log import MetricsLogger
 from train.cli import train_main
 
-save, append = trainer.save_checkpoint, trainer._append_jsonl
+save, log = trainer.save_checkpoint, MetricsLogger.log
 saved = []
 
 def save_and_note(path, payload):
     save(path, payload)
-    if "partial_epoch" in payload and payload["epoch"] >= 0:
+    if "partial_epoch" in payload and payload["epoch"] >= 1:
         saved.append(payload["partial_epoch"])
 
-def append_then_die(path, record):
-    append(path, record)
+def log_then_die(self, record):
+    log(self, record)
     if saved and record["kind"] == "step":
         os.kill(os.getpid(), signal.SIGKILL)
 
-trainer.save_checkpoint, trainer._append_jsonl = save_and_note, append_then_die
+trainer.save_checkpoint, MetricsLogger.log = save_and_note, log_then_die
 train_main.main(sys.argv[1:], prog_name="cusa-train")
 """
 
@@ -76,7 +77,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_uninterr
                                                                                            tmp_path):
     killed, summary, _ = straight_and_resumed(
         lambda out: train_args(demo_dir, demo_cache, out, *EVERY, epochs=3, val=True), tmp_path)
-    assert killed["epoch"] == 0 and killed["partial_epoch"]["epoch"] == 1 and killed["partial_epoch"]["steps"] == 2
+    assert killed["epoch"] == 1 and killed["partial_epoch"]["epoch"] == 2 and killed["partial_epoch"]["steps"] == 2
     assert set(killed["partial_epoch"]["sums"]) == {"loss", "contrastive", "csa", "usa"}
     assert summary["steps"] == 21
 

@@ -12,7 +12,7 @@ Conventions shared by every function here:
   significant digits, too coarse for logits scaled by 1/τ (up to 100) and for KL values that are
   small differences of large terms.
 - Teacher blocks never receive gradients: they are detached and upcast before use.
-- A teacher entry of ``-inf`` means "this pair is not among the cached top-K neighbours" (the
+- A teacher entry of ``-inf`` means "this pair is not among the cached top-K neighbors" (the
   sparse soft-label mode). It gets probability 0 in the teacher distribution and contributes
   nothing to the KL or the soft cross-entropy (0·log 0 = 0). Every row must keep at least one
   finite entry; the diagonal (self-similarity) always qualifies. Treating an unknown pair as
@@ -41,6 +41,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from train.settings import coerce_setting
 
 REDUCTIONS = ("mean", "sum")
 FORMS = ("kl", "contrastive")
@@ -409,34 +411,6 @@ class UsaConfig:
         _check_choice(self.reduction, REDUCTIONS, "reduction")
 
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(value: Any, current: Any, path: str) -> Any:
-    """Convert a setting to the type of its current value (CLI values may arrive as strings)."""
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"loss setting {path} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)):
-        if isinstance(value, bool):
-            raise ValueError(f"loss setting {path} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"loss setting {path} must be a number, got {value!r}") from None
-    if isinstance(current, str):
-        if not isinstance(value, str):
-            raise ValueError(f"loss setting {path} must be a string, got {value!r}")
-        return value.strip().lower()
-    raise ValueError(f"loss setting {path} cannot be set to {value!r}")
-
-
 def _merge_setting(target: dict[str, Any], key: str, value: Any, path: str) -> None:
     if key not in target:
         target[key] = value
@@ -482,7 +456,9 @@ def _updated(obj: Any, updates: Mapping[str, Any], path: str) -> Any:
                 raise ValueError(f"loss setting {where} must be a mapping, got {value!r}")
             changes[key] = _updated(current, value, f"{where}.")
         else:
-            changes[key] = _coerce(value, current, where)
+            changes[key] = coerce_setting(value, current, where, "loss setting")
+            if isinstance(changes[key], str):
+                changes[key] = changes[key].strip().lower()  # mode names: "Add" means "add"
     try:
         return dataclasses.replace(obj, **changes)
     except ValueError as err:
