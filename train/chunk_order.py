@@ -7,7 +7,9 @@ at a time, as webdataset does with shards and a shuffle buffer:
 1. every training pair belongs to one *unit*: the stored chunk of its image or of its caption, whichever
    modality has fewer chunks among the pairs (images, in the usual five-captions-an-image layout). A unit's
    pairs then also cover a contiguous run of the other modality's chunks, because a manifest keeps each
-   image's captions together;
+   image's captions together. When the training data are webdataset shards, a unit is a shard: its samples are
+   one contiguous range of store rows (``pipeline.shards.shard_row_ranges``), so a window reads a few shards'
+   image members and the few chunks holding their teacher rows, and nothing else;
 2. the epoch shuffles the order of the units, splits them into windows of (at most) W, and shuffles the pairs of
    each window together, dealing the captions of one image into successive rounds (an image's captions would
    otherwise meet in one batch far more often than in a shuffle of the whole dataset when a window is only a few
@@ -35,13 +37,18 @@ class ChunkUnits:
     """Which unit (stored chunk) each training pair belongs to, and what a unit costs in decoded bytes."""
 
     unit_of_pair: np.ndarray  # int64 [n_pairs], 0..n_units-1 in store order
-    modality: str  # "images" | "texts": the modality whose chunks define the units
+    modality: str  # "images" | "texts": the modality whose chunks define the units; "shards": the data's shards
     unit_bytes: np.ndarray  # int64 [n_units]: decoded float16 bytes of the chunks a unit's pairs read
     chunks_read: dict[str, int]  # per modality: the stored chunks holding rows of the training pairs
 
     @property
     def n_units(self) -> int:
         return len(self.unit_bytes)
+
+    @property
+    def name(self) -> str:
+        """What a unit is, for messages: "image chunks", "caption chunks" or "shards"."""
+        return {"images": "image chunks", "texts": "caption chunks"}.get(self.modality, self.modality)
 
     def window_for(self, budget_bytes: int, reserved_bytes: int = 0) -> int:
         """The largest W whose units fit the budget (less ``reserved_bytes``, e.g. chunks decoded ahead) with room
@@ -56,33 +63,62 @@ class ChunkUnits:
 
 
 def pair_units(pairs: TrainingPairs, image_store, text_store) -> ChunkUnits:
-    """Units of the training pairs in ``image_store``/``text_store`` (see the module docstring)."""
+    """Units of the training pairs in ``image_store``/``text_store``: their shards when the training data are
+    webdataset shards, else stored chunks (see the module docstring)."""
     return row_units(pairs.store_image_rows[str(image_store.path)][pairs.image_rows],
-                     pairs.store_caption_rows[str(text_store.path)][pairs.caption_rows], image_store, text_store)
+                     pairs.store_caption_rows[str(text_store.path)][pairs.caption_rows], image_store, text_store,
+                     shard_of_pair(pairs))
 
 
-def row_units(image_rows: np.ndarray, caption_rows: np.ndarray, image_store, text_store) -> ChunkUnits:
-    """Units of pairs given by their store rows: pair i is (image_rows[i], caption_rows[i])."""
+def shard_of_pair(pairs: TrainingPairs) -> np.ndarray | None:
+    """The shard (numbered in shard order) of each training pair when the data are webdataset shards, else None."""
+    captions = pairs.manifest.captions
+    if not captions or captions[0].shard is None:
+        return None
+    number: dict[str, int] = {}
+    of_caption = np.fromiter((number.setdefault(c.shard, len(number)) for c in captions), dtype=np.int64,
+                             count=len(captions))
+    return of_caption[pairs.caption_rows]
+
+
+def row_units(image_rows: np.ndarray, caption_rows: np.ndarray, image_store, text_store,
+              unit_of_pair: np.ndarray | None = None) -> ChunkUnits:
+    """Units of pairs given by their store rows (pair i is (image_rows[i], caption_rows[i])): the stored chunks of
+    one modality, or the units ``unit_of_pair`` names (shards), each costing the chunks of both modalities its
+    pairs read."""
     rows = {"images": np.asarray(image_rows, dtype=np.int64), "texts": np.asarray(caption_rows, dtype=np.int64)}
     stores = {"images": image_store, "texts": text_store}
     chunk = {m: rows[m] // stores[m].chunk_rows for m in rows}
     counts = {m: len(np.unique(chunk[m])) for m in chunk}
-    unit_mod = "images" if counts["images"] <= counts["texts"] else "texts"
-    other = "texts" if unit_mod == "images" else "images"
-    # renumber the units 0..n-1 in store order (a split's pairs may skip chunks of other splits)
-    unit_chunks, unit_of_pair = np.unique(chunk[unit_mod], return_inverse=True)
     row_bytes = {m: 2 * stores[m].dims[m] for m in stores}
 
     def chunk_bytes(m: str, c: np.ndarray) -> np.ndarray:
         n = stores[m].counts[m]
         return (np.minimum((c + 1) * stores[m].chunk_rows, n) - c * stores[m].chunk_rows) * row_bytes[m]
 
-    # every (unit, chunk of the other modality) pair once: the other modality's chunks each unit reads
-    touched = np.unique(unit_of_pair.astype(np.int64) * (chunk[other].max() + 1) + chunk[other])
-    t_unit, t_chunk = touched // (chunk[other].max() + 1), touched % (chunk[other].max() + 1)
-    unit_bytes = chunk_bytes(unit_mod, unit_chunks).astype(np.int64)
-    np.add.at(unit_bytes, t_unit, chunk_bytes(other, t_chunk))
-    return ChunkUnits(unit_of_pair.astype(np.int64), unit_mod, unit_bytes, counts)
+    def touched_bytes(units: np.ndarray, n_units: int, m: str) -> np.ndarray:
+        """Per unit, the bytes of the distinct chunks of ``m`` its pairs read."""
+        width = int(chunk[m].max()) + 1
+        touched = np.unique(units * width + chunk[m])
+        out = np.zeros(n_units, dtype=np.int64)
+        np.add.at(out, touched // width, chunk_bytes(m, touched % width))
+        return out
+
+    if unit_of_pair is not None:
+        # renumber 0..n-1 in the order the units first hold a pair
+        _, first, inverse = np.unique(np.asarray(unit_of_pair), return_index=True, return_inverse=True)
+        unit_of_pair = np.argsort(np.argsort(first))[inverse].astype(np.int64)
+        n_units = int(unit_of_pair.max()) + 1 if len(unit_of_pair) else 0
+        unit_bytes = touched_bytes(unit_of_pair, n_units, "images") + touched_bytes(unit_of_pair, n_units, "texts")
+        return ChunkUnits(unit_of_pair, "shards", unit_bytes, counts)
+    unit_mod = "images" if counts["images"] <= counts["texts"] else "texts"
+    other = "texts" if unit_mod == "images" else "images"
+    # renumber the units 0..n-1 in store order (a split's pairs may skip chunks of other splits)
+    unit_chunks, unit_of_pair = np.unique(chunk[unit_mod], return_inverse=True)
+    unit_of_pair = unit_of_pair.astype(np.int64)
+    unit_bytes = chunk_bytes(unit_mod, unit_chunks).astype(np.int64) + touched_bytes(unit_of_pair, len(unit_chunks),
+                                                                                     other)
+    return ChunkUnits(unit_of_pair, unit_mod, unit_bytes, counts)
 
 
 def chunk_local_batches(unit_of_pair: np.ndarray, batch_size: int, seed: int, epoch: int, window: int,

@@ -48,7 +48,7 @@ class TeacherRowsPlan:
             return f"soft labels: {self.mode} ({self.reason})"
         whole = " = every chunk: the full shuffle" if self.window >= self.units.n_units else ""
         return (f"soft labels: stream ({self.reason}); chunk-local order, the pairs of {self.window} of "
-                f"{self.units.n_units} {self.units.modality[:-1]} chunks shuffled together{whole}")
+                f"{self.units.n_units} {self.units.name} shuffled together{whole}")
 
     def summary(self, peak_bytes: int | None, chunk_stats: dict | None, sampler: str, epochs_read: int) -> dict:
         """The summary.json entries: soft_labels_mode, teacher_rows_mib and how the rows were held (streamed: how
@@ -90,9 +90,10 @@ def plan_teacher_rows(settings: SoftLabelConfig, needs_teacher: bool, pairs: Tra
         need = 1.25 * int(units.unit_bytes.max()) + reserved
         raise ValueError(
             f"soft_labels.max_memory_mib={settings.max_memory_mib:g} cannot hold one window of stored chunks "
-            f"({need / MIB:.2f} MiB: one {units.modality[:-1]} chunk with the other modality's chunks it reads, "
-            "room for the next and the chunks decoded ahead); raise it, or build the store with a smaller "
-            "--chunk-rows")
+            f"({need / MIB:.2f} MiB: one of its {len(units.unit_bytes)} {units.name} with the chunks its pairs "
+            "read, room for the next and the chunks decoded ahead); raise it, or build the store with a smaller "
+            "--chunk-rows"
+            + (" (or write smaller shards)" if units.modality == "shards" else ""))
     window = settings.window or fitting
     if settings.window and settings.window > fitting:
         why += (f"; soft_labels.window={settings.window} needs more than the budget holds ({fitting}): chunks "
