@@ -32,9 +32,11 @@ def _one_torch_thread():
 
 
 def run(demo_dir, demo_cache, out, *extra, epochs=1) -> tuple[dict, str]:
-    result = invoke(train_main, train_args(demo_dir, demo_cache, out, *extra, epochs=epochs))
+    """summary.json and the console log of a run (without --json, which prints the summary only)."""
+    args = [a for a in train_args(demo_dir, demo_cache, out, *extra, epochs=epochs) if a != "--json"]
+    result = invoke(train_main, args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout), result.stderr
+    return json.loads((out / "summary.json").read_text()), result.stderr
 
 
 def test_auto_holds_the_rows_in_memory_when_both_modalities_fit_and_says_so(demo_dir, demo_cache, tmp_path):

@@ -174,8 +174,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     rows_plan.note_short_window(cfg.batch_size * ctx.world_size)
     if rows_plan.stream and cfg.sampler != "random":
         rows_plan.reason += f"; the {cfg.sampler} sampler's batches are not chunk-local, expect slower reads"
-    if ctx.is_main:
-        print(rows_plan.describe(), file=sys.stderr, flush=True)
+    if show:  # (with --json the plan is in summary.json only)
+        tqdm.write(rows_plan.describe(), file=sys.stderr)
     if cfg.losses.needs_teacher:
         soft = SoftLabelSource(image_store, text_store, mode=cfg.soft_labels.mode, k=cfg.soft_labels.k,
                                stream=rows_plan.stream, device=device, max_memory_bytes=rows_plan.budget_bytes)
