@@ -25,7 +25,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from teacher_cache.chunk_cache import READ_AHEAD_CHUNKS, ChunkReader, StreamedRows
+from teacher_cache.chunk_cache import READ_AHEAD_CHUNKS, StreamedRows
+from teacher_cache.chunk_reader import ChunkReader
 from teacher_cache.errors import StoreError
 from teacher_cache.store import MODALITIES, Store
 

@@ -11,7 +11,8 @@ import torch
 import zarr
 from numcodecs import blosc
 
-from teacher_cache.chunk_cache import NEVER, ChunkCache, ChunkReader, StreamedRows
+from teacher_cache.chunk_cache import NEVER, ChunkCache, StreamedRows
+from teacher_cache.chunk_reader import ChunkReader
 from teacher_cache.errors import StoreError
 from teacher_cache.soft_labels import SoftLabelSource, read_ahead_bytes
 from teacher_cache.store import Store
