@@ -10,6 +10,9 @@ Spec strings (the same ones the CLI, the store's teacher identities and the froz
            "open_clip:ARCH[:CHECKPOINT_OR_TAG]"     the image tower of an open_clip model
            "precomputed:FEATURES.npy[:IDS.txt]"     features computed elsewhere (e.g. the Unicom features the
                                                     CUSA authors ship), looked up by image id
+           "grid:IMAGE_SPEC"                        the last feature map of an image backbone as regions
+                                                    (region-based students; pipeline/grid.py)
+    text   "none"                                   no text features (a store of image regions only)
 
 Every encoder returns float32 [n, dim], not normalised (the store normalises). `identity()` names the weights by
 content hash, so a cache built with other weights is refused rather than silently mixed.
@@ -46,7 +49,7 @@ MODALITIES = ("image", "text")
 ACCEPTED_SPECS = (
     'text: "minilm-l6", "sentence-transformers:NAME_OR_PATH", "open_clip:ARCH[:CHECKPOINT_OR_TAG]"; '
     'image: "efficientnet-lite0" (or -lite1, -lite2), "timm:NAME[:CHECKPOINT]", '
-    '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]"'
+    '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]", "grid:IMAGE_SPEC" (regions)'
 )
 
 # The TF EfficientNet-Lite models were trained on (pixel - 127) / 128 (efficientnet_lite_builder.py), not on the
@@ -712,6 +715,12 @@ def build_encoder(spec: str, modality: str, device: str = "cpu") -> Encoder:
     if kind in ("timm", "open_clip", "precomputed", "sentence-transformers") and not body:
         raise EncoderError(f"encoder spec {spec!r} names no model after '{kind}:'; accepted: {ACCEPTED_SPECS}")
 
+    if kind == "grid" or spec == "none":
+        from pipeline.grid import NoTextEncoder, build_grid_encoder
+
+        if (kind == "grid") != (modality == "image"):
+            raise wrong_modality()
+        return build_grid_encoder(spec, _check_device(device)) if kind == "grid" else NoTextEncoder()
     if spec == "minilm-l6":
         if modality != "text":
             raise wrong_modality()

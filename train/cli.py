@@ -20,12 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training annotations.")
 @click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache (cusa-cache build).")
 @click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
-              "frozen:efficientnet-lite0+minilm-l6) or open_clip:ARCH[:CHECKPOINT].")
+              "frozen:efficientnet-lite0+minilm-l6), open_clip:ARCH[:CHECKPOINT], or a region student "
+              "sgr:REGIONS / saf:REGIONS with REGIONS grid:IMAGE_SPEC or precomp:DIR.")
 @click.option("--val-data", default=None, type=click.Path(dir_okay=False),
               help="Validation annotations: the best epoch is chosen on these, never on test.")
 @click.option("--preset", default="paper", show_default=True, type=click.Choice(sorted(PRESETS)))
 @click.option("--loss", default=None, type=click.Choice(LOSS_CHOICES),
-              help="Terms: contrastive only, +csa, +usa, or cusa (all) [default: cusa].")
+              help="Terms: the student's own ITR loss only (contrastive: InfoNCE, or the triplet loss for sgr/saf), "
+                   "+csa, +usa, or cusa (all) [default: cusa].")
 @click.option("--epochs", default=None, type=click.IntRange(min=1))
 @click.option("--batch-size", default=None, type=click.IntRange(min=2))
 @click.option("--lr", default=None, type=float)
@@ -89,26 +91,47 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--eccv", "eccv_captions", default=None, type=click.Path(dir_okay=False), metavar="CAPTIONS_JSON",
               help="ECCV Caption mAP@R, R-P, R@1 on the COCO 5K test split of --data; give COCO's "
                    "captions_val2014.json (captions are named by its annotation ids).")
+@click.option("--ensemble", default=None, type=click.Path(exists=False), metavar="RUN_DIR_OR_CHECKPOINT",
+              help="A second run: rank by the mean of the two runs' image × caption similarity matrices "
+                   "(SGRAF = an SGR run + an SAF run; any two students).")
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
 def eval_main(run, data, split, device, batch_size, workers, image_labels, image_embedding, sts, text_embedding,
-              eccv_captions, as_json):
+              eccv_captions, ensemble, as_json):
     """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
 
+    if ensemble and (image_labels or sts or eccv_captions):
+        raise click.ClickException("--ensemble evaluates image-text retrieval only; run --image-labels, --sts and "
+                                   "--eccv on each run by itself")
+    cross = [what for asked, what in ((eccv_captions, "--eccv ranks by cross-modal embeddings"),
+                                      (image_labels and image_embedding == "cross",
+                                       "--image-embedding cross asks for cross-modal image embeddings"),
+                                      (sts and text_embedding == "cross",
+                                       "--text-embedding cross asks for cross-modal text embeddings")) if asked]
+    if cross:
+        from train.evaluation_run import refuse_region_student
+
+        refuse_region_student(run, cross[0])  # before any work: the retrieval table would be lost otherwise
     if image_labels or sts or eccv_captions:
         from train.unimodal import read_extra_inputs
 
         # read the input files first: a mistake in one should not cost the whole retrieval evaluation
         image_labels, sts = read_extra_inputs(image_labels, sts, eccv_captions)
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                          progress=not as_json)
+                          progress=not as_json, ensemble=ensemble)
     from train.evaluate import format_table
 
     table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                                                 "rsum")}}
     title = f"{result['checkpoint']} on {data} [{split}]: {result['images']} images, {result['captions']} captions"
+    if "ensemble" in result:
+        members = result["ensemble"]["members"]
+        title = (f"ensemble of {members[0]['checkpoint']} and {members[1]['checkpoint']} (mean similarity) on {data} "
+                 f"[{split}]: {result['images']} images, {result['captions']} captions; members' rsum "
+                 f"{members[0]['rsum']:.1f} and {members[1]['rsum']:.1f}")
+        table = {"ensemble R@K (%)": table["R@K (%)"]}
     human = format_table(table, title=title)
     if "coco_1k" in result:
         human += "\n" + format_table({"COCO 1K (5-fold mean)": result["coco_1k"]})

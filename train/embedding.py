@@ -9,6 +9,7 @@ them (unit norm, float16), so the student sees what it saw in training.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.images import load_image
-from train.students import StudentSpec, parse_student_spec
+from train.students import REGION_KINDS, StudentSpec, parse_student_spec
 
 EMBEDDING_CHOICES: tuple[str, ...] = ("uni", "cross")
 
@@ -75,7 +76,14 @@ class StudentEmbedder:
         if modality not in self._backbones:
             from pipeline.encoders import build_encoder
 
-            spec = self.spec.image_spec if modality == "image" else self.spec.text_spec
+            if self.region:
+                source, body = self.spec.region_source
+                if source != "grid":
+                    raise ValueError(f"{self.spec}: regions precomputed for the dataset's own images cannot embed other "
+                                     "image files; --image-labels needs a grid:IMAGE_SPEC region student")
+                spec = f"grid:{body}"
+            else:
+                spec = self.spec.image_spec if modality == "image" else self.spec.text_spec
             encoder = build_encoder(spec, modality, device=self.device)
             if modality == "image" and not getattr(encoder, "needs_pixels", True):
                 raise ValueError(f"the student's image backbone {spec!r} reads precomputed features by image id; "
@@ -83,23 +91,45 @@ class StudentEmbedder:
             self._backbones[modality] = encoder
         return self._backbones[modality]
 
+    @property
+    def region(self) -> bool:
+        return self.spec.kind in REGION_KINDS
+
+    def _check_region_embedding(self, embedding: str, side: str) -> None:
+        if self.region and embedding != "uni":
+            raise ValueError(f"{self.spec}: a region student scores image-caption pairs and has no cross-modal "
+                             f"{side} embedding; use --{side}-embedding uni")
+
+    def _regions(self, features: np.ndarray) -> torch.Tensor:
+        """Grid regions [n, R, D] of a batch, rounded as the region store keeps them (pipeline/grid.py)."""
+        from pipeline.grid import region_shape
+
+        n_regions, region_dim = region_shape(self._backbone("image").identity())
+        rows = _store_precision(features)
+        return rows.view(rows.shape[0], n_regions, region_dim) * math.sqrt(n_regions)
+
     @torch.no_grad()
     def images(self, paths: Sequence[Path], embedding: str = "uni") -> torch.Tensor:
         _check_embedding(embedding)
+        self._check_region_embedding(embedding, "image")
         encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
-        frozen = self.spec.kind == "frozen"
-        preprocess = self._backbone("image").preprocess if frozen else self.student.preprocess_val
+        backbone = self.spec.kind == "frozen" or self.region
+        preprocess = self._backbone("image").preprocess if backbone else self.student.preprocess_val
         loader = DataLoader(_ImageFiles(paths, preprocess), batch_size=self.batch_size, num_workers=self.workers)
         parts = []
         with self._amp():
             for batch in loader:
-                inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
+                if self.region:
+                    inputs = self._regions(self._backbone("image").encode(batch))
+                else:
+                    inputs = _store_precision(self._backbone("image").encode(batch)) if backbone else batch
                 parts.append(encode(inputs.to(self.device)).float().cpu())
         return torch.cat(parts) if parts else torch.zeros((0, 0))
 
     @torch.no_grad()
     def texts(self, sentences: Sequence[str], embedding: str = "uni") -> torch.Tensor:
         _check_embedding(embedding)
+        self._check_region_embedding(embedding, "text")
         encode = self.student.encode_texts_uni if embedding == "uni" else self.student.encode_texts
         sentences = list(sentences)
         parts = []
@@ -108,6 +138,11 @@ class StudentEmbedder:
                 chunk = sentences[lo:lo + self.batch_size]
                 if self.spec.kind == "frozen":
                     inputs = _store_precision(self._backbone("text").encode(chunk))
+                elif self.region:
+                    tokens, lengths = self.student.tokenize(chunk, self.config.region.max_words if self.config
+                                                            else None)
+                    parts.append(encode((tokens.to(self.device), lengths)).float().cpu())
+                    continue
                 else:
                     inputs = self.student.tokenize(chunk)
                 parts.append(encode(inputs.to(self.device)).float().cpu())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from teacher_cache.errors import StoreError
@@ -58,6 +59,18 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
             except Exception:
                 continue
             return FeatureSet(images, texts, str(store.path), computed=False)
+    store, computed = feature_store(annotations, split, fingerprint, image_spec, text_spec, feature_cache, fmt=fmt,
+                                    image_root=image_root, device=device, progress=progress, workers=workers)
+    images, texts = _from_store(store, fingerprint)
+    return FeatureSet(images, texts, str(store.path), computed=computed)
+
+
+def feature_store(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
+                  feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
+                  device: str = "auto", progress: bool = True, workers: int = 2,
+                  chunk_rows: int = 4096) -> tuple[Store, bool]:
+    """The complete store of the two encoders' features of a dataset in ``feature_cache``, built now unless an
+    earlier run built it; returns (store, whether this call computed it)."""
     path = feature_store_path(feature_cache, fingerprint, image_spec, text_spec)
     if (path / "zarr.json").is_file():
         try:
@@ -65,18 +78,17 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
         except StoreError:
             store = None  # another rank is creating it right now: join its build below
         if store is not None and store.complete and _specs_match(store, image_spec, text_spec):
-            images, texts = _from_store(store, fingerprint)
-            return FeatureSet(images, texts, str(path), computed=False)
+            return store, False
     # deferred import: only this path runs backbones (the registry's encoders)
     from pipeline.build import BuildConfig, build_store
 
-    build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
-                            split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
-                            device=device, progress=progress, workers=workers, chunk_rows=4096))
+    # building a backbone draws its initial weights from the global RNG before loading the real ones: fork it, so
+    # that a run whose features had to be computed starts from the same student as one that found them cached
+    with torch.random.fork_rng(devices=[]):
+        build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
+                                split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
+                                device=device, progress=progress, workers=workers, chunk_rows=chunk_rows))
     if dist.is_available() and dist.is_initialized():
         # under torchrun every rank embeds a share, but only rank 0 finishes the store: wait for its mark
         dist.barrier()
-    store = Store.open(path, require_complete=True)
-    images, texts = _from_store(store, fingerprint)
-    return FeatureSet(images, texts, str(path), computed=True)
-
+    return Store.open(path, require_complete=True), True

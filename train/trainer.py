@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
-from train.config import TrainConfig
+from train.config import RegionConfig, TrainConfig, resolved_losses
 from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
-from train.evaluate import retrieval_metrics
+from train.evaluate import retrieval_metrics, similarity_retrieval_metrics
 from train.losses import CusaLoss
-from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
+from train.regions import RegionData
+from train.students import REGION_KINDS, FeatureStudent, OpenClipStudent, parse_student_spec
+from train.vocab import Vocabulary
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"
@@ -47,8 +49,20 @@ def default_feature_cache(cache: str) -> str:
 
 
 def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = None,
-                  text_dim: int | None = None) -> torch.nn.Module:
+                  text_dim: int | None = None, *, region_opts: dict | None = None,
+                  vocab: Vocabulary | None = None) -> torch.nn.Module:
+    """The student a spec names. Frozen students need their feature widths; region students (sgr/saf) the width
+    of a region feature (``image_dim``), their sizes (``region_opts``, RegionConfig's fields) and the vocabulary."""
     spec = parse_student_spec(cfg_student)
+    if spec.kind in REGION_KINDS:
+        from train.region_students import RegionStudent
+
+        opts = region_opts or {}
+        sizes = {k: opts[k] for k in ("word_dim", "embed_dim", "sim_dim", "sgr_steps", "smooth", "dropout",
+                                      "pooling", "uni_dim") if k in opts}
+        student = RegionStudent(spec.kind, image_dim, len(vocab), **sizes)
+        student.vocab = vocab
+        return student
     if spec.kind == "frozen":
         return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
                               dropout=frozen_opts["dropout"])
@@ -77,7 +91,31 @@ def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: s
     return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
 
 
+def region_inputs(cfg: TrainConfig, annotations: str, split: str, manifest, vocab: Vocabulary,
+                  progress: bool) -> tuple[RegionData, bool]:
+    """A region student's inputs for a dataset: its region features (grid ones computed once and cached) and the
+    caption tokens by ``vocab``; also says whether a backbone ran."""
+    from train.regions import region_features
+    from train.vocab import CaptionTokens
+
+    feats = region_features(cfg.student, annotations, split, manifest,
+                            cfg.region.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                            image_root=cfg.image_root, device=cfg.device, progress=progress, workers=cfg.workers)
+    captions = CaptionTokens([c.text for c in manifest.captions], vocab, cfg.region.max_words)
+    return RegionData(feats, captions), feats.computed
+
+
 # ---------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def score_for_retrieval(student: torch.nn.Module, data: RegionData, device: str, region: RegionConfig,
+                        progress: bool = False) -> torch.Tensor:
+    """A region student's scores [N_img, N_txt] of every image with every caption (float32, CPU)."""
+    student.eval()
+    with _autocast(device):
+        return student.similarity(data.features, data.captions, device, region.eval_images, region.eval_captions,
+                                  progress)
+
+
 @torch.no_grad()
 def embed_for_retrieval(student: torch.nn.Module, manifest, device: str, batch_size: int, workers: int,
                         feats: tuple[torch.Tensor, torch.Tensor] | None = None, uni: bool = False
@@ -192,7 +230,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                                stream=cfg.soft_labels.stream, device=device)
 
     spec = parse_student_spec(cfg.student)
+    region = spec.kind in REGION_KINDS
+    if region and cfg.gather and ctx.enabled:
+        raise ValueError(f"{cfg.student}: --set gather=true is for dual encoders; a region student scores the pairs "
+                         "of each rank's own batch")
     train_feats = val_feats = None
+    train_regions = val_regions = vocab = None
     backbone_passes = 0
     if spec.kind == "frozen":
         img_f, txt_f, computed = frozen_inputs(cfg, cfg.data, cfg.split, manifest.fingerprint(), [cache], device,
@@ -200,6 +243,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         backbone_passes += int(computed)
         train_feats = (img_f, txt_f)
         student = build_student(cfg.student, vars(cfg.frozen), img_f.shape[1], txt_f.shape[1])
+    elif region:
+        vocab = Vocabulary.build((c.text for c in manifest.captions), cfg.region.min_count)
+        train_regions, computed = region_inputs(cfg, cfg.data, cfg.split, manifest, vocab, show)
+        backbone_passes += int(computed)
+        student = build_student(cfg.student, vars(cfg.frozen), train_regions.features.region_dim,
+                                region_opts=vars(cfg.region), vocab=vocab)
     else:
         student = build_student(cfg.student, vars(cfg.frozen))
     val_manifest = None
@@ -210,12 +259,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                                                    [cache], device, show)
             backbone_passes += int(computed)
             val_feats = (v_img, v_txt)
+        elif region:
+            val_regions, computed = region_inputs(cfg, cfg.val_data, cfg.val_split, val_manifest, vocab, show)
+            backbone_passes += int(computed)
     if not cfg.losses.usa.enabled:
         # without USA nothing reaches the uni heads; frozen, they keep DDP from waiting for their gradients
         for head in (student.uni_head_v, student.uni_head_t):
             head.requires_grad_(False)
     student.to(device)
-    loss_fn = CusaLoss(cfg.losses).to(device)
+    loss_fn = CusaLoss(resolved_losses(cfg)).to(device)
     model = student
     if ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -250,6 +302,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     start_epoch, best = 0, {"epoch": None, "rsum": -1.0, "metrics": None}
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
+        if vocab is not None and ckpt.get("vocab") not in (None, vocab.to_dict()):
+            raise ValueError(f"{last_path}: the run's word vocabulary differs from the one these training captions "
+                             "give (other --data or region.min_count?); resume with the run's settings")
         student.load_state_dict(ckpt["student"])
         loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -262,6 +317,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         _set_rng_state(rng)
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if vocab is not None:
+            (out / "vocab.json").write_text(json.dumps(vocab.to_dict()))
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main and metrics_path.exists():
         # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
@@ -281,6 +338,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         if spec.kind == "frozen":
             inputs = ((train_feats[0][torch.as_tensor(pairs.image_rows[b])],
                        train_feats[1][torch.as_tensor(pairs.caption_rows[b])]) for b in batches)
+        elif region:
+            inputs = (train_regions.batch(pairs.image_rows[b], pairs.caption_rows[b], device) for b in batches)
         else:
             inputs = ((im.to(device, non_blocking=True), tok.to(device, non_blocking=True)) for im, tok in
                       pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers))
@@ -295,10 +354,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             image_ids = torch.as_tensor(pairs.image_rows[b], device=device)
             with _autocast(device):
                 emb = model(x_img, x_txt)
-            if cfg.gather and ctx.enabled:
-                emb, image_ids = _gather(emb, image_ids)
-            terms = loss_fn(emb["image_cross"], emb["text_cross"], emb["image_uni"], emb["text_uni"], image_ids,
-                            t_ii, t_tt)
+            if region:  # the student scored the batch's pairs itself
+                terms = loss_fn.forward_similarity(emb["sims"], emb["image_uni"], emb["text_uni"], image_ids, t_ii,
+                                                   t_tt)
+            else:
+                if cfg.gather and ctx.enabled:
+                    emb, image_ids = _gather(emb, image_ids)
+                terms = loss_fn(emb["image_cross"], emb["text_cross"], emb["image_uni"], emb["text_uni"], image_ids,
+                                t_ii, t_tt)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if ctx.enabled:
@@ -322,8 +385,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                         **loss_fn.temperatures(), "lr": scheduler.get_last_lr()[0],
                         "epoch_time": time.perf_counter() - t_epoch}
         if val_manifest is not None and ctx.is_main:
-            img, txt = embed_for_retrieval(student, val_manifest, device, cfg.eval_batch_size, cfg.workers, val_feats)
-            val = retrieval_metrics(img, txt, val_manifest.caption_image_rows())
+            if region:
+                val = similarity_retrieval_metrics(score_for_retrieval(student, val_regions, device, cfg.region),
+                                                   val_manifest.caption_image_rows())
+            else:
+                img, txt = embed_for_retrieval(student, val_manifest, device, cfg.eval_batch_size, cfg.workers,
+                                               val_feats)
+                val = retrieval_metrics(img, txt, val_manifest.caption_image_rows())
             epoch_record["val"] = val
             if val["rsum"] > best["rsum"]:
                 best = {"epoch": epoch, "rsum": val["rsum"], "metrics": val}
@@ -341,6 +409,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                        "best": best, "rng": rng, "config": cfg.to_dict(), "student_spec": cfg.student,
                        "dims": _student_dims(student)}
+            if vocab is not None:
+                payload["vocab"] = vocab.to_dict()  # a region student's word ids: evaluation needs the same ones
             # best.pt first: a kill between the two writes leaves last.pt at the previous epoch, which a resume
             # redoes, so best.pt never lags behind the "best" that last.pt records
             if best["epoch"] == epoch:
@@ -368,6 +438,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
 def _student_dims(student) -> dict:
     if isinstance(student, FeatureStudent):
         return {"image_dim": student.image_dim, "text_dim": student.text_dim}
+    if getattr(student, "vocab", None) is not None:  # a region student: region feature width and vocabulary size
+        return {"image_dim": student.region_dim, "vocab_size": student.vocab_size}
     return {}
 
 
