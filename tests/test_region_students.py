@@ -195,3 +195,16 @@ def test_bad_inputs_are_one_line_errors():
         RegionStudent("vsepp", 4, 10)
     with pytest.raises(ValueError, match="region.pooling"):
         RegionStudent("sgr", 4, 10, pooling="max")
+
+
+@pytest.mark.parametrize("kind", ["sgr", "saf"])
+@pytest.mark.parametrize("groups", [1, 3, 11, 20])
+def test_scoring_captions_in_length_groups_equals_scoring_them_all_at_once(kind, groups):
+    model = tiny(kind)
+    regions, tokens, lengths = batch(n_images=4, lengths=(3, 9, 1, 5, 2, 7, 4, 6, 8, 2, 3))
+    with torch.no_grad():
+        images, texts = model.encode_image_side(regions), model.encode_text_side(tokens, lengths)
+        grouped = model.scores_by_length(images, texts, groups)
+        whole = model.pair_scores(images, texts)
+    assert grouped.shape == (4, 11)
+    assert torch.allclose(grouped, whole, atol=1e-12)  # every column back in its caption's place

@@ -59,6 +59,7 @@ class RegionConfig:
     pooling: str = "attention"  # global vectors: attention (the paper, without its BatchNorm layers) | mean
     min_count: int = 4  # vocabulary: words seen at least this often in the training captions
     max_words: int = 64  # longer captions are cut (pair scoring memory grows with the longest caption)
+    length_groups: int = 8  # training: a batch's captions are scored in groups of similar length (less padding)
     eval_images: int = 128  # pair scoring in evaluation: images per chunk
     eval_captions: int = 128  # and captions per chunk
     feature_cache: str | None = None  # where grid region features are cached [default: next to the teacher cache]
@@ -298,7 +299,7 @@ def _validate(cfg: TrainConfig) -> None:
     if region.pooling not in ("attention", "mean"):
         raise ValueError(f"region.pooling must be attention or mean, got {region.pooling!r}")
     for name in ("word_dim", "embed_dim", "sim_dim", "uni_dim", "sgr_steps", "min_count", "max_words",
-                 "eval_images", "eval_captions"):
+                 "eval_images", "eval_captions", "length_groups"):
         if getattr(region, name) < 1:
             raise ValueError(f"region.{name} must be ≥ 1, got {getattr(region, name)}")
     if not 0 <= region.dropout < 1:

@@ -1,8 +1,11 @@
-"""CUSA losses: contrastive, cross-modal (CSA) and uni-modal (USA) soft-label alignment.
+"""CUSA losses: contrastive, cross-modal (CSA) and uni-modal (USA) soft-label alignment, and the triplet
+ranking loss that region-based students (SGR, SAF) use as their own image-text retrieval (ITR) term.
 
-The three loss functions are pure functions of B×B similarity matrices, teacher similarity blocks
-and temperatures, so any student that yields embeddings can use them. `CusaLoss` is a thin module
-that owns the learnable temperatures and the rates and builds the student similarity matrices.
+The loss functions are pure functions of B×B similarity matrices, teacher similarity blocks
+and temperatures, so any student that yields embeddings (or, like SGR/SAF, scores pairs) can use
+them. `CusaLoss` is a thin module that owns the learnable temperatures and the rates and builds
+the student similarity matrices from embeddings (`forward`) or takes a student's own B×B score
+matrix (`forward_similarity`).
 
 Conventions shared by every function here:
 

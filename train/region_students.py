@@ -90,6 +90,12 @@ class TextSide:
     def __len__(self) -> int:
         return self.words.shape[0]
 
+    def select(self, rows: torch.Tensor) -> "TextSide":
+        """The captions ``rows``, padded only to the longest of them."""
+        mask = self.mask[rows]
+        longest = int(mask.sum(1).max())
+        return TextSide(self.words[rows, :longest], mask[:, :longest], self.pooled[rows], self.mean[rows])
+
 
 class AttentionPooling(nn.Module):
     """Self-attention pooling guided by the mean (SGRAF's VisualSA/TextSA without their BatchNorm layers)."""
@@ -173,7 +179,7 @@ class RegionStudent(nn.Module):
 
     def __init__(self, kind: str, region_dim: int, vocab_size: int, word_dim: int = 300, embed_dim: int = 1024,
                  sim_dim: int = 256, sgr_steps: int = 3, smooth: float = 9.0, dropout: float = 0.4,
-                 pooling: str = "attention", uni_dim: int = 1024) -> None:
+                 pooling: str = "attention", uni_dim: int = 1024, length_groups: int = 8) -> None:
         super().__init__()
         if kind not in REGION_KINDS:
             raise ValueError(f"region student kind must be one of {', '.join(REGION_KINDS)}, got {kind!r}")
@@ -183,7 +189,7 @@ class RegionStudent(nn.Module):
                             ("uni_dim", uni_dim), ("sgr_steps", sgr_steps)):
             if value < 1:
                 raise ValueError(f"region.{name} must be ≥ 1, got {value}")
-        self.kind, self.smooth = kind, float(smooth)
+        self.kind, self.smooth, self.length_groups = kind, float(smooth), int(length_groups)
         self.region_dim, self.vocab_size, self.embed_dim = region_dim, vocab_size, embed_dim
         self.vocab = None  # the train.vocab.Vocabulary, attached by the trainer or when a checkpoint is loaded
 
@@ -273,11 +279,24 @@ class RegionStudent(nn.Module):
     def uni_text(self, side: TextSide) -> torch.Tensor:
         return F.normalize(self.uni_head_t(side.mean).float(), dim=-1)
 
+    def scores_by_length(self, images: ImageSide, texts: TextSide, groups: int) -> torch.Tensor:
+        """`pair_scores` with the captions sorted by length and cut into ``groups`` groups, each padded to its own
+        longest caption: the [pairs × words] work shrinks from B × the longest caption of the batch towards B × the
+        mean length. Scores equal `pair_scores` exactly in evaluation mode; in training, SAF's BatchNorm takes its
+        statistics per group (the authors' loop takes them per caption)."""
+        if groups <= 1 or len(texts) <= 1:
+            return self.pair_scores(images, texts)
+        lengths = texts.mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts = [self.pair_scores(images, texts.select(rows)) for rows in torch.tensor_split(order, groups)
+                 if len(rows)]
+        return torch.cat(parts, dim=1)[:, torch.argsort(order)]
+
     def forward(self, regions: torch.Tensor, texts: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         image_side = self.encode_image_side(regions)
         text_side = self.encode_text_side(*texts)
-        return {"sims": self.pair_scores(image_side, text_side).float(), "image_uni": self.uni_image(image_side),
-                "text_uni": self.uni_text(text_side)}
+        sims = self.scores_by_length(image_side, text_side, self.length_groups)
+        return {"sims": sims.float(), "image_uni": self.uni_image(image_side), "text_uni": self.uni_text(text_side)}
 
     def encode_images_uni(self, regions: torch.Tensor) -> torch.Tensor:
         return self.uni_image(self.encode_image_side(regions))

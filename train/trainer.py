@@ -59,7 +59,7 @@ def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = N
 
         opts = region_opts or {}
         sizes = {k: opts[k] for k in ("word_dim", "embed_dim", "sim_dim", "sgr_steps", "smooth", "dropout",
-                                      "pooling", "uni_dim") if k in opts}
+                                      "pooling", "uni_dim", "length_groups") if k in opts}
         student = RegionStudent(spec.kind, image_dim, len(vocab), **sizes)
         student.vocab = vocab
         return student
