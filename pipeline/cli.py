@@ -347,5 +347,31 @@ def demo_data(out, n_images, seed, splits, as_json):
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
 
+@main.command("import-features")
+@click.argument("source", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="The .npz to write: arrays features [N, D] float32 and ids [N].")
+@click.option("--ids", "ids_path", default=None, type=click.Path(dir_okay=False),
+              help="Image ids of a plain [N, D] .npy FILE, one per line or a JSON list [default: FILE.ids.txt].")
+@click.option("--trust-pickle", is_flag=True,
+              help="Unpickle FILE with numpy itself (it may run code the file names): only for a file whose "
+                   "author you trust and that holds more than numpy data.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def import_features(source, out, ids_path, trust_pickle, overwrite, as_json):
+    """Convert precomputed image features (the CUSA authors' pickled {image_id: vector} .npy, or an [N, D] .npy with
+    its ids) once into an .npz that `precomputed:` reads without pickle. A pickle is read by an unpickler that
+    rebuilds numpy data only, so the file cannot run code."""
+    from pipeline.feature_files import import_features as convert
+
+    summary = convert(Path(source), Path(out), ids_path=Path(ids_path) if ids_path else None,
+                      trust_pickle=trust_pickle, overwrite=overwrite, progress=not as_json)
+    human = (f"wrote {summary['out']}: {summary['rows']} images × {summary['dim']} dims (float32) from "
+             f"{summary['source']} ({summary['source_format']}) in {summary['seconds']:.1f} s\n"
+             f"use it as --image-teacher {summary['spec']}")
+    emit(summary, as_json, human)
+
+
 if __name__ == "__main__":
     main()

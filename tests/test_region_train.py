@@ -83,7 +83,7 @@ def test_the_run_keeps_the_vocabulary_of_its_training_captions(region_runs, demo
     out, _ = region_runs["sgr"]
     manifest = load_split(str(demo_dir / "train.json"), "train")
     expected = Vocabulary.build(manifest.caption_texts(), min_count=1).to_dict()
-    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["vocab"] == expected == json.loads((out / "vocab.json").read_text())
     assert ckpt["dims"] == {"image_dim": 1280, "vocab_size": len(expected["words"])}
 
@@ -233,10 +233,10 @@ def test_resuming_a_region_run_reproduces_the_uninterrupted_one(demo_dir, demo_c
     with pytest.raises(Interrupted):
         invoke(train_main, region_args(demo_dir, demo_cache, part, f"saf:{GRID}", val=False))
     monkeypatch.setattr(trainer, "_append_jsonl", append)
-    assert torch.load(part / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert torch.load(part / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 0
     invoke_json(train_main, region_args(demo_dir, demo_cache, part, f"saf:{GRID}", "--resume", val=False))
-    a = torch.load(whole / "last.pt", map_location="cpu", weights_only=False)["student"]
-    b = torch.load(part / "last.pt", map_location="cpu", weights_only=False)["student"]
+    a = torch.load(whole / "last.pt", map_location="cpu", weights_only=True)["student"]
+    b = torch.load(part / "last.pt", map_location="cpu", weights_only=True)["student"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["filtration.norm.running_mean"], torch.zeros(()))  # SAF's BatchNorm did train
 
@@ -276,7 +276,7 @@ def test_a_precomp_region_student_trains_and_evaluates(demo_dir, demo_cache, tmp
     out = tmp_path / "run"
     summary = invoke_json(train_main, region_args(demo_dir, demo_cache, out, f"sgr:precomp:{precomp}", epochs=1))
     assert summary["backbone_passes"] == 0 and summary["best_val"] is not None
-    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["dims"]["image_dim"] == 16
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["dims"]["image_dim"] == 16
     result = invoke_json(eval_main, [out, "--data", demo_dir / "test.json", "--device", "cpu", "--json"])
     assert (result["images"], result["captions"]) == (9, 45) and 0 <= result["rsum"] <= 600
 

@@ -16,6 +16,7 @@ import torch
 
 from helpers_train import (TEMPERATURE_RANGES, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
                            subprocess_env, train_args, without_timings)
+from helpers_train import assert_identical
 from train.cli import train_main
 from train.config import TrainConfig, build_config
 
@@ -162,7 +163,7 @@ def test_cli_run_writes_checkpoints_metrics_config_and_summary(cli_run):
     assert summary["teacher_passes"] == 0 and summary["world_size"] == 1 and summary["device"] == "cpu"
     assert summary["loss_terms"] == ["contrastive", "csa", "usa"]
     assert summary["checkpoint"] == str(out / "best.pt")
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 3 and last["student_spec"] == "frozen:efficientnet-lite0+minilm-l6"
     assert set(last) >= {"student", "loss", "optimizer", "scheduler", "rng", "best", "config"}
 
@@ -175,9 +176,9 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_validation_rsum(cli_run):
     best_epoch = rsums.index(max(rsums))  # the first of equal maxima: a later tie is not an improvement
     assert summary["best_epoch"] == best_epoch
     assert summary["best_val"] == epochs[best_epoch]["val"]
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == best_epoch and best["best"]["rsum"] == max(rsums)
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["best"]["epoch"] == best_epoch
     same_weights = all(torch.equal(best["student"][k], last["student"][k]) for k in last["student"])
     assert same_weights == (best_epoch == 3)
@@ -214,7 +215,7 @@ def test_temperatures_stay_inside_their_clamp_ranges(cli_run):
             assert lo <= r[name] <= hi + 1e-7, (name, r[name])
     # the contrastive temperature rises with lr 1e-3 and is held at its (narrowed) maximum
     assert max(r["tau"] for r in records) == pytest.approx(TAU_MAX)
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert 0.01 <= float(last["loss"]["taus.tau.value"]) <= TAU_MAX
 
 
@@ -284,24 +285,6 @@ train_main.main(sys.argv[2:], prog_name="cusa-train")
 """
 
 
-def assert_identical(a, b, where: str = "") -> None:
-    """Tensors equal bit for bit, everything else equal, recursively."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit(demo_dir, demo_cache, tmp_path):
     threads = torch.get_num_threads()  # the killed process computes with as many threads as this one
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -312,19 +295,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit(demo_d
                           capture_output=True, text=True, timeout=300,
                           env=subprocess_env(OMP_NUM_THREADS=str(threads)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    killed = torch.load(resumed / "last.pt", map_location="cpu", weights_only=False)
+    killed = torch.load(resumed / "last.pt", map_location="cpu", weights_only=True)
     assert killed["epoch"] == 1
     assert any(r["epoch"] == 2 for r in read_jsonl(resumed / "metrics.jsonl"))  # logged by the lost epoch
 
     summary = invoke_json(train_main, train_args(demo_dir, demo_cache, resumed, "--resume", epochs=4, val=True))
     assert summary["steps"] == 28
-    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(resumed / "last.pt", map_location="cpu", weights_only=False)
+    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(resumed / "last.pt", map_location="cpu", weights_only=True)
     assert b["epoch"] == 3
     for key in ("student", "loss", "optimizer", "scheduler", "best", "rng"):
         assert_identical(a[key], b[key], key)
-    best_a = torch.load(straight / "best.pt", map_location="cpu", weights_only=False)
-    best_b = torch.load(resumed / "best.pt", map_location="cpu", weights_only=False)
+    best_a = torch.load(straight / "best.pt", map_location="cpu", weights_only=True)
+    best_b = torch.load(resumed / "best.pt", map_location="cpu", weights_only=True)
     assert best_a["epoch"] == best_b["epoch"]
     assert_identical(best_a["student"], best_b["student"], "best.student")
     # the log holds each epoch once, with the same numbers (timings aside)

@@ -18,12 +18,15 @@ Every embedding is returned L2-normalised in float32. This module never imports 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pipeline.errors import pickle_refusal
 
 DEFAULT_STUDENT = "frozen:efficientnet-lite0+minilm-l6"
 EMBEDDING_KEYS: tuple[str, ...] = ("image_cross", "text_cross", "image_uni", "text_uni")
@@ -235,6 +238,9 @@ class OpenClipStudent(_TwoHeadStudent):
                 pretrained_image=False, pretrained_text=False,
             )
             self.tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
+        except pickle.UnpicklingError as e:  # open_clip reads a local file with weights_only=True
+            raise ValueError(f"{label}: refused: {pickle_refusal(e)}; save the bare state dict with "
+                             "torch.save(model.state_dict(), path)") from None
         except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{label}: cannot build the open_clip model ({detail})") from e

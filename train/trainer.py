@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.checkpoint import rng_state as _rng_state
+from train.checkpoint import set_rng_state as _set_rng_state
 from train.config import RegionConfig, TrainConfig, resolved_losses
 from train.data import TrainingPairs, epoch_batches, join_pairs, load_split, pair_loader
 from train.evaluate import retrieval_metrics, similarity_retrieval_metrics
@@ -154,29 +157,8 @@ def _autocast(device: str):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+# Checkpoint files and RNG states live in train/checkpoint.py: every reader goes through its load_checkpoint, which
+# never unpickles arbitrary objects (a shared run folder must not run its author's code).
 
 
 def _cosine_lambda(total_steps: int, lr: float, min_lr: float):
