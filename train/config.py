@@ -132,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 2e-4, "min_lr": 1e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 40, "grad_clip": 2.0,
         "contrastive": {"rate": 1.0, "reduction": "mean", "tau": {"init": 0.05, "min": 0.01, "max": 0.10,
                                                                      "learnable": True}},
-        "itr": {"loss": "auto", "margin": 0.2, "max_violation": True, "reduction": "sum"},
+        "itr": {"loss": "auto", "margin": 0.2, "max_violation": True, "reduction": "mean"},
         "csa": {"mode": "each", "form": "kl", "tau": {"init": 0.45, "min": 0.10, "max": 0.99, "learnable": True}},
         "usa": {"form": "kl",
                 "tau_images": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True},
