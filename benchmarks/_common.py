@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import statistics
+import tempfile
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from teacher_cache.store import Store, StoreLayout
 
 
 def machine() -> dict:
@@ -102,3 +109,51 @@ def captions(n: int, seed: int = 0) -> list[str]:
     """COCO-like captions (subject, action, place; 8 to 16 words): what a text teacher would see per batch."""
     rng = random.Random(seed)
     return [f"{rng.choice(_SUBJECTS)} {rng.choice(_ACTIONS)} {rng.choice(_PLACES)}." for _ in range(n)]
+
+
+def make_store(path: Path, n_images: int, image_dim: int, n_captions: int, text_dim: int, chunk_rows: int,
+               seed: int = 0, grouped_captions: bool = False, progress: bool = False) -> Store:
+    """A complete store of random unit rows (what a build writes, minus the teachers), for read-path timing.
+
+    Caption j shows image j % n_images, or with ``grouped_captions`` image j * n_images // n_captions: each image's
+    captions side by side, as every manifest reader lays them out.
+    """
+    j = np.arange(n_captions, dtype=np.int64)
+    layout = StoreLayout(
+        fingerprint=f"synthetic-{n_images}x{image_dim}-{n_captions}x{text_dim}-{seed}-{int(grouped_captions)}",
+        split_fingerprints={},
+        image_ids=[f"img{i}" for i in range(n_images)],
+        image_paths=[f"images/img{i}.jpg" for i in range(n_images)],
+        image_splits=["train"] * n_images,
+        captions=[f"caption {k}" for k in range(n_captions)],
+        caption_image_rows=j * n_images // max(n_captions, 1) if grouped_captions else j % max(n_images, 1),
+        teachers={"image": {"spec": "synthetic", "modality": "image", "dim": image_dim, "weights": "random"},
+                  "text": {"spec": "synthetic", "modality": "text", "dim": text_dim, "weights": "random"}},
+        dims={"images": image_dim, "texts": text_dim},
+        chunk_rows=chunk_rows,
+    )
+    store = Store.create_or_resume(path, layout, overwrite=True)
+    rng = np.random.default_rng(seed)
+    total = sum(store.n_chunks(m) for m in ("images", "texts"))
+    with tqdm(total=total, desc=f"synthetic store {path.name}", unit="chunk", disable=not progress) as bar:
+        for modality in ("images", "texts"):
+            for c in range(store.n_chunks(modality)):
+                start, stop = store.chunk_range(modality, c)
+                rows = rng.standard_normal((stop - start, store.dims[modality]), dtype=np.float32)
+                rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+                store.write_chunk(modality, c, rows)
+                bar.update(1)
+    store.finalize({"synthetic": True})
+    return Store.open(path, require_complete=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(workdir: str | None, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created, kept) when given, else a temporary folder removed afterwards."""
+    if workdir:
+        root = Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

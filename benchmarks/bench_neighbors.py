@@ -1,11 +1,11 @@
-"""Neighbour-table build time and recall at caption-table scale (COCO: ~600k captions, MiniLM 384-d).
+"""Neighbor-table build time and recall at caption-table scale (COCO: ~600k captions, MiniLM 384-d).
 
 Synthetic rows stand in for sentence embeddings: a mixture of gaussian clusters on the unit sphere
 whose centres are themselves grouped into topics, with log-normal cluster sizes. Uniform noise would
-make every neighbour list arbitrary and recall meaningless; clusters of varied size give each row a
+make every neighbor list arbitrary and recall meaningless; clusters of varied size give each row a
 few near-duplicates (captions of one image), then siblings from the same topic, like real captions.
 
-For each factory the whole table (all rows, k neighbours, self excluded) is built and timed, and the
+For each factory the whole table (all rows, k neighbors, self excluded) is built and timed, and the
 recall@10 of a random sample of rows is measured against exact brute-force search over all rows.
 The exact search time of the sample, scaled to all rows, estimates what "Flat" would cost.
 
@@ -47,10 +47,10 @@ def clustered_embeddings(
     things), plus row noise of norm ``spreads[2]`` times a log-normal factor (some captions are
     near-duplicates, some idiosyncratic). Cluster popularity is log-normal.
 
-    A plain gaussian mixture is too easy: IVF finds 99.9% of neighbours probing 4 lists, because
+    A plain gaussian mixture is too easy: IVF finds 99.9% of neighbors probing 4 lists, because
     every row sits in one well-separated blob. Mixing concepts from unrelated clusters spreads
-    neighbourhoods across partition cells, as in real embeddings: with these defaults a row's nearest
-    neighbour has cosine ~0.58 and its 32nd ~0.42, and 2-3% of the exact top-10 sit in lists an IVF
+    neighborhoods across partition cells, as in real embeddings: with these defaults a row's nearest
+    neighbor has cosine ~0.58 and its 32nd ~0.42, and 2-3% of the exact top-10 sit in lists an IVF
     search rarely probes, so recall@10 levels off near 0.97-0.98 instead of reaching 1.
     """
     rng = np.random.default_rng(seed)

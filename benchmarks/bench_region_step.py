@@ -39,7 +39,7 @@ from _common import captions, machine, machine_line, median, peak_rss_bytes, rot
 from bench_train_step import make_store  # noqa: E402
 
 from teacher_cache.soft_labels import SoftLabelSource  # noqa: E402
-from train.config import PRESET_BY_STUDENT, build_config, resolved_losses  # noqa: E402
+from train.config import PRESETS, STUDENT_DEFAULTS_KEY, build_config, resolved_losses  # noqa: E402
 from train.losses import CusaLoss  # noqa: E402
 from train.region_students import RegionStudent  # noqa: E402
 from train.vocab import Vocabulary, tokenize  # noqa: E402
@@ -64,7 +64,7 @@ class RegionStepBench:
         self.soft, self.batch = soft, args.batch_size
         self.rng = np.random.default_rng(args.seed)
         self.n_images, self.n_captions = args.cache_images, args.cache_captions
-        rates = PRESET_BY_STUDENT["sgraf-paper"][kind]
+        rates = PRESETS["sgraf-paper"][STUDENT_DEFAULTS_KEY][kind]
         cfg = build_config("sgraf-paper", flags={"student": f"{kind}:grid:efficientnet-lite0"})
         self.loss = {"cusa": CusaLoss(resolved_losses(cfg)),
                      "triplet": CusaLoss(resolved_losses(cfg).updated({"csa.enabled": False, "usa.enabled": False}))}

@@ -24,8 +24,9 @@ Students: open_clip ViT-B-32 (random init, full fine-tuning, as in the paper) an
 FeatureStudent on 1280-d image / 384-d text features.
 
 Then the memory of the read path: peak RSS of a fresh process per soft-label mode (dense in memory vs
-streamed from the store) on a COCO-sized synthetic store (600K captions x 384, 120K images x 1280),
-producing 50 blocks of random rows.
+streamed from the store through a 64 MiB chunk cache) on a COCO-sized synthetic store (600K captions x 384, 120K
+images x 1280), producing 50 blocks of random rows: what streaming costs without a chunk-local order
+(benchmarks/bench_stream.py measures streaming with one).
 
     python benchmarks/bench_train_step.py                              # open_clip at batch 32, frozen at 128, memory
     python benchmarks/bench_train_step.py --clip-batch-size 128 --both-live --skip-memory   # the paper's batch
@@ -50,45 +51,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (captions, current_rss_bytes, machine, machine_line, median, peak_rss_bytes,  # noqa: E402
-                     rotated, spread)
+from _common import (captions, current_rss_bytes, machine, machine_line, make_store, median,  # noqa: E402
+                     peak_rss_bytes, rotated, spread)
 
 from teacher_cache.soft_labels import SoftLabelSource  # noqa: E402
-from teacher_cache.store import Store, StoreLayout  # noqa: E402
+from teacher_cache.store import Store  # noqa: E402
 from train.losses import CusaLoss, LossConfig  # noqa: E402
 from train.students import FeatureStudent, OpenClipStudent  # noqa: E402
 
 AUTHORS = {"cached_both": 1.045, "live_both": 1.39, "released_code": 1.18}
 TARGET_CACHED_RATIO = 1.05
-
-
-# ---------------------------------------------------------------------------------------------- synthetic store
-def make_store(path: Path, n_images: int, image_dim: int, n_captions: int, text_dim: int, chunk_rows: int,
-               seed: int = 0) -> Store:
-    """A complete store of random unit rows (what a build writes, minus the teachers), for read-path timing."""
-    layout = StoreLayout(
-        fingerprint=f"synthetic-{n_images}x{image_dim}-{n_captions}x{text_dim}-{seed}",
-        split_fingerprints={},
-        image_ids=[f"img{i}" for i in range(n_images)],
-        image_paths=[f"images/img{i}.jpg" for i in range(n_images)],
-        image_splits=["train"] * n_images,
-        captions=[f"caption {j}" for j in range(n_captions)],
-        caption_image_rows=np.arange(n_captions, dtype=np.int64) % max(n_images, 1),
-        teachers={"image": {"spec": "synthetic", "modality": "image", "dim": image_dim, "weights": "random"},
-                  "text": {"spec": "synthetic", "modality": "text", "dim": text_dim, "weights": "random"}},
-        dims={"images": image_dim, "texts": text_dim},
-        chunk_rows=chunk_rows,
-    )
-    store = Store.create_or_resume(path, layout, overwrite=True)
-    rng = np.random.default_rng(seed)
-    for modality in ("images", "texts"):
-        for c in range(store.n_chunks(modality)):
-            start, stop = store.chunk_range(modality, c)
-            rows = rng.standard_normal((stop - start, store.dims[modality]), dtype=np.float32)
-            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-            store.write_chunk(modality, c, rows)
-    store.finalize({"synthetic": True})
-    return Store.open(path, require_complete=True)
 
 
 def cosine_block(emb: torch.Tensor) -> torch.Tensor:
@@ -117,7 +89,8 @@ class StepBench:
         no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
         temps = [p for m in (self.loss_con, self.loss_cusa) for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4},
-                                            {"params": no_decay + temps, "weight_decay": 0.0}], lr=1e-5)
+                                            {"params": no_decay + temps, "weight_decay": 0.0}],
+                                           lr=1e-5, fused=True)  # as the trainer
         student.train()
 
     def _rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -235,13 +208,14 @@ def summarise(times: dict[str, list[tuple[float, float]]], label: str,
 
 
 # ---------------------------------------------------------------------------------------------- memory (child)
-def memory_child(store_path: str, stream: bool, blocks: int, batch: int, seed: int) -> dict:
-    """Runs in a fresh process: peak RSS of building a SoftLabelSource and producing ``blocks`` blocks."""
+def memory_child(store_path: str, stream: bool, blocks: int, batch: int, seed: int, budget_mib: int = 64) -> dict:
+    """Runs in a fresh process: peak RSS of building a SoftLabelSource and producing ``blocks`` blocks of random rows
+    (streamed: through a chunk cache of ``budget_mib``; benchmarks/bench_stream.py measures the chunk-local order)."""
     baseline = current_rss_bytes()
     store = Store.open(store_path, require_complete=True)
     n_img, n_txt = store.counts["images"], store.counts["texts"]
     t0 = time.perf_counter()
-    soft = SoftLabelSource(store, mode="dense", stream=stream)
+    soft = SoftLabelSource(store, mode="dense", stream=stream, max_memory_bytes=budget_mib << 20)
     setup_s = time.perf_counter() - t0
     after_setup = current_rss_bytes()
     rng = np.random.default_rng(seed)

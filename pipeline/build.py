@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed, split_evenly
 from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, Encoder, build_encoder
 from pipeline.errors import CusaError, ImageError
-from pipeline.images import load_image
+from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout, describe_skipped
 from teacher_cache.errors import StoreError
 from teacher_cache.neighbors import build_neighbor_table, save_index
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
@@ -105,6 +107,12 @@ class BuildConfig:
     csv_image_column: str = "image"
     csv_caption_column: str = "caption"
     csv_id_column: str | None = None
+    image_key: str | None = None  # webdataset shards: image member extension(s) [default: jpg;jpeg;png;webp]
+    caption_key: str = DEFAULT_CAPTION_KEY  # webdataset shards: caption member extension, or json:FIELD
+    id_field: str | None = None  # webdataset shards: json field holding the image id [default: the sample key]
+
+    def shard_layout(self) -> ShardLayout:
+        return ShardLayout(self.image_key, self.caption_key, self.id_field)
 
 
 @dataclass
@@ -130,6 +138,7 @@ class BuildSummary:
     texts: dict = field(default_factory=dict)
     neighbors: dict = field(default_factory=dict)
     skipped_images: list = field(default_factory=list)
+    skipped_samples: list = field(default_factory=list)  # shard samples left out by --on-bad-image skip
     caption_notes: dict = field(default_factory=dict)
     size_bytes: int = 0
     seconds: float = 0.0
@@ -192,6 +201,7 @@ def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: En
         dims={"images": int(image_encoder.dim), "texts": int(text_encoder.dim)},
         chunk_rows=chunk_rows,
         source=str(manifest.source),
+        skipped_samples=[{k: s[k] for k in ("shard", "key", "reason")} for s in manifest.skipped_samples],
     )
 
 
@@ -216,7 +226,7 @@ class _ImageRows(Dataset):
 
     def __getitem__(self, row: int):
         try:
-            img = load_image(self.manifest.image_path(row), row=row)
+            img = open_image(self.manifest, row)
             return row, self.preprocess(img), None
         except ImageError as exc:
             return row, None, str(exc)
@@ -295,12 +305,15 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
     with tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True) as bar:
         texts = teacher_captions([c.text for c in manifest.captions])[0]
+        # embeddings kept in caption order (precomputed, no keys) are looked up by row rather than by text
+        by_row = getattr(encoder, "by_row", False)
         for c in chunks:
             start, stop = store.chunk_range("texts", c)
             out = np.empty((stop - start, store.dims["texts"]), dtype=np.float32)
             for lo in range(start, stop, cfg.batch_size):
                 hi = min(lo + cfg.batch_size, stop)
-                out[lo - start:hi - start] = normalize_rows(encoder.encode(texts[lo:hi]), "caption")
+                emb = encoder.encode_rows(np.arange(lo, hi)) if by_row else encoder.encode(texts[lo:hi])
+                out[lo - start:hi - start] = normalize_rows(emb, "caption")
                 bar.update(hi - lo)
                 faults.at("text_batch")
             store.write_chunk("texts", c, out, rank=rank,
@@ -384,6 +397,12 @@ def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encode
     for modality, embed, encoder in (("images", _embed_images, image_encoder), ("texts", _embed_texts, text_encoder)):
         pending = [c for c in range(store.n_chunks(modality)) if c not in progress.done[modality]]
         mine = split_evenly(pending, ctx.rank, ctx.world_size)
+        if show and 0 < len(pending) < ctx.world_size:
+            # ranks take whole chunks (the unit of resumption): fewer chunks than ranks leaves some idle
+            rows = store.counts[modality]
+            tqdm.write(f"{modality}: {len(pending)} chunk(s) of {store.chunk_rows} rows for {ctx.world_size} ranks, "
+                       f"{ctx.world_size - len(pending)} rank(s) idle; a new store built with --chunk-rows "
+                       f"{-(-rows // ctx.world_size)} gives every rank a share", file=sys.stderr)
         t0 = time.perf_counter()
         embed(store, manifest, encoder, mine, cfg, show, ctx.rank, faults)
         ctx.barrier()  # the modality is done when every rank has written its share
@@ -413,12 +432,17 @@ def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encode
                    caption_notes=summary.caption_notes)
     faults.at("after_finalize")
     summary.skipped_images = store.skipped_images
+    summary.skipped_samples = layout.skipped_samples
     summary.size_bytes = store.size_bytes()
     return summary
 
 
-def build_store(cfg: BuildConfig) -> BuildSummary:
-    """Build (or resume) the store described by ``cfg``; returns the summary of this run."""
+def build_store(cfg: BuildConfig, image_encoder: Encoder | None = None,
+                text_encoder: Encoder | None = None) -> BuildSummary:
+    """Build (or resume) the store described by ``cfg``; returns the summary of this run.
+
+    ``image_encoder``/``text_encoder``, when given, are used instead of building ``cfg``'s teacher specs (an import
+    of embeddings computed elsewhere, say)."""
     if cfg.on_bad_image not in ON_BAD_IMAGE:
         raise CusaError(f"--on-bad-image must be one of {ON_BAD_IMAGE}, got {cfg.on_bad_image!r}")
     if cfg.neighbors < 0:
@@ -426,10 +450,14 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
     t_start = time.perf_counter()
     manifest = read_manifest(
         cfg.annotations, format=cfg.format, image_root=cfg.image_root, image_column=cfg.csv_image_column,
-        caption_column=cfg.csv_caption_column, id_column=cfg.csv_id_column,
+        caption_column=cfg.csv_caption_column, id_column=cfg.csv_id_column, shard_layout=cfg.shard_layout(),
     ).select_split(cfg.split)
     if not manifest.images:
         raise CusaError(f"{cfg.annotations}: no images in split {cfg.split!r}")
+    if manifest.skipped_samples and cfg.on_bad_image == "fail":
+        more = f" ({len(manifest.skipped_samples) - 1} more bad samples)" if len(manifest.skipped_samples) > 1 else ""
+        raise CusaError(f"{describe_skipped(manifest.skipped_samples[0])}{more}; fix the shard or use "
+                        "--on-bad-image skip to leave such samples out")
     if not cfg.overwrite:
         _refuse_other_manifest(cfg.out, manifest)
     faults = FaultInjector.from_env()
@@ -439,8 +467,12 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         if ctx.is_main:
             lock.acquire()  # before the teachers load (which can take minutes): a second build is told at once
         device = resolve_device(cfg.device, ctx)
-        image_encoder = build_encoder(cfg.image_teacher, "image", device=device)
-        text_encoder = build_encoder(cfg.text_teacher, "text", device=device)
+        image_encoder = image_encoder or build_encoder(cfg.image_teacher, "image", device=device)
+        text_encoder = text_encoder or build_encoder(cfg.text_teacher, "text", device=device)
+        check = getattr(text_encoder, "check_captions", None)
+        if check is not None:  # embeddings made elsewhere must cover these captions: said before anything is written
+            check(teacher_captions([c.text for c in manifest.captions])[0],
+                  f"{cfg.annotations} (split {cfg.split})")
         layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows)
         show = cfg.progress and ctx.is_main
         try:

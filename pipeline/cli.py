@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
 from pipeline.errors import CusaError
 from teacher_cache.errors import StoreError
 
@@ -66,8 +67,8 @@ def main() -> None:
 @main.command()
 @click.argument("annotations", type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store folder to create or resume.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "karpathy", "caption-json", "csv"]))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES),
+              help="auto detects webdataset shards from a .tar, a brace pattern, '::'-joined patterns or a list file.")
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to "
               "[default: the annotation file's folder].")
 @click.option("--split", default="all", show_default=True, help="all, train, val, test (or any split label).")
@@ -88,11 +89,15 @@ def main() -> None:
 @click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
 @click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
 @click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@shard_layout_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher, batch_size, workers, device, k,
-          factory, on_bad_image, overwrite, chunk_rows, image_column, caption_column, id_column, as_json):
-    """Embed every image and caption of ANNOTATIONS with the teachers into the store --out."""
+          factory, on_bad_image, overwrite, chunk_rows, image_column, caption_column, id_column, image_key,
+          caption_key, id_field, as_json):
+    """Embed every image and caption of ANNOTATIONS (an annotation file, or webdataset shards:
+    'data/train-{000000..000127}.tar', '::'-joined patterns, a .tar or a list file) with the teachers into the
+    store --out."""
     from pipeline.build import BuildConfig, build_store
     from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
@@ -102,18 +107,24 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
         batch_size=batch_size, workers=workers, device=device, neighbors=k, index=factory,
         on_bad_image=on_bad_image, overwrite=overwrite, chunk_rows=chunk_rows, progress=not as_json,
         csv_image_column=image_column, csv_caption_column=caption_column, csv_id_column=id_column,
+        image_key=image_key, caption_key=caption_key or "txt", id_field=id_field,
     )
     summary = build_store(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     d = summary.to_dict()
+    emit(d, as_json, "\n".join(_build_lines(d)))
+
+
+def _build_lines(d: dict) -> list[str]:
+    """The human summary of a build (or an import): store, rows per modality, neighbors, caption notes, skips."""
     lines = [f"store     {d['store']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, "
              f"{human_bytes(d['size_bytes'])} on disk, {d['seconds']:.1f} s)"]
     for modality in ("images", "texts"):
         st = d[modality]
-        lines.append(f"{modality:<9} {d['counts'][modality]} rows × {d['dims'][modality]} dims; this run embedded "
-                     f"{st.get('rows', 0)} rows in {st.get('seconds', 0):.1f} s ({st.get('rows_per_s', 0):.1f} rows/s), "
-                     f"{st.get('skipped_chunks', 0)} chunks were already done")
+        done = f"; {st['skipped_chunks']} chunks were already done" if st.get("skipped_chunks") else ""
+        lines.append(f"{modality:<9} {d['counts'][modality]} × {d['dims'][modality]}: {st.get('rows', 0)} embedded "
+                     f"now in {st.get('seconds', 0):.1f} s ({st.get('rows_per_s', 0):.1f} rows/s){done}")
     for modality, info in d["neighbors"].items():
         lines.append(f"neighbors {modality}: K={info.get('k')} with {info.get('factory')}")
     notes = d.get("caption_notes") or {}
@@ -125,8 +136,12 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
                      f"(rows {notes['cleaned_rows'][:5]}...)")
     if d["skipped_images"]:
         lines.append(f"skipped   {len(d['skipped_images'])} bad images (listed in the store's attributes):")
-        lines.extend(f"          row {s['row']}: {s['reason']}" for s in d["skipped_images"][:20])
-    emit(d, as_json, "\n".join(lines))
+        lines.extend(f"          {s['reason']}" for s in d["skipped_images"][:20])  # names the file and its row
+    if d.get("skipped_samples"):
+        lines.append(f"skipped   {len(d['skipped_samples'])} bad shard samples, left out of the rows (listed in the "
+                     "store's attributes):")
+        lines.extend(f"          {s['shard']}: {s['key']!r}: {s['reason']}" for s in d["skipped_samples"][:20])
+    return lines
 
 
 @main.command()
@@ -155,27 +170,30 @@ def info(store_path, as_json):
         "chunks_total": {m: store.n_chunks(m) for m in MODALITIES},
         "neighbors": attrs.get("neighbors") or {m: store.neighbors_marker(m) for m in MODALITIES},
         "skipped_images": store.skipped_images,
+        "skipped_samples": store.skipped_samples,
         "size_bytes": store.size_bytes(),
         "created": attrs.get("created"),
         "completed": attrs.get("completed"),
         "source": attrs.get("source"),
     }
-    lines = [f"store        {d['store']}",
-             f"status       {'complete' if d['complete'] else 'INCOMPLETE (re-run the build command to resume)'}",
-             f"images       {d['counts']['images']} × {d['dims']['images']}  "
+    lines = [f"store          {d['store']}",
+             f"status         {'complete' if d['complete'] else 'INCOMPLETE (re-run the build command to resume)'}",
+             f"images         {d['counts']['images']} × {d['dims']['images']}  "
              f"(chunks {d['chunks_done']['images']}/{d['chunks_total']['images']})",
-             f"captions     {d['counts']['texts']} × {d['dims']['texts']}  "
+             f"captions       {d['counts']['texts']} × {d['dims']['texts']}  "
              f"(chunks {d['chunks_done']['texts']}/{d['chunks_total']['texts']})",
-             "splits       " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
-             f"image teacher {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
-             f"text teacher  {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
-             f"fingerprint  {d['fingerprint']}"]
+             "splits         " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
+             f"image teacher  {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
+             f"text teacher   {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
+             f"fingerprint    {d['fingerprint']}"]
     for m, n in (d["neighbors"] or {}).items():
         if n:
-            lines.append(f"neighbors    {m}: K={n.get('k')} {n.get('factory')}")
-    lines.append(f"size         {human_bytes(d['size_bytes'])}")
+            lines.append(f"neighbors      {m}: K={n.get('k')} {n.get('factory')}")
+    lines.append(f"size           {human_bytes(d['size_bytes'])}")
     if d["skipped_images"]:
-        lines.append(f"skipped      {len(d['skipped_images'])} bad images")
+        lines.append(f"skipped        {len(d['skipped_images'])} bad images")
+    if d["skipped_samples"]:
+        lines.append(f"skipped        {len(d['skipped_samples'])} bad shard samples (no rows)")
     emit(d, as_json, "\n".join(lines))
 
 
@@ -306,24 +324,27 @@ def verify(store_path, as_json):
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @click.option("--data", "annotations", required=True, type=click.Path(dir_okay=False),
-              help="The annotations the store was built from (or one of their splits, with --split).")
+              help="The annotations (or shards) the store was built from (or one of their splits, with --split).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
-              help="Report folder [default: STORE-report next to the store].")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "karpathy", "caption-json", "csv"]))
+              help="Report folder [default: STORE-report next to the store, STORE-report-SPLIT for one split].")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to.")
 @click.option("--split", default="all", show_default=True, help="Report on this split of --data only.")
 @click.option("--examples", default=4, show_default=True, type=click.IntRange(min=0),
               help="Example queries shown per modality.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-pair baselines.")
+@shard_layout_options()
 @click.option("--json", "as_json", is_flag=True, help="Print report.json.")
 @user_errors
-def report(store_path, annotations, out, fmt, image_root, split, examples, seed, as_json):
+def report(store_path, annotations, out, fmt, image_root, split, examples, seed, image_key, caption_key, id_field,
+           as_json):
     """Is the teacher worth using? Its neighbors checked against the captions, with plots and examples."""
     from pipeline.report import build_report, format_summary
+    from pipeline.shards import ShardLayout
 
     result = build_report(store_path, annotations, out, fmt=fmt, image_root=image_root, split=split,
-                          examples=examples, seed=seed)
+                          examples=examples, seed=seed,
+                          shard_layout=ShardLayout(image_key, caption_key or "txt", id_field))
     emit(result, as_json, format_summary(result))
 
 
@@ -332,10 +353,14 @@ def report(store_path, annotations, out, fmt, image_root, split, examples, seed,
 @click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--splits", default="0.5,0.15,0.35", show_default=True, help="train,val,test fractions.")
+@click.option("--shards", is_flag=True, help="Also write the set as webdataset shards: OUT/shards/SPLIT-NNNNNN.tar "
+              "(KEY.png, KEY.txt with the 5 captions, KEY.json with image_id).")
+@click.option("--samples-per-shard", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def demo_data(out, n_images, seed, splits, as_json):
-    """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON."""
+def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
+    """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON
+    (and with --shards the same set as webdataset shards)."""
     from pipeline.demo_data import write_demo_dataset
 
     try:
@@ -343,8 +368,50 @@ def demo_data(out, n_images, seed, splits, as_json):
     except ValueError:
         raise click.BadParameter(f"expected three numbers like 0.5,0.15,0.35, got {splits!r}",
                                  param_hint="--splits") from None
-    summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions)
-    emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions, shards=shards,
+                                 samples_per_shard=samples_per_shard)
+    counts = summary["counts"]
+    lines = [f"demo set  {summary['root']}  ({counts['images']} images, {counts['captions']} captions; "
+             + ", ".join(f"{split} {n}" for split, n in counts.items() if split not in ("images", "captions")) + ")",
+             f"images    {summary['images_dir']}"]
+    lines += [f"{split:<9} {path}" for split, path in summary["files"].items()]
+    lines += [f"{split:<9} {pattern}  (shards)" for split, pattern in summary.get("shards", {}).items()]
+    emit(summary, as_json, "\n".join(lines))
+
+
+@main.command("import-clip-retrieval")
+@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store folder to create or resume.")
+@click.option("--annotations", default=None, type=click.Path(dir_okay=False),
+              help="Caption-list annotation file to write from the metadata [default: OUT.annotations.json].")
+@click.option("--id-column", default=None, help="Metadata column naming each sample's image [default: image_path].")
+@click.option("--split-column", default=None, help="Metadata column holding each sample's split label.")
+@click.option("--split", "split_label", default="", help="Split label of every sample when there is no split column.")
+@click.option("--model", default=None, help="The CLIP model that computed the embeddings (recorded with the teachers).")
+@click.option("--neighbors", "k", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Teacher neighbors kept per row (self excluded); 0 skips the table.")
+@click.option("--index", "factory", default="Flat", show_default=True,
+              help="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32.")
+@click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Rows per stored chunk (the unit of resumption and of streamed reads).")
+@click.option("--overwrite", is_flag=True, help="Replace a store built from other data or embeddings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def import_clip_retrieval_cmd(folder, out, annotations, id_column, split_column, split_label, model, k, factory,
+                              chunk_rows, overwrite, as_json):
+    """Make a store from clip-retrieval inference output (img_emb/, text_emb/, metadata/ in DIR) without running a
+    teacher: writes the annotation file from the metadata, then the store and its neighbor tables."""
+    from pipeline.clip_retrieval import ClipRetrievalImport, import_clip_retrieval
+
+    summary, written = import_clip_retrieval(ClipRetrievalImport(
+        folder=folder, out=out, annotations=annotations, id_column=id_column, split_column=split_column,
+        split=split_label, model=model, neighbors=k, index=factory, chunk_rows=chunk_rows, overwrite=overwrite,
+        progress=not as_json))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    d = {**summary.to_dict(), "annotations": str(written)}
+    lines = _build_lines(d) + [f"data      {written} (train with --data {written} --cache {d['store']})"]
+    emit(d, as_json, "\n".join(lines))
 
 
 @main.command("import-features")

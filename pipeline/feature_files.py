@@ -82,13 +82,29 @@ def read_feature_file(path: Path, ids_path: Path | None = None, *, pickled: str 
     return _table_from_dict(path, table, progress)
 
 
-def _read_npy_array(path: Path, ids_path: Path | None) -> FeatureTable:
+def read_plain_matrix(path: Path, what: str = "features") -> np.ndarray:
+    """A ``.npy`` file holding a plain numeric [N, D] array, memory-mapped (large files stay on disk); a file of
+    pickled objects is refused, never unpickled. Image features, caption embeddings and clip-retrieval's
+    embedding files are all read through here."""
+    path = Path(path)
+    header = _npy_header(path) if path.is_file() else None
+    if header is None:
+        raise FeatureFileError(f"{path}: not a .npy file of {what}" if path.is_file() else f"{path}: {what} file "
+                               "not found")
+    if header[1].hasobject:
+        raise FeatureFileError(f"{path}: holds pickled Python objects, not a plain numeric array of {what}; save "
+                               "them with np.save(path, array) from a float array")
     try:
-        features = np.load(str(path), mmap_mode="r", allow_pickle=False)  # large files stay on disk
+        features = np.load(str(path), mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise FeatureFileError(f"{path}: cannot read features ({_one_line(exc)})") from exc
+        raise FeatureFileError(f"{path}: cannot read {what} ({_one_line(exc)})") from exc
     _check_matrix(path, features)
-    ids_path = ids_path or _sibling_ids_file(path)
+    return features
+
+
+def _read_npy_array(path: Path, ids_path: Path | None) -> FeatureTable:
+    features = read_plain_matrix(path)
+    ids_path = ids_path or sibling_file(path)
     if ids_path is None or not Path(ids_path).is_file():
         raise FeatureFileError(
             f"{path}: a [N, D] array needs its image ids, one per line, in {path.with_suffix('.ids.txt')} or "
@@ -122,7 +138,7 @@ def _read_npz(path: Path, ids_path: Path | None) -> FeatureTable:
             raise FeatureFileError(f"{path}: holds its own '{NPZ_IDS}' array; drop the ids file {ids_path}")
         ids = _ids_from_array(path, stored_ids)
     else:
-        ids_path = ids_path or _sibling_ids_file(path)
+        ids_path = ids_path or sibling_file(path)
         if ids_path is None or not Path(ids_path).is_file():
             raise FeatureFileError(f"{path}: no '{NPZ_IDS}' array and no ids file ({path.with_suffix('.ids.txt')}); "
                                    f"save the image ids in the .npz as '{NPZ_IDS}' [N]")
@@ -149,8 +165,10 @@ def _ids_from_array(path: Path, ids: np.ndarray) -> list[str]:
     return [str(v) for v in ids.tolist()]
 
 
-def _sibling_ids_file(path: Path) -> Path | None:
-    for suffix in (".ids.txt", ".ids.json"):
+def sibling_file(path: Path, suffixes: tuple[str, ...] = (".ids.txt", ".ids.json")) -> Path | None:
+    """The first file beside ``path`` named with one of ``suffixes`` in place of its own (``X.ids.txt`` for
+    ``X.npy``) or after it (``X.npy.ids.txt``): the ids of image features, the keys of caption embeddings."""
+    for suffix in suffixes:
         for candidate in (path.with_suffix(suffix), Path(str(path) + suffix)):
             if candidate.is_file():
                 return candidate

@@ -1,19 +1,46 @@
-"""Safe image decoding: every image comes out as a fully decoded RGB picture or as a one-line ImageError."""
+"""Safe image decoding: every image comes out as a fully decoded RGB picture or as a one-line ImageError.
+
+`open_image(manifest, row)` is the one way every stage reads a manifest's image (the build, training an image-level
+student, evaluation, the report's figures), whether it is a file or a member of a webdataset shard.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ImageError
 
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
+
 # Pillow's own default: larger images are refused as likely decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
 _WHITE = (255, 255, 255)
+
+
+def open_image(manifest: "Manifest", row: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Image ``row`` of ``manifest`` decoded as :func:`load_image` decodes a file: from its file, or from its
+    shard member's bytes (one seek and read, never extracting the shard). Errors name the file, or the shard and
+    the sample's member."""
+    member = manifest.images[row].member
+    if member is None:
+        return load_image(manifest.image_path(row), row=row, max_pixels=max_pixels)
+    from pipeline.shards import read_member
+
+    if member.missing:
+        raise ImageError(f"{member.shard}: sample {member.key!r} (image row {row}): {member.missing}")
+    where = f"{member.shard}: member {member.name!r} (image row {row})"
+    if member.size == 0:
+        raise ImageError(f"{where}: empty member (0 bytes)")
+    data = read_member(member.shard, member.offset, member.size)
+    return decode_image(io.BytesIO(data), where, max_pixels)
 
 
 def load_image(
@@ -39,10 +66,19 @@ def load_image(
         raise ImageError(f"{where}: empty file (0 bytes)")
     try:
         # Opening our own file object keeps the decoded image usable after the file is closed.
-        with open(path, "rb") as fh, warnings.catch_warnings():
+        with open(path, "rb") as fh:
+            return decode_image(fh, where, max_pixels)
+    except OSError as e:  # the file itself could not be opened or read (its content's errors are ImageErrors)
+        raise ImageError(f"{where}: cannot read file ({e.strerror or e})") from None
+
+
+def decode_image(stream: IO[bytes], where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image from an open binary stream into RGB, upright; ``where`` names it in ImageError messages."""
+    try:
+        with warnings.catch_warnings():
             # The size check below replaces Pillow's bomb warning with a refusal.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fh)
+            img = Image.open(stream)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -72,6 +108,14 @@ def load_image(
         return _to_rgb(img)
     except (ValueError, OSError) as e:
         raise ImageError(f"{where}: cannot convert {img.mode} image to RGB ({e})") from None
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """An image already in memory, converted to 8-bit RGB exactly as ``load_image`` converts decoded files."""
+    try:
+        return _to_rgb(img)
+    except (ValueError, OSError) as e:
+        raise ImageError(f"cannot convert {img.mode} image to RGB ({e})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -6,7 +6,9 @@ neighbor table, training batches) is indexed by these rows, and its fingerprint 
 Supported inputs:
 - ``karpathy``: the Karpathy split files ``dataset_coco.json`` / ``dataset_flickr30k.json``;
 - ``caption-json``: a list of ``{"image", "caption", "image_id"?, "split"?}`` entries (ALBEF style);
-- ``csv``: CSV/TSV with an image column and a caption column (one row per caption).
+- ``csv``: CSV/TSV with an image column and a caption column (one row per caption);
+- ``webdataset``: tar shards (a brace pattern, ``::``-joined patterns, a ``.tar`` or a list file), read by
+  ``pipeline.shards``.
 
 Ids, paths and split labels name files and join rows: one containing a control character or an invalid code point
 (a lone surrogate) is refused. Captions are kept as written (the build normalises what its teacher reads).
@@ -22,15 +24,18 @@ import os
 import posixpath
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.errors import ManifestError
 
-FORMATS = ("karpathy", "caption-json", "csv")
+if TYPE_CHECKING:
+    from pipeline.shards import ShardLayout
+
+FORMATS = ("karpathy", "caption-json", "csv", "webdataset")
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 # Bumped if the serialization below changes: old stores then refuse to match instead of matching wrongly.
 _FINGERPRINT_VERSION = "cusa-manifest-v1"
@@ -39,20 +44,40 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
+class ShardMember:
+    """Where the bytes of an image held in a tar shard are: the shard's path, the sample key, the member's name, and
+    its data offset and size in the shard (from the shard's index). ``missing`` says why a sample has no image."""
+
+    shard: str
+    key: str
+    name: str
+    offset: int
+    size: int
+    missing: str = ""
+
+
+@dataclass(frozen=True)
 class ImageRecord:
-    """One image: its id, its path as written in the annotation file, and its split label."""
+    """One image: its id, its path as written in the annotation file, and its split label.
+
+    An image inside a webdataset shard has ``path`` ``SHARD_NAME/MEMBER`` and ``member`` telling where its bytes are;
+    ``member`` is not part of the fingerprint (the shard's folder may move).
+    """
 
     image_id: str
     path: str
     split: str
+    member: ShardMember | None = None
 
 
 @dataclass(frozen=True)
 class CaptionRecord:
-    """One caption and the row (index into ``Manifest.images``) of the image it describes."""
+    """One caption and the row (index into ``Manifest.images``) of the image it describes; ``shard``: the shard
+    whose sample held it (webdataset sources)."""
 
     text: str
     image_row: int
+    shard: str | None = None
 
 
 @dataclass
@@ -64,6 +89,8 @@ class Manifest:
     source: str
     image_root: str
     format: str
+    # samples of a shard source left out while reading (no caption, truncated tar, ...): {shard, key, split, reason}
+    skipped_samples: list[dict] = field(default_factory=list)
 
     def fingerprint(self) -> str:
         """sha256 hex of the ids, paths, splits, caption texts and caption image rows (not of the source path)."""
@@ -95,19 +122,19 @@ class Manifest:
             listed = ", ".join(s if s else "(unlabelled)" for s in present)
             raise ManifestError(f"{self.source}: no images in split {split!r}; splits present: {listed}")
         new_row = {old: new for new, old in enumerate(keep)}
-        captions = [
-            CaptionRecord(c.text, new_row[c.image_row]) for c in self.captions if c.image_row in new_row
-        ]
+        captions = [replace(c, image_row=new_row[c.image_row]) for c in self.captions if c.image_row in new_row]
         return Manifest(
             images=[self.images[row] for row in keep],
             captions=captions,
             source=self.source,
             image_root=self.image_root,
             format=self.format,
+            skipped_samples=[s for s in self.skipped_samples if s.get("split") == split],
         )
 
     def image_path(self, row: int) -> Path:
-        """Filesystem path of image ``row``: absolute paths as written, others under ``image_root``."""
+        """Filesystem path of image ``row``: absolute paths as written, others under ``image_root``. Images held in
+        shards have none: read any image with ``pipeline.images.open_image(manifest, row)``."""
         path = Path(self.images[row].path)
         return path if path.is_absolute() else Path(self.image_root) / path
 
@@ -131,7 +158,12 @@ class Manifest:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """Format name of an annotation file, from its extension and (for JSON) its top-level type."""
+    """Format name of an annotation file, from its extension and (for JSON) its top-level type; "webdataset" for a
+    shard source (a ``.tar``, a brace pattern of them, ``::``-joined patterns or a list of shards)."""
+    from pipeline.shards import is_shard_source
+
+    if is_shard_source(path):
+        return "webdataset"
     path = Path(path)
     if path.suffix.lower() == ".json":
         return _json_format(path, _load_json(path))
@@ -151,15 +183,22 @@ def read_manifest(
     caption_column: str = "caption",
     id_column: str | None = None,
     split_column: str | None = "split",
+    shard_layout: "ShardLayout | None" = None,
 ) -> Manifest:
-    """Read an annotation file into a Manifest; raises ManifestError (one line, naming file and entry) on bad input.
+    """Read an annotation file (or a webdataset shard source) into a Manifest; raises ManifestError (one line, naming
+    file and entry, or shard and key) on bad input.
 
     ``image_root`` defaults to the annotation file's folder. The CSV options name the columns; the split
-    column is used only when the file has it.
+    column is used only when the file has it. ``shard_layout`` says which members of a shard sample hold its image,
+    captions and id (see ``pipeline.shards``); ``image_root`` does not apply to shards.
     """
-    path = Path(path)
     if format not in ("auto", *FORMATS):
         raise ManifestError(f"{path}: unknown annotation format {format!r}; choose auto, {', '.join(FORMATS)}")
+    if format == "webdataset" or format == "auto" and _names_shards(path):
+        from pipeline.shards import read_shard_manifest
+
+        return read_shard_manifest(path, shard_layout)
+    path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: annotation file not found")
     builder = _Builder(path)
@@ -178,6 +217,12 @@ def read_manifest(
         _read_csv(path, builder, image_column, caption_column, id_column, split_column)
     root = Path(image_root) if image_root is not None else path.parent
     return builder.finish(str(root), format)
+
+
+def _names_shards(path: str | os.PathLike[str]) -> bool:
+    from pipeline.shards import is_shard_source
+
+    return is_shard_source(path)
 
 
 class _Builder:
@@ -244,12 +289,19 @@ def _refuse_odd_characters(source: Path, where: str, name: str, value: str | Non
     broken annotation file, not something to guess a repair for."""
     if value is None:
         return
+    odd = unusable_characters(value)
+    if odd:
+        raise ManifestError(f"{source}: {where}: {name} {value!r} contains {odd}")
+
+
+def unusable_characters(value: str) -> str:
+    """"the invalid character U+0007 (BELL)" when ``value`` holds a control character or a lone surrogate, else ""."""
     bad = _CONTROL.search(value) or _SURROGATE.search(value)
-    if bad:
-        char = bad.group()
-        label = unicodedata.name(char, "") if not _SURROGATE.match(char) else "lone surrogate"
-        raise ManifestError(f"{source}: {where}: {name} {value!r} contains the invalid character "
-                            f"U+{ord(char):04X}{f' ({label})' if label else ''}")
+    if not bad:
+        return ""
+    char = bad.group()
+    label = unicodedata.name(char, "") if not _SURROGATE.match(char) else "lone surrogate"
+    return f"the invalid character U+{ord(char):04X}{f' ({label})' if label else ''}"
 
 
 def _id_value(source: Path, where: str, name: str, value: Any) -> str | None:

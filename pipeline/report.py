@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.shards import ShardLayout
 from teacher_cache.store import Store
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -207,20 +208,24 @@ def _pair_sims(store: Store, modality: str, pairs: tuple[np.ndarray, np.ndarray]
     return np.einsum("ij,ij->i", emb[ia], emb[ib])
 
 
-def default_report_dir(store_path: str | Path) -> Path:
+def default_report_dir(store_path: str | Path, split: str = "all") -> Path:
+    """``STORE-report`` next to the store for the whole store, ``STORE-report-SPLIT`` for one split (so that a
+    report on another split does not overwrite it)."""
     p = Path(store_path)
-    return p.with_name(p.name + "-report")
+    return p.with_name(p.name + "-report" + ("" if split == "all" else f"-{split}"))
 
 
 def build_report(store_path: str | Path, annotations: str | Path, out: str | Path | None = None, *,
                  fmt: str = "auto", image_root: str | None = None, split: str = "all", examples: int = 4,
-                 seed: int = 0, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, Any]:
+                 seed: int = 0, ks: tuple[int, ...] = DEFAULT_KS,
+                 shard_layout: ShardLayout | None = None) -> dict[str, Any]:
     """Compute the report for the store and the annotations it was built from (or one of their splits), write
     DIR/report.json, DIR/report.md, DIR/report_hist.png and DIR/report_examples.png, and return the report."""
     store = Store.open(store_path, require_complete=True)
-    manifest = read_manifest(annotations, format=fmt, image_root=image_root).select_split(split)
+    manifest = read_manifest(annotations, format=fmt, image_root=image_root,
+                             shard_layout=shard_layout).select_split(split)
     image_rows, caption_rows = store.rows_for(manifest.fingerprint(), f"annotations {annotations}")
-    out_dir = Path(out) if out is not None else default_report_dir(store.path)
+    out_dir = Path(out) if out is not None else default_report_dir(store.path, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
@@ -425,14 +430,20 @@ def plot_histograms(histograms: dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
     fig.savefig(path)
 
 
-def _thumbnail(manifest: Manifest, stored_path: str) -> np.ndarray | None:
+def _thumbnail(manifest: Manifest, row_of_path: dict[str, int], stored_path: str) -> np.ndarray | None:
+    """A store image's thumbnail, read through the manifest (files or shard members); an image of another split of
+    a shard-built store is not in the manifest and has no thumbnail."""
     from pipeline.errors import ImageError
-    from pipeline.images import load_image
+    from pipeline.images import load_image, open_image
 
-    p = Path(stored_path)
-    p = p if p.is_absolute() else Path(manifest.image_root) / p
     try:
-        img = load_image(p)
+        if stored_path in row_of_path:
+            img = open_image(manifest, row_of_path[stored_path])
+        elif manifest.format != "webdataset":
+            p = Path(stored_path)
+            img = load_image(p if p.is_absolute() else Path(manifest.image_root) / p)
+        else:
+            return None
     except ImageError:
         return None
     img.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -445,6 +456,7 @@ def plot_examples(examples: list[dict], manifest: Manifest, path: Path) -> None:
     rows = max(len(examples), 1)
     fig = _figure(1.7 * cols, 1.9 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
+    row_of_path = {record.path: row for row, record in enumerate(manifest.images)}
     for r in range(rows):
         ex = examples[r] if r < len(examples) else None
         cells = [] if ex is None else [(ex["path"], f"query {ex['image_id']}")] + [
@@ -457,7 +469,7 @@ def plot_examples(examples: list[dict], manifest: Manifest, path: Path) -> None:
                 ax.axis("off")
                 continue
             stored, title = cells[c]
-            thumb = _thumbnail(manifest, stored)
+            thumb = _thumbnail(manifest, row_of_path, stored)
             if thumb is None:
                 ax.text(0.5, 0.5, "image\nunreadable", ha="center", va="center", fontsize=8)
             else:

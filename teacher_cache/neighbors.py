@@ -1,4 +1,4 @@
-"""The k-nearest-neighbour table of a cached modality, built with FAISS.
+"""The k-nearest-neighbor table of a cached modality, built with FAISS.
 
 Embeddings in the store are L2-normalised, so inner product is cosine similarity. The index is
 described by a FAISS ``index_factory`` string ("Flat", "IVF4096,Flat", "HNSW32", ...) and search-time
@@ -37,9 +37,9 @@ _EXACT_SEARCH_MAX_ROWS_GPU = 4_000_000
 
 @dataclass
 class NeighborTable:
-    """Top-k neighbours of every row, self excluded, sorted by descending similarity.
+    """Top-k neighbors of every row, self excluded, sorted by descending similarity.
 
-    ``ids[i, j]`` is the row index of the j-th neighbour of row i and ``sims[i, j]`` its inner product
+    ``ids[i, j]`` is the row index of the j-th neighbor of row i and ``sims[i, j]`` its inner product
     with row i. An approximate index may find fewer than k candidates for a row (too small nprobe):
     those slots hold id -1 and similarity -inf; ``missing`` counts them.
     """
@@ -53,7 +53,7 @@ class NeighborTable:
 
 
 def recommended_factory(n_rows: int, gpu: bool = False) -> str:
-    """A factory string that keeps a neighbour-table build within minutes.
+    """A factory string that keeps a neighbor-table build within minutes.
 
     Exact search for small tables; above, an inverted file with nlist the power of two at or above
     4*sqrt(N) (FAISS's guideline is 4 to 16 sqrt(N)). On 600k x 384 clustered rows "IVF4096,Flat"
@@ -191,6 +191,60 @@ def _drop_self(raw_ids: np.ndarray, raw_sims: np.ndarray, rows: np.ndarray, k: i
     return ids, sims
 
 
+def empty_index(factory: str, d: int, n: int) -> faiss.Index:
+    """An untrained, empty inner-product CPU index of ``factory`` for ``n`` rows of dimension ``d``; a factory
+    string FAISS does not know, or one with more inverted lists than rows to train them, is a one-line ValueError
+    (so callers can check it before computing what the index will hold)."""
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ValueError(f"FAISS index factory {factory!r} is not valid (e.g. Flat, IVF1024,Flat, HNSW32)") from None
+    ivf = _ivf_of(index)
+    if ivf is not None and n < ivf.nlist:
+        raise ValueError(
+            f"factory {factory!r} has {ivf.nlist} inverted lists but only N={n} rows to train them; "
+            "use fewer lists or 'Flat'"
+        )
+    return index
+
+
+def build_index(emb: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None, k: int = 32,
+                nprobe: int | None = None, params: str | None = None) -> tuple[faiss.Index, faiss.Index, str]:
+    """An inner-product index of ``emb`` (L2-normalised rows) made by ``factory``, trained and filled.
+
+    Returns (the index to search, its CPU form — the same object unless it was moved to a GPU — and the FAISS
+    parameter string applied to it). Search parameters default as in ``build_neighbor_table`` for ``k`` results.
+    """
+    x = _as_float32(emb, "embeddings")
+    n, d = x.shape
+    if use_gpu is None:
+        use_gpu = _gpu_available()
+    elif use_gpu and not _gpu_available():
+        raise ValueError("use_gpu=True but this FAISS build sees no GPU; pass use_gpu=None or False")
+    cpu_index = empty_index(factory, d, n)
+    ivf = _ivf_of(cpu_index)
+    applied = _search_params(cpu_index, n, k, nprobe, params)
+
+    index = cpu_index
+    if use_gpu:
+        try:
+            index = faiss.index_cpu_to_all_gpus(cpu_index)
+        except RuntimeError:
+            # Some index types (HNSW, most PQ variants) have no GPU implementation: stay on CPU.
+            index = cpu_index
+
+    if not index.is_trained:
+        n_train = _train_rows(n, ivf.nlist if ivf is not None else None)
+        rng = np.random.default_rng(_TRAIN_SEED)
+        # Sorted sample rows read the array front to back.
+        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else slice(None)
+        index.train(x[sample])
+    index.add(x)
+    if applied:
+        _parameter_space(index).set_index_parameters(index, applied)
+    return index, cpu_index, applied
+
+
 def build_neighbor_table(
     emb: np.ndarray,
     k: int,
@@ -213,46 +267,16 @@ def build_neighbor_table(
         raise ValueError(f"k must be at least 1, got {k}")
     if n - 1 < k:
         raise ValueError(
-            f"cannot find k={k} neighbours among N={n} rows: each row has only N-1={n - 1} others; lower k"
+            f"cannot find k={k} neighbors among N={n} rows: each row has only N-1={n - 1} others; lower k"
         )
     if query_batch < 1:
         raise ValueError(f"query_batch must be at least 1, got {query_batch}")
-    if use_gpu is None:
-        use_gpu = _gpu_available()
-    elif use_gpu and not _gpu_available():
-        raise ValueError("use_gpu=True but this FAISS build sees no GPU; pass use_gpu=None or False")
-
-    cpu_index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = _ivf_of(cpu_index)
-    if ivf is not None and n < ivf.nlist:
-        raise ValueError(
-            f"factory {factory!r} has {ivf.nlist} inverted lists but only N={n} rows to train them; "
-            "use fewer lists or 'Flat'"
-        )
-    applied = _search_params(cpu_index, n, k, nprobe, params)
-
-    index = cpu_index
-    if use_gpu:
-        try:
-            index = faiss.index_cpu_to_all_gpus(cpu_index)
-        except RuntimeError:
-            # Some index types (HNSW, most PQ variants) have no GPU implementation: stay on CPU.
-            index = cpu_index
-
-    if not index.is_trained:
-        n_train = _train_rows(n, ivf.nlist if ivf is not None else None)
-        rng = np.random.default_rng(_TRAIN_SEED)
-        # Sorted sample rows read the array front to back.
-        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else slice(None)
-        index.train(x[sample])
-    index.add(x)
-    if applied:
-        _parameter_space(index).set_index_parameters(index, applied)
+    index, cpu_index, applied = build_index(x, factory, use_gpu, k, nprobe, params)
 
     order = None if index is not cpu_index else _inverted_list_order(cpu_index, n)
     ids = np.empty((n, k), dtype=np.int64)
     sims = np.empty((n, k), dtype=np.float32)
-    with tqdm(total=n, desc=f"neighbours ({factory})", unit="row", disable=not progress) as bar:
+    with tqdm(total=n, desc=f"neighbors ({factory})", unit="row", disable=not progress) as bar:
         for start in range(0, n, query_batch):
             stop = min(n, start + query_batch)
             rows = np.arange(start, stop) if order is None else order[start:stop]

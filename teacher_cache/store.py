@@ -82,6 +82,7 @@ class StoreLayout:
     dims: dict[str, int]  # {"images": D_i, "texts": D_t}
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     source: str = ""
+    skipped_samples: list[dict] = field(default_factory=list)  # shard samples left out of the rows: {shard, key, reason}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -213,6 +214,7 @@ class Store:
             "dims": layout.dims,
             "chunk_rows": cr,
             "source": layout.source,
+            "skipped_samples": layout.skipped_samples,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "complete": False,
         })
@@ -339,6 +341,11 @@ class Store:
     @property
     def skipped_images(self) -> list[dict]:
         return list(self._group.attrs.get("skipped_images", []))
+
+    @property
+    def skipped_samples(self) -> list[dict]:
+        """Samples of a shard source the build left out ({shard, key, reason}): they have no rows."""
+        return list(self._group.attrs.get("skipped_samples", []))
 
     # ------------------------------------------------------------------ embeddings
     def array(self, modality: str) -> zarr.Array:

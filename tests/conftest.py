@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from demo_constants import DEMO_CHUNK_ROWS, DEMO_IMAGES, DEMO_NEIGHBORS
+from demo_constants import DEMO_CHUNK_ROWS, DEMO_IMAGES, DEMO_NEIGHBORS, DEMO_SAMPLES_PER_SHARD
 
 
 def pytest_addoption(parser):
@@ -35,6 +35,19 @@ def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root, n_images=DEMO_IMAGES, seed=0, image_size=96, split_fractions=(0.70, 0.15, 0.15))
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_dir, tmp_path_factory) -> dict[str, str]:
+    """The demo splits written as webdataset shards of 4 samples (KEY.png, KEY.txt, KEY.json): split -> brace
+    pattern. The images are the demo files' bytes, so a shard build equals the JSON build of the same split."""
+    from pipeline.manifest import read_manifest
+    from pipeline.shard_writer import write_manifest_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    return {split: write_manifest_shards(read_manifest(demo_dir / f"{split}.json"), out, split,
+                                         DEMO_SAMPLES_PER_SHARD)["pattern"]
+            for split in ("train", "val", "test")}
 
 
 @pytest.fixture(scope="session")

@@ -3,3 +3,4 @@
 DEMO_IMAGES = 60  # 42 train / 9 val / 9 test images, 5 captions each
 DEMO_CHUNK_ROWS = 16
 DEMO_NEIGHBORS = 8
+DEMO_SAMPLES_PER_SHARD = 4  # demo_shards: val and test 3 shards each, train 11

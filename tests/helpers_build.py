@@ -7,7 +7,10 @@ runs on one thread too (torchrun sets OMP_NUM_THREADS=1 for its workers)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +25,24 @@ BIN = Path(sys.executable).parent
 
 def one_thread_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def kill_build_after_image_chunks(command: list[str], out: Path, chunks: int = 2) -> None:
+    """Run `cusa-cache COMMAND` in a subprocess (one thread) and SIGKILL it once ``chunks`` image chunks of the store
+    ``out`` are marked finished."""
+    proc = subprocess.Popen([str(BIN / "cusa-cache"), *command], env=one_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((out / "_progress" / "images").glob("*.json"))) < chunks:
+            assert proc.poll() is None, f"the build ended before {chunks} image chunks were marked finished"
+            assert time.monotonic() < deadline, "no image chunk finished within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 class one_torch_thread:

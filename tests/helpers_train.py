@@ -24,6 +24,12 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 TEMPERATURE_RANGES = {"tau": (0.01, 0.10), "tau_csa": (0.10, 0.99), "tau_usa_images": (0.10, 1.00),
                       "tau_usa_texts": (0.10, 1.00)}
 TIMING_KEYS = ("step_time", "epoch_time")
+# A CLIP small enough to train an epoch on CPU in seconds (randomly initialised: the folder holds only a config).
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def train_args(demo_dir: Path, cache: Path, out: Path, *extra: str, epochs: int = 2, batch_size: int = 32,
@@ -82,6 +88,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def without_timings(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def cusa_and_contrastive_runs(demo_dir: Path, demo_cache: Path, root: Path, contrastive_epochs: int = 2
+                              ) -> tuple[Path, Path]:
+    """A validated CUSA run (2 epochs) and contrastive run of the frozen student in ``root`` (seconds each)."""
+    from train.cli import train_main
+
+    with one_torch_thread():
+        for loss, epochs in (("cusa", 2), ("contrastive", contrastive_epochs)):
+            invoke_json(train_main, train_args(demo_dir, demo_cache, root / loss, "--loss", loss, epochs=epochs,
+                                               val=True))
+    return root / "cusa", root / "contrastive"
 
 
 def assert_identical(a, b, where: str = "") -> None:

@@ -102,3 +102,82 @@ def test_ablation_grid_runs_from_one_cache_resumes_and_reports(demo_dir, demo_ca
     assert again["counts"]["trained"] == 0 and again["counts"]["skipped_finished"] == 4
     assert again["counts"]["backbone_passes"] == 0
     assert again["settings"][1]["mean"] == cusa["mean"]
+
+
+def _ablate(args: list) -> tuple[int, str]:
+    result = CliRunner().invoke(ablate_main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def test_a_rerun_with_other_settings_or_eval_split_never_reports_the_first_grids_numbers(demo_dir, demo_cache,
+                                                                                         tmp_path):
+    out = tmp_path / "abl"
+    base = ["--data", demo_dir / "train.json", "--cache", demo_cache, "--grid", "loss=cusa", "--seeds", "1",
+            "--batch-size", "32", "--device", "cpu", "--workers", "0", "--out", out, "--json",
+            "--set", "frozen.hidden=64", "--set", "frozen.embed_dim=64"]
+    test = ["--eval-data", demo_dir / "test.json"]
+    code, output = _ablate(base + test + ["--epochs", "3"])
+    assert code == 0, output
+    first = json.loads(output)
+    assert [r["config"]["epochs"] for r in first["runs"]] == [3, 3]
+    assert {(r["eval_split"], r["eval_data"]) for r in first["runs"]} == {("test", str(demo_dir / "test.json"))}
+    md = (out / "results.md").read_text()
+    assert "±" not in md  # one seed: no spread to show
+    assert first["settings"][0]["std"]["rsum"] is None
+
+    # another --epochs: refused in one line naming the setting, nothing retrained, results untouched
+    results_before = (out / "results.json").read_bytes()
+    code, output = _ablate(base + test + ["--epochs", "4"])
+    assert code == 1
+    assert output.strip().splitlines() == [
+        f"Error: {out / 'runs' / 'loss=contrastive-seed0'}: was made with epochs = 3, this grid asks for 4; "
+        "pass --overwrite to retrain it, or choose another --out"]
+    assert (out / "results.json").read_bytes() == results_before
+
+    # with --overwrite: retrained for 4 epochs, new numbers
+    code, output = _ablate(base + test + ["--epochs", "4", "--overwrite"])
+    assert code == 0, output
+    second = json.loads(output)
+    assert second["counts"]["trained"] == 2 and second["counts"]["overwritten"] == 2
+    assert [r["config"]["epochs"] for r in second["runs"]] == [4, 4]
+    assert [r["epoch"] for r in second["runs"]] == [4, 4]
+    assert second["settings"][1]["mean"] != first["settings"][1]["mean"]
+
+    # another eval split: refused, then with --overwrite evaluated on it (not retrained), never the test numbers
+    val = ["--eval-data", demo_dir / "val.json", "--eval-split", "val", "--epochs", "4"]
+    code, output = _ablate(base + val)
+    assert code == 1 and 'was evaluated on the split "test", this grid asks for "val"' in output
+    code, output = _ablate(base + val + ["--overwrite"])
+    assert code == 0, output
+    third = json.loads(output)
+    assert third["counts"]["trained"] == 0 and third["counts"]["reevaluated"] == 2
+    assert third["eval_split"] == "val" and all(r["split"] == "val" for r in third["runs"])
+    from train.evaluation_run import evaluate_run
+
+    direct = evaluate_run(out / "runs" / "loss=cusa-seed0", str(demo_dir / "val.json"), split="val", device="cpu",
+                          workers=0, progress=False)
+    assert third["settings"][1]["mean"]["rsum"] == pytest.approx(direct["rsum"])
+    assert "# Ablation results (1 seed(s) per setting, val split of" in (out / "results.md").read_text()
+
+    # the same request again reuses everything, whatever the device or worker count
+    code, output = _ablate(base + val + ["--workers", "1"])
+    assert code == 0, output
+    assert json.loads(output)["counts"]["skipped_finished"] == 2
+
+
+def test_each_runs_header_and_its_epoch_lines_share_one_stream_apart_from_the_results(demo_dir, demo_cache,
+                                                                                       tmp_path):
+    from helpers_train import run_script
+
+    proc = run_script("cusa-ablate", ["--data", demo_dir / "train.json", "--eval-data", demo_dir / "test.json",
+                                      "--cache", demo_cache, "--grid", "loss=contrastive", "--seeds", "1",
+                                      "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--workers", "0",
+                                      "--out", tmp_path / "abl"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    progress = [line.split("\r")[-1] for line in proc.stderr.splitlines()]
+    header = progress.index("[1/1] loss=contrastive seed 0")
+    assert any(line.startswith("epoch 1/1: loss ") for line in progress[header:])
+    assert "[1/1]" not in proc.stdout and "epoch 1/1" not in proc.stdout
+    assert proc.stdout.startswith("# Ablation results (1 seed(s) per setting, test split of")

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from helpers_build import BIN, BUILD_ARGS, one_thread_env, one_torch_thread, val_reference
+from helpers_build import BUILD_ARGS, kill_build_after_image_chunks, one_torch_thread, val_reference
 from pipeline.build import BuildConfig, build_store
 from pipeline.cli import main
 from teacher_cache.errors import StoreError
@@ -52,19 +50,7 @@ def test_killed_build_resumes_to_the_uninterrupted_store_without_redoing_finishe
                                                                                             tmp_path):
     out = tmp_path / "store"
     command = ["build", str(demo_dir / "val.json"), "--out", str(out), *BUILD_ARGS, "--json"]
-    proc = subprocess.Popen([str(BIN / "cusa-cache"), *command], env=one_thread_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while len(markers(out, "images")) < 2:
-            assert proc.poll() is None, "the build ended before two image chunks were marked finished"
-            assert time.monotonic() < deadline, "no image chunk finished within 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_build_after_image_chunks(command, out)
 
     done_images, done_texts = markers(out, "images"), markers(out, "texts")
     assert 2 <= len(done_images) <= 3 and len(done_images) + len(done_texts) < 3 + 12

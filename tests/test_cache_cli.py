@@ -117,6 +117,34 @@ def test_info_json_describes_the_built_store(built):
     assert human.exit_code == 0 and "complete" in human.output and "12 × 1280" in human.output
 
 
+def test_info_and_build_summaries_print_aligned_columns_and_each_count_once(built, subset_dir):
+    out, _ = built
+    lines = cli("info", out).output.splitlines()
+    labels = ("store", "status", "images", "captions", "splits", "image teacher", "text teacher", "fingerprint",
+              "neighbors", "size")
+    assert [line[:15].rstrip() for line in lines][:8] == list(labels[:8])
+    assert all(len(line) > 15 and line[14] == " " and line[15] != " " for line in lines)  # values in one column
+    # building the finished store again: nothing to embed, said once per modality
+    again = cli("build", subset_dir / "all.json", "--out", out, "--split", "all", "--chunk-rows", CHUNK_ROWS,
+                "--neighbors", K, "--workers", 0, "--batch-size", 8, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    summary = again.stdout.splitlines()
+    assert summary[1].startswith("images    12 × 1280: 0 embedded now in ")
+    assert summary[1].endswith("; 3 chunks were already done") and summary[1].count("rows") == 1
+    assert summary[2].startswith("texts     60 × 384: 0 embedded now in ")
+
+
+def test_demo_data_prints_the_paths_it_wrote(tmp_path):
+    result = cli("demo-data", tmp_path / "demo", "--images", 10)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"demo set  {tmp_path / 'demo'}  (10 images, 50 captions; train ")
+    assert lines[1] == f"images    {tmp_path / 'demo' / 'images'}"
+    assert lines[2:] == [f"{split:<9} {tmp_path / 'demo' / f'{split}.json'}" for split in ("train", "val", "test",
+                                                                                             "all")]
+    assert "{" not in result.output
+
+
 def test_rows_for_maps_the_train_file_fingerprint_to_the_train_rows_of_an_all_splits_store(built, subset_dir):
     out, _ = built
     store = Store.open(out, require_complete=True)
@@ -467,6 +495,18 @@ def test_skipped_bad_images_are_listed_zeroed_and_left_out_of_neighbors(mixed_im
 
     verified = cli("verify", root / "store")
     assert verified.exit_code == 0 and "OK" in verified.output
+
+
+def test_the_human_build_summary_names_each_skipped_image_and_its_row_once(mixed_images):
+    root, _ = mixed_images
+    again = cli("build", root / "ann.json", "--out", root / "store", "--on-bad-image", "skip", "--chunk-rows", 4,
+                "--neighbors", 8, "--workers", 1, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    lines = again.stdout.splitlines()
+    start = lines.index("skipped   3 bad images (listed in the store's attributes):")
+    for line, (row, name) in zip(lines[start + 1:], ((1, "missing.png"), (3, "truncated.png"), (5, "notes.png"))):
+        assert line.startswith(f"          {root / name} (image row {row}): ")
+        assert line.count("row") == 1 and line.count(name) == 1
 
 
 def test_grayscale_cmyk_and_alpha_images_embed_like_their_rgb_originals(mixed_images):

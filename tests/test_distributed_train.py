@@ -57,14 +57,14 @@ def test_two_process_run_checkpoints_and_validates_once_on_rank_zero(ddp_run):
     assert summary["steps"] == 2 * 7
     assert summary["loss_terms"] == ["contrastive", "csa"]
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == 1
+    assert last["epoch"] == 2  # epochs finished, numbered from 1
     assert isinstance(last["rng"], list) and len(last["rng"]) == 2  # each rank's RNG, for an exact resume
     assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])
     records = read_jsonl(out / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1]  # one writer: each epoch logged once
+    assert [r["epoch"] for r in epochs] == [1, 2]  # one writer: each epoch logged once
     rsums = [r["val"]["rsum"] for r in epochs]
-    assert summary["best_epoch"] == rsums.index(max(rsums))
+    assert summary["best_epoch"] == rsums.index(max(rsums)) + 1
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == summary["best_epoch"]
     assert all(0.01 <= r["tau"] <= 0.10 and 0.10 <= r["tau_csa"] <= 0.99 for r in records)
@@ -85,7 +85,7 @@ def test_gathered_run_trains_and_its_first_loss_is_the_one_process_loss_of_the_g
         ddp_gather_run, demo_dir, demo_cache, tmp_path):
     out, summary = ddp_gather_run
     assert summary["world_size"] == 2 and summary["steps"] == 14
-    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 2
     # the gathered batch is rank 0's 16 pairs then rank 1's: the one-process batch of 32; the CSA and USA terms only
     # match when the teacher block was read for those 32 rows in that order
     gathered_first = read_jsonl(out / "metrics.jsonl")[0]

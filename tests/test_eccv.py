@@ -123,6 +123,9 @@ class ByImageNumber:
         self.calls.append(("images", embedding))
         return np.stack([self.vectors[coco_image_number("", str(p))] for p in paths])
 
+    def manifest_images(self, manifest, rows, embedding):
+        return self.images([manifest.image_path(r) for r in rows], embedding)
+
     def texts(self, texts, embedding):
         self.calls.append(("texts", embedding))
         return np.stack([self.vectors[int(t.split()[-1])] for t in texts])

@@ -339,7 +339,7 @@ def test_precomputed_array_with_sibling_or_explicit_ids_file(tmp_path):
         ("minilm-l6", "image", "cannot encode image"),
         ("efficientnet-lite0", "text", "cannot encode text"),
         ("timm:test_efficientnet", "text", "cannot encode text"),
-        ("precomputed:x.npy", "text", "cannot encode text"),
+        ("precomputed:/no/such/captions.npy", "text", "caption embeddings not found"),
         ("sentence-transformers:x", "image", "cannot encode image"),
         ("timm:", "image", "names no model"),
         ("minilm-l6", "audio", "modality must be"),

@@ -1,4 +1,4 @@
-"""The neighbour table: exact against numpy, self excluded, approximate indexes within recall, disk round trip."""
+"""The neighbor table: exact against numpy, self excluded, approximate indexes within recall, disk round trip."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_saved_index_searches_like_the_original(tmp_path):
     np.testing.assert_array_equal(ids_a, ids_b)
     np.testing.assert_allclose(sims_a, sims_b)
     assert ids_a.dtype == np.int64 and sims_a.dtype == np.float32
-    # Searching the table's own rows gives each row first, then its table neighbours.
+    # Searching the table's own rows gives each row first, then its table neighbors.
     np.testing.assert_array_equal(ids_a[:, 0], np.arange(100))
     np.testing.assert_array_equal(ids_a[:, 1:], table.ids[:100])
 

@@ -58,7 +58,8 @@ def test_sgr_and_saf_train_with_the_sgraf_paper_preset_and_their_own_rates(regio
     for kind, (out, summary) in region_runs.items():
         cfg = json.loads((out / "config.json").read_text())
         assert (cfg["csa"]["rate"], cfg["usa"]["rate"]) == expected_rates[kind]
-        assert (cfg["lr"], cfg["min_lr"], cfg["weight_decay"], cfg["epochs"]) == (1e-3, 1e-5, 1e-4, 2)
+        # --lr 1e-3 without a floor keeps the preset's: 1e-5 / 2e-4 of it
+        assert (cfg["lr"], cfg["min_lr"], cfg["weight_decay"], cfg["epochs"]) == (1e-3, pytest.approx(5e-5), 1e-4, 2)
         assert cfg["csa"]["tau"]["init"] == 0.45 and cfg["usa"]["tau_images"]["init"] == 0.45
         assert cfg["itr"] == {"loss": "auto", "margin": 0.2, "max_violation": True, "reduction": "mean"}
         assert cfg["region"]["embed_dim"] == 16 and cfg["student"] == f"{kind}:{GRID}"
@@ -218,22 +219,22 @@ class Interrupted(BaseException):
 
 
 def test_resuming_a_region_run_reproduces_the_uninterrupted_one(demo_dir, demo_cache, tmp_path, monkeypatch):
-    import train.trainer as trainer
+    from train.metrics_log import MetricsLogger
 
     whole, part = tmp_path / "whole", tmp_path / "part"
     invoke_json(train_main, region_args(demo_dir, demo_cache, whole, f"saf:{GRID}", val=False))
-    append = trainer._append_jsonl
+    log = MetricsLogger.log
 
-    def append_then_stop(path, record):
-        append(path, record)
-        if record["kind"] == "step" and record["epoch"] == 1:
+    def log_then_stop(self, record):
+        log(self, record)
+        if record["kind"] == "step" and record["epoch"] == 2:
             raise Interrupted  # stopped inside the second epoch: last.pt holds the first
 
-    monkeypatch.setattr(trainer, "_append_jsonl", append_then_stop)
+    monkeypatch.setattr(MetricsLogger, "log", log_then_stop)
     with pytest.raises(Interrupted):
         invoke(train_main, region_args(demo_dir, demo_cache, part, f"saf:{GRID}", val=False))
-    monkeypatch.setattr(trainer, "_append_jsonl", append)
-    assert torch.load(part / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    assert torch.load(part / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
     invoke_json(train_main, region_args(demo_dir, demo_cache, part, f"saf:{GRID}", "--resume", val=False))
     a = torch.load(whole / "last.pt", map_location="cpu", weights_only=True)["student"]
     b = torch.load(part / "last.pt", map_location="cpu", weights_only=True)["student"]

@@ -202,6 +202,18 @@ def test_report_human_summary_goes_to_the_default_folder_next_to_the_store(demo_
     assert (cache_copy.parent / "store-report" / "report.json").is_file()
 
 
+def test_a_report_on_one_split_goes_to_its_own_default_folder_and_keeps_the_whole_stores(demo_dir, cache_copy):
+    whole = CliRunner().invoke(main, ["report", str(cache_copy), "--data", str(demo_dir / "train.json"),
+                                      "--examples", "0", "--json"])
+    assert whole.exit_code == 0, whole.output
+    before = (cache_copy.parent / "store-report" / "report.json").read_bytes()
+    split = CliRunner().invoke(main, ["report", str(cache_copy), "--data", str(demo_dir / "train.json"),
+                                      "--split", "train", "--examples", "0", "--json"])
+    assert split.exit_code == 0, split.output
+    assert json.loads((cache_copy.parent / "store-report-train" / "report.json").read_text())["split"] == "train"
+    assert (cache_copy.parent / "store-report" / "report.json").read_bytes() == before
+
+
 def test_report_refuses_annotations_the_store_was_not_built_from_in_one_line(demo_dir, demo_cache, tmp_path):
     result = CliRunner().invoke(main, ["report", str(demo_cache), "--data", str(demo_dir / "val.json"),
                                        "--out", str(tmp_path / "r")])

@@ -32,7 +32,7 @@ def _one_torch_thread():
 
 # ================================================================================================ configuration
 def test_paper_preset_holds_the_reference_values_of_method_md():
-    cfg = build_config("paper")
+    cfg = build_config("paper", flags={"student": "open_clip:ViT-B-32:openai"})
     loss = cfg.losses
     assert (loss.contrastive.tau.init, loss.contrastive.tau.min, loss.contrastive.tau.max) == (0.05, 0.01, 0.10)
     assert (loss.csa.tau.init, loss.csa.tau.min, loss.csa.tau.max) == (0.45, 0.10, 0.99)
@@ -41,7 +41,7 @@ def test_paper_preset_holds_the_reference_values_of_method_md():
     assert all(t.learnable for t in (loss.contrastive.tau, loss.csa.tau, loss.usa.tau_images, loss.usa.tau_texts))
     assert loss.tau_soft == 1.0
     assert (loss.contrastive.rate, loss.csa.rate, loss.usa.rate) == (1.0, 0.1, 0.5)
-    assert (cfg.lr, cfg.weight_decay, cfg.min_lr) == (1e-5, 1e-4, 1e-6)
+    assert (cfg.lr, cfg.weight_decay, cfg.min_lr, cfg.head_lr) == (1e-5, 1e-4, 1e-6, None)
     assert (cfg.batch_size, cfg.epochs, cfg.gather) == (128, 30, False)
     assert (loss.csa.mode, loss.csa.form, loss.contrastive.reduction) == ("each", "kl", "mean")
     assert cfg.loss == "cusa" and loss.terms == ("contrastive", "csa", "usa")
@@ -86,7 +86,7 @@ def test_config_files_in_yaml_and_json_set_nested_and_dotted_keys(tmp_path, suff
     assert cfg.epochs == 7 and cfg.frozen.hidden == 64
     assert (cfg.losses.csa.rate, cfg.losses.csa.tau.max, cfg.losses.usa.rate) == (0.25, 0.8, 0.7)
     assert (cfg.soft_labels.mode, cfg.soft_labels.k) == ("sparse", 5)
-    assert cfg.lr == 1e-5  # untouched settings keep the preset's values
+    assert cfg.lr == 1e-3  # untouched settings keep the preset's values (for the default, frozen student)
 
 
 def test_precedence_is_preset_then_file_then_flags_then_set(tmp_path):
@@ -104,7 +104,7 @@ def test_precedence_is_preset_then_file_then_flags_then_set(tmp_path):
 @pytest.mark.parametrize("item, message", [
     ("foo=1", "unknown setting 'foo'"),
     ("data.root=x", "unknown setting 'data.root'"),
-    ("soft_labels.modes=sparse", "unknown setting 'soft_labels.modes' (known under soft_labels: mode, k, stream)"),
+    ("soft_labels.modes=sparse", "unknown setting 'soft_labels.modes' (known under soft_labels: mode, k, stream, max_memory_mib, window)"),
     ("csa.rat=0.2", "unknown loss setting 'csa.rat' (known under csa.: enabled, rate, tau,"),
     ("lr=fast", "setting lr must be a number, got 'fast'"),
     ("csa.rate", "--set 'csa.rate': expected KEY=VALUE, e.g. csa.rate=0.2"),
@@ -164,24 +164,24 @@ def test_cli_run_writes_checkpoints_metrics_config_and_summary(cli_run):
     assert summary["loss_terms"] == ["contrastive", "csa", "usa"]
     assert summary["checkpoint"] == str(out / "best.pt")
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == 3 and last["student_spec"] == "frozen:efficientnet-lite0+minilm-l6"
+    assert last["epoch"] == 4 and last["student_spec"] == "frozen:efficientnet-lite0+minilm-l6"
     assert set(last) >= {"student", "loss", "optimizer", "scheduler", "rng", "best", "config"}
 
 
 def test_best_checkpoint_is_the_epoch_with_the_highest_validation_rsum(cli_run):
     out, summary = cli_run
     epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]  # numbered from 1, as on the console
     rsums = [r["val"]["rsum"] for r in epochs]
-    best_epoch = rsums.index(max(rsums))  # the first of equal maxima: a later tie is not an improvement
+    best_epoch = rsums.index(max(rsums)) + 1  # the first of equal maxima: a later tie is not an improvement
     assert summary["best_epoch"] == best_epoch
-    assert summary["best_val"] == epochs[best_epoch]["val"]
+    assert summary["best_val"] == epochs[best_epoch - 1]["val"]
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == best_epoch and best["best"]["rsum"] == max(rsums)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["best"]["epoch"] == best_epoch
     same_weights = all(torch.equal(best["student"][k], last["student"][k]) for k in last["student"])
-    assert same_weights == (best_epoch == 3)
+    assert same_weights == (best_epoch == 4)
     assert max(rsums) > 300  # the student learned to retrieve (random ranking of 9 images gives ~150)
 
 
@@ -196,9 +196,10 @@ def test_metrics_log_every_term_temperatures_lr_step_time_and_val_recalls(cli_ru
         assert r["loss"] == pytest.approx(r["contrastive"] + r["csa"] + r["usa"], rel=1e-5)
         assert r["contrastive"] > 0 and r["csa"] > 0 and r["usa"] > 0 and r["tau_soft"] == 1.0
     assert all(r["step_time"] > 0 for r in steps) and all(r["epoch_time"] > 0 for r in epochs)
-    # cosine from 1e-3 down to min_lr 1e-6, reached at the last step
+    # cosine from 1e-3 down to the frozen student's min_lr 1e-4, reached at the last step; one group of new parameters
     lrs = [r["lr"] for r in steps]
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3 and lrs[-1] == pytest.approx(1e-6)
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3 and lrs[-1] == pytest.approx(1e-4)
+    assert all(r["lr_groups"] == {"heads": r["lr"]} for r in steps + epochs)
     for r in epochs:
         val = r["val"]
         assert all(0 <= val[k] <= 100 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"))
@@ -225,7 +226,7 @@ def test_resolved_config_is_saved_in_the_run_folder(cli_run, demo_dir):
     assert saved["lr"] == 1e-3 and saved["epochs"] == 4 and saved["batch_size"] == 32
     assert saved["val_data"] == str(demo_dir / "val.json") and saved["preset"] == "paper"
     assert saved["contrastive"]["tau"]["max"] == TAU_MAX and saved["csa"]["rate"] == 0.1
-    assert saved["soft_labels"] == {"mode": "dense", "k": None, "stream": False}
+    assert saved["soft_labels"] == {"mode": "dense", "k": None, "stream": None, "max_memory_mib": 8192.0, "window": 0}
     assert TrainConfig.from_dict(saved).to_dict() == saved
 
 
@@ -265,22 +266,22 @@ def test_streamed_soft_labels_train_exactly_like_in_memory_ones_and_sparse_ones_
 
 # ================================================================================================ resume
 # Run train_main in a fresh interpreter and SIGKILL it right after the first optimizer step of the third epoch has
-# been logged: last.pt then holds epoch 2 (index 1) and metrics.jsonl already has a record of the lost epoch.
+# been logged: last.pt then holds epoch 2 and metrics.jsonl already has a record of the lost epoch.
 KILLED_IN_THIRD_EPOCH = """
 import os, signal, sys
 import torch
 torch.set_num_threads(int(sys.argv[1]))
-import train.trainer as trainer
+from train.metrics_log import MetricsLogger
 from train.cli import train_main
 
-append = trainer._append_jsonl
+log = MetricsLogger.log
 
-def append_then_die(path, record):
-    append(path, record)
-    if record["kind"] == "step" and record["epoch"] == 2:
+def log_then_die(self, record):
+    log(self, record)
+    if record["kind"] == "step" and record["epoch"] == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 
-trainer._append_jsonl = append_then_die
+MetricsLogger.log = log_then_die
 train_main.main(sys.argv[2:], prog_name="cusa-train")
 """
 
@@ -296,14 +297,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit(demo_d
                           env=subprocess_env(OMP_NUM_THREADS=str(threads)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = torch.load(resumed / "last.pt", map_location="cpu", weights_only=True)
-    assert killed["epoch"] == 1
-    assert any(r["epoch"] == 2 for r in read_jsonl(resumed / "metrics.jsonl"))  # logged by the lost epoch
+    assert killed["epoch"] == 2
+    assert any(r["epoch"] == 3 for r in read_jsonl(resumed / "metrics.jsonl"))  # logged by the lost epoch
 
     summary = invoke_json(train_main, train_args(demo_dir, demo_cache, resumed, "--resume", epochs=4, val=True))
     assert summary["steps"] == 28
     a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(resumed / "last.pt", map_location="cpu", weights_only=True)
-    assert b["epoch"] == 3
+    assert b["epoch"] == 4
     for key in ("student", "loss", "optimizer", "scheduler", "best", "rng"):
         assert_identical(a[key], b[key], key)
     best_a = torch.load(straight / "best.pt", map_location="cpu", weights_only=True)

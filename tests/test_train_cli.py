@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from helpers_train import (METRIC_KEYS, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
+from helpers_train import (METRIC_KEYS, TINY_CLIP, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
                            subprocess_env, train_args)
 from pipeline.manifest import read_manifest
 from teacher_cache.errors import StoreMismatch
@@ -25,13 +25,6 @@ from train.features import frozen_features
 from train.trainer import default_feature_cache
 
 FROZEN_SPECS = ("efficientnet-lite0", "minilm-l6")  # the default student's backbones = the demo cache's teachers
-
-# A CLIP small enough to train an epoch on CPU in seconds (randomly initialised: the folder holds only a config).
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +123,7 @@ def test_open_clip_student_trains_with_csa_and_usa_while_every_teacher_is_unimpo
     summary = json.loads(proc.stdout)
     assert summary["loss_terms"] == ["contrastive", "csa", "usa"]
     assert summary["teacher_passes"] == 0 and summary["backbone_passes"] == 0
-    assert summary["steps"] == 7 and summary["best_epoch"] == 0
+    assert summary["steps"] == 7 and summary["best_epoch"] == 1
     records = read_jsonl(out / "metrics.jsonl")
     assert all(r["csa"] > 0 and r["usa"] > 0 for r in records)
     assert 0 <= records[-1]["val"]["rsum"] <= 600
@@ -161,7 +154,7 @@ def eval_result(eval_run, demo_dir) -> dict:
 def test_eval_of_a_run_folder_uses_its_best_checkpoint(eval_run, eval_result):
     out, summary = eval_run
     assert eval_result["checkpoint"] == str(out / "best.pt")
-    assert eval_result["epoch"] == summary["best_epoch"] + 1
+    assert eval_result["epoch"] == summary["best_epoch"]  # numbered from 1 in both
     assert (eval_result["split"], eval_result["images"], eval_result["captions"]) == ("test", 9, 45)
 
 
@@ -247,3 +240,33 @@ def test_image_and_text_soft_labels_can_come_from_two_stores_each_checked_agains
     assert result.exit_code == 1
     assert "fingerprint" in result.output and str(other) in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ================================================================================================ open_clip messages
+def test_an_open_clip_student_whose_weights_need_the_hub_is_one_line_naming_hf_hub_offline(demo_dir, demo_cache,
+                                                                                            tmp_path):
+    proc = run_script("cusa-train", train_args(demo_dir, demo_cache, tmp_path / "run", "--student",
+                                               "open_clip:ViT-B-32:openai", epochs=1))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "Error: open_clip:ViT-B-32:openai: open_clip's pretrained weights 'openai' are not in the local Hugging Face "
+        "cache and the hub is switched off (HF_HUB_OFFLINE=1); run once with HF_HUB_OFFLINE=0 to download them, or "
+        "name a local file (open_clip:ARCH:/path/to/weights.pt)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluating_an_open_clip_run_does_not_announce_random_weights_it_then_replaces(demo_dir, demo_cache,
+                                                                                      tmp_path):
+    (tmp_path / "tiny_clip").mkdir()
+    (tmp_path / "tiny_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    out = tmp_path / "run"
+    trained = run_script("cusa-train", train_args(demo_dir, demo_cache, out, "--student",
+                                                  f"open_clip:local-dir:{tmp_path / 'tiny_clip'}", epochs=1))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "initialized randomly" in trained.stderr  # training does start from random weights: say so there
+    proc = run_script("cusa-eval", [out, "--data", demo_dir / "test.json", "--device", "cpu", "--workers", "0",
+                                    "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialized randomly" not in proc.stderr and "no CLIP weights" not in proc.stderr
+    assert proc.stderr.strip() == ""
+    assert json.loads(proc.stdout)["skipped_images"] == 0

@@ -156,12 +156,15 @@ def test_a_fresh_run_loads_with_torch_weights_only_and_evaluates(trained_run, de
 
 def to_previous_format(path: Path) -> dict:
     """Rewrite a checkpoint as the previous release wrote it: the same RNG state, as the tuples of
-    ``random.getstate()`` and ``np.random.get_state()``."""
+    ``random.getstate()`` and ``np.random.get_state()``, and epochs numbered from 0."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     before = rng_state()
     set_rng_state(payload["rng"])
     payload["rng"] = legacy_rng_state()
     set_rng_state(before)
+    del payload["format"]
+    payload["epoch"] -= 1
+    payload["best"]["epoch"] -= 1
     torch.save(payload, path)
     return payload
 
@@ -193,7 +196,7 @@ def test_a_checkpoint_of_the_previous_release_still_evaluates_and_resumes_exactl
     for run in (legacy, current):
         invoke_json(train_main, train_args(demo_dir, demo_cache, run, "--resume", epochs=3, val=True))
     a, b = load_checkpoint(current / "last.pt"), load_checkpoint(legacy / "last.pt")
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 3 and a["best"] == b["best"]
     for key in ("student", "optimizer", "rng"):
         assert_identical(a[key], b[key], key)
 

@@ -1,8 +1,12 @@
 """Ablation grids that reuse one teacher cache: N settings × S seeds = N·S student trainings, 0 teacher passes.
 
-Every run is an ordinary `cusa-train` run folder under ``OUT/runs/``; a finished run (it has ``eval.json``)
-is skipped on a re-run and an interrupted one resumes from its last checkpoint, so a grid can be stopped and
-restarted at any time. Results are aggregated into ``results.json`` / ``results.md`` with plots.
+Every run is an ordinary `cusa-train` run folder under ``OUT/runs/``. A re-run reuses a finished run (it has
+``eval.json``) and resumes an interrupted one only when the run was made with exactly the settings the grid now asks
+for (its config.json, ignoring only where it lives and how it was computed: device, workers, eval batch size, log
+interval) and, once finished, was evaluated on the same split of the same data (by manifest fingerprint). Any other
+run is refused in one line naming the first differing setting, or with ``overwrite`` retrained (re-evaluated when
+only the evaluation differs), so a grid never reports numbers made under other settings. Results are aggregated into
+``results.json`` (with each run's config and evaluation data) / ``results.md`` with plots.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -18,8 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import build_config
+from tqdm.auto import tqdm
+
+from train.config import TrainConfig, build_config
+from train.data import load_config_split
 from train.evaluation_run import evaluate_run
+from train.resume import CONFIG_FILE, HOW_NOT_WHAT, differences, extended_epochs
 from train.trainer import CHECKPOINT_LAST, train
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -79,66 +88,128 @@ def baseline_of(setting: Setting, settings: list[Setting]) -> Setting | None:
     return None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; no deviation (None) from fewer than two seeds."""
     if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return math.nan, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _stale_training(run_dir: Path, cfg: TrainConfig) -> str | None:
+    """Why the run in ``run_dir`` was not trained as ``cfg`` asks (None: it was, or nothing is trained yet)."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, json.JSONDecodeError) as exc:
+        return f"its {CONFIG_FILE} cannot be read ({str(exc).splitlines()[0]})"
+    diff = differences(saved, cfg, ignore=HOW_NOT_WHAT)
+    if diff:
+        key, old, new = diff[0]
+        return f"was made with {key} = {json.dumps(old)}, this grid asks for {json.dumps(new)}"
+    started = extended_epochs(run_dir)
+    if started is not None:
+        return (f"was started for {started} epochs and extended by --resume, this grid asks for {cfg.epochs} from "
+                "the start")
+    return None
+
+
+def _stale_evaluation(evaluated: dict, request: dict) -> str | None:
+    """Why an eval.json does not answer the evaluation ``request`` (None: it does)."""
+    for key in ("eval_split", "eval_fingerprint"):
+        if evaluated.get(key) != request[key]:
+            what = "split" if key == "eval_split" else "data (manifest fingerprint)"
+            return (f"was evaluated on the {what} {json.dumps(evaluated.get(key))}, this grid asks for "
+                    f"{json.dumps(request[key])}")
+    return None
 
 
 def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid: list[str], seeds: int,
              out: str, preset: str = "paper", config_file: str | None = None, flags: dict | None = None,
-             overrides: list[str] | None = None, eval_split: str = "test", show: bool = True) -> dict[str, Any]:
-    """Train and evaluate every setting × seed (skipping finished runs); write results.json/.md and plots."""
+             overrides: list[str] | None = None, eval_split: str = "test", show: bool = True,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate every setting × seed (reusing runs made with the same settings); write results.json/.md
+    and plots. A run made otherwise is refused, or with ``overwrite`` retrained."""
     t0 = time.perf_counter()
     out_dir = Path(out)
-    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     settings = expand(parse_grid(grid))
     if not any(s.overrides.get("loss") == "contrastive" for s in settings):
         # the gain over the contrastive baseline needs the baseline itself
         settings.insert(0, Setting("loss=contrastive", {"loss": "contrastive"}))
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     base_flags = {**flags, "data": data, "cache": cache, "student": student}
-    # validate every setting before the first run starts, so a typo does not surface hours later
-    for s in settings:
-        build_config(preset, config_file, {**base_flags, "out": str(out_dir)},
-                     list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])
-
-    counts = {"runs": 0, "trained": 0, "resumed": 0, "skipped_finished": 0, "backbone_passes": 0,
-              "teacher_passes": 0}
-    total = len(settings) * seeds
-    for i, (s, seed) in enumerate(itertools.product(settings, range(seeds)), start=1):
+    # every run's settings are resolved (and so validated) before the first run starts: a typo does not surface
+    # hours later
+    runs = []
+    for s, seed in itertools.product(settings, range(seeds)):
         run_dir = out_dir / "runs" / f"{_slug(s.name)}-seed{seed}"
-        eval_path = run_dir / "eval.json"
+        runs.append((s, seed, build_config(preset, config_file, {**base_flags, "seed": seed, "out": str(run_dir)},
+                                           list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])))
+    first = runs[0][2]
+    request = {"eval_data": eval_data, "eval_split": eval_split,
+               "eval_fingerprint": load_config_split(first, eval_data, eval_split).fingerprint()}
+    # every run is checked before any trains: a grid that must refuse does so at once, not hours later
+    plan = []
+    for s, seed, cfg in runs:
+        run_dir = Path(cfg.out)
+        trained = (run_dir / CHECKPOINT_LAST).is_file()
+        stale = _stale_training(run_dir, cfg)
+        evaluated = None
+        if stale is None and (run_dir / "eval.json").is_file():
+            evaluated = json.loads((run_dir / "eval.json").read_text())
+            stale_eval = _stale_evaluation(evaluated, request)
+            if stale_eval is not None and not overwrite:
+                raise ValueError(f"{run_dir}: {stale_eval}; pass --overwrite to evaluate it again, or choose "
+                                 "another --out")
+            evaluated = {**evaluated, "_stale": stale_eval is not None}
+        elif stale is not None and trained and not overwrite:
+            raise ValueError(f"{run_dir}: {stale}; pass --overwrite to retrain it, or choose another --out")
+        plan.append((s, seed, cfg, stale, trained, evaluated))
+
+    counts = {"runs": 0, "trained": 0, "resumed": 0, "skipped_finished": 0, "reevaluated": 0, "overwritten": 0,
+              "backbone_passes": 0, "teacher_passes": 0}
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    total = len(plan)
+    for i, (s, seed, cfg, stale, trained, evaluated) in enumerate(plan, start=1):
+        run_dir = Path(cfg.out)
         counts["runs"] += 1
-        if eval_path.is_file():
+        if stale is not None:
+            # made with other settings (--overwrite), or nothing trained yet (config.json only): start afresh
+            counts["overwritten"] += int(trained)
+            shutil.rmtree(run_dir)
+            trained = False
+        if evaluated is not None and not evaluated["_stale"]:
             counts["skipped_finished"] += 1
-            s.runs.append(json.loads(eval_path.read_text()))
+            s.runs.append({k: v for k, v in evaluated.items() if k != "_stale"})
             continue
-        resume = (run_dir / CHECKPOINT_LAST).is_file()
-        if show:
-            print(f"[{i}/{total}] {s.name} seed {seed}{' (resuming)' if resume else ''}", file=sys.stderr,
-                  flush=True)
-        cfg = build_config(preset, config_file, {**base_flags, "seed": seed, "out": str(run_dir)},
-                           list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])
-        summary = train(cfg, resume=resume, show_progress=show)
-        counts["trained"] += 1
-        counts["resumed"] += int(resume)
-        counts["backbone_passes"] += int(summary.get("backbone_passes", 0))
-        counts["teacher_passes"] += int(summary.get("teacher_passes", 0))
+        if evaluated is not None:
+            counts["reevaluated"] += 1  # trained as asked, evaluated on other data: --overwrite evaluates again
+            train_seconds = evaluated.get("train_seconds")
+        else:
+            if show:
+                tqdm.write(f"[{i}/{total}] {s.name} seed {seed}{' (resuming)' if trained else ''}", file=sys.stderr)
+            summary = train(cfg, resume=trained, show_progress=show)
+            counts["trained"] += 1
+            counts["resumed"] += int(trained)
+            counts["backbone_passes"] += int(summary.get("backbone_passes", 0))
+            counts["teacher_passes"] += int(summary.get("teacher_passes", 0))
+            train_seconds = summary.get("seconds")
         metrics = evaluate_run(run_dir, eval_data, split=eval_split, device=cfg.device, progress=False)
         counts["backbone_passes"] += int(metrics.get("backbone_passes", 0))
-        metrics.update({"setting": s.name, "seed": seed, "run": str(run_dir),
-                        "train_seconds": summary.get("seconds")})
-        eval_path.write_text(json.dumps(metrics, indent=2))
+        metrics.update({"setting": s.name, "seed": seed, "run": str(run_dir), "train_seconds": train_seconds,
+                        **request, "config": cfg.to_dict()})
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
         s.runs.append(metrics)
 
     results = aggregate(settings)
-    payload = {"settings": results, "seeds": seeds, "eval_data": eval_data, "eval_split": eval_split,
-               "cache": cache, "counts": counts, "seconds": time.perf_counter() - t0}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    payload = {"settings": results, "seeds": seeds, **request, "cache": cache, "counts": counts,
+               "runs": [{k: v for k, v in r.items() if k != "skipped_image_details"} for s in settings
+                        for r in s.runs],
+               "seconds": time.perf_counter() - t0}
     (out_dir / "results.md").write_text(results_markdown(payload))
-    payload["plots"] = write_plots(out_dir, settings, results)
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    payload["plots"] = write_plots(out_dir, settings, results, eval_split)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     return payload
 
 
@@ -156,27 +227,73 @@ def aggregate(settings: list[Setting]) -> list[dict]:
         row["baseline"] = base.name if base else None
         row["gain"] = ({k: row["mean"][k] - by_name[base.name]["mean"][k] for k in METRIC_KEYS}
                        if base is not None else None)
+        row["paired_gain"] = paired_gain(s.runs, base.runs) if base is not None and base is not s else None
     return rows
 
 
+def paired_gain(runs: list[dict], baseline_runs: list[dict]) -> dict | None:
+    """The gain over the baseline seed by seed: a run and its baseline with the same seed share the initialisation
+    and the batches, so their difference leaves out the seed-to-seed spread that the difference of means keeps.
+
+    {"pairs", "seeds", "mean", "std", "positive", "per_seed"}: mean and std (n−1) of the per-pair gains of every
+    metric, how many pairs gained (> 0), and each pair's rsum gain; None when no seed has both runs.
+    """
+    base_by_seed = {r["seed"]: r for r in baseline_runs if "seed" in r}
+    seeds = sorted(r["seed"] for r in runs if r.get("seed") in base_by_seed)
+    if not seeds:
+        return None
+    by_seed = {r["seed"]: r for r in runs}
+    diffs = {k: [by_seed[s][k] - base_by_seed[s][k] for s in seeds] for k in METRIC_KEYS}
+    mean, std = {}, {}
+    for k in METRIC_KEYS:
+        mean[k], std[k] = _mean_std(diffs[k])
+    return {"pairs": len(seeds), "seeds": seeds, "mean": mean, "std": std,
+            "positive": {k: sum(d > 0 for d in diffs[k]) for k in METRIC_KEYS},
+            "per_seed": {str(s): d for s, d in zip(seeds, diffs["rsum"])}}
+
+
+def _spread(mean: float, std: float | None, sign: str = "") -> str:
+    """"mean ± std", or the mean alone when there is no deviation to show (one seed)."""
+    return f"{mean:{sign}.1f}" + ("" if std is None else f" ± {std:.1f}")
+
+
 def results_markdown(payload: dict) -> str:
-    lines = [f"# Ablation results ({payload['seeds']} seed(s) per setting, {payload['eval_split']} split of "
+    spread = " (mean ± std over seeds)" if payload["seeds"] > 1 else ""
+    lines = [f"# Ablation results ({payload['seeds']} seed(s) per setting{spread}, {payload['eval_split']} split of "
              f"{payload['eval_data']})", "",
-             "| setting | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | gain vs contrastive |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | gain vs contrastive "
+             "| paired rsum gain (pairs > 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in payload["settings"]:
-        cells = [f"{row['mean'][k]:.1f} ± {row['std'][k]:.1f}" for k in METRIC_KEYS]
+        cells = [_spread(row["mean"][k], row["std"][k]) for k in METRIC_KEYS]
         gain = row["gain"]["rsum"] if row["gain"] else None
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}'} |")
+        paired = row.get("paired_gain")
+        paired_cell = (f"{_spread(paired['mean']['rsum'], paired['std']['rsum'], '+')} "
+                       f"({paired['positive']['rsum']}/{paired['pairs']})" if paired else "")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}'} "
+                     f"| {paired_cell} |")
+    paired = [row for row in payload["settings"] if row.get("paired_gain")]
+    if paired:
+        over = "mean ± std over the pairs" if payload["seeds"] > 1 else "one pair"
+        lines += ["", "Paired gains: each run minus its baseline run with the same seed (same initialisation and "
+                  f"batches), {over}, and how many pairs gained:", "",
+                  "| setting | pairs | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+        for row in paired:
+            p = row["paired_gain"]
+            lines.append(f"| {row['name']} | {p['pairs']} | " + " | ".join(
+                f"{_spread(p['mean'][k], p['std'][k], '+')} ({p['positive'][k]}/{p['pairs']})" for k in METRIC_KEYS)
+                + " |")
     c = payload["counts"]
     lines += ["", f"Runs: {c['runs']} ({c['trained']} trained now, {c['resumed']} resumed, "
-              f"{c['skipped_finished']} already finished). Teacher passes: {c['teacher_passes']}. "
+              f"{c['skipped_finished']} already finished, {c.get('overwritten', 0)} retrained over other settings, "
+              f"{c.get('reevaluated', 0)} evaluated again). Teacher passes: {c['teacher_passes']}. "
               f"Backbone feature passes: {c['backbone_passes']}. Wall time {payload['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
 
-def write_plots(out_dir: Path, settings: list[Setting], rows: list[dict]) -> list[str]:
-    """rsum by setting with error bars, and training curves by loss term from each run's metrics.jsonl."""
+def write_plots(out_dir: Path, settings: list[Setting], rows: list[dict], eval_split: str = "test") -> list[str]:
+    """rsum by setting (bars from 0, so that their heights compare honestly; error bars with several seeds), and
+    training curves by loss term from each run's metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,13 +302,15 @@ def write_plots(out_dir: Path, settings: list[Setting], rows: list[dict]) -> lis
     written = []
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
     names = [r["name"] for r in rows]
-    ax.bar(range(len(rows)), [r["mean"]["rsum"] for r in rows], yerr=[r["std"]["rsum"] for r in rows],
-           capsize=4, color=["#888888" if r["overrides"].get("loss") == "contrastive" else "#3b6fb6" for r in rows])
-    lo = min(r["mean"]["rsum"] - 2 * (r["std"]["rsum"] or 0) for r in rows)
-    hi = max(r["mean"]["rsum"] + 2 * (r["std"]["rsum"] or 0) for r in rows)
-    ax.set_ylim(max(0, lo - 5), min(600, hi + 5))
+    several = any(r["std"]["rsum"] is not None for r in rows)
+    bars = ax.bar(range(len(rows)), [r["mean"]["rsum"] for r in rows],
+                  yerr=[r["std"]["rsum"] or 0 for r in rows] if several else None, capsize=4,
+                  color=["#888888" if r["overrides"].get("loss") == "contrastive" else "#3b6fb6" for r in rows])
+    ax.bar_label(bars, labels=[f"{r['mean']['rsum']:.1f}" for r in rows], fontsize=8, padding=2)
+    hi = max(r["mean"]["rsum"] + (r["std"]["rsum"] or 0) for r in rows)
+    ax.set_ylim(0, min(600, hi * 1.12 + 1))  # from 0: bar heights are proportional to rsum
     ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test rsum (mean ± std over seeds)")
+    ax.set_ylabel(f"{eval_split} rsum (of 600)" + (", mean ± std over seeds" if several else ""))
     ax.set_title("Retrieval rsum by setting")
     fig.tight_layout()
     path = out_dir / "rsum_by_setting.png"
@@ -215,7 +334,7 @@ def write_plots(out_dir: Path, settings: list[Setting], rows: list[dict]) -> lis
             if curves[t]:
                 n = min(len(c) for c in curves[t])
                 mean = [statistics.fmean(c[i] for c in curves[t]) for i in range(n)]
-                ax.plot(range(1, n + 1), mean, marker="o", ms=3, label=s.name)
+                ax.plot(range(1, n + 1), mean, marker="o", ms=3, label=s.name)  # metrics.jsonl numbers epochs from 1
     from matplotlib.ticker import MaxNLocator
 
     for ax, t in zip(axes, terms):

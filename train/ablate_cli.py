@@ -7,6 +7,7 @@ import os
 import click
 
 from pipeline.cli import emit, user_errors
+from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
 from train.config import PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,19 +39,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Settings shared by every run.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]))
+@click.option("--report-to", default=None, metavar="none|tensorboard",
+              help="TensorBoard scalars of every run, each in its own run folder (tensorboard --logdir OUT/runs).")
+@click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data, --val-data and --eval-data [default: auto].")
+@shard_layout_options()
+@click.option("--overwrite", is_flag=True,
+              help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "
+                   "instead of refusing.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
-                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler, as_json):
-    """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains."""
+                lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
+                report_to, fmt, image_key, caption_key, id_field, overwrite, as_json):
+    """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains.
+
+    A re-run into the same --out reuses only runs made with the same settings and evaluation data; others are
+    refused naming the setting, or retrained with --overwrite."""
     from train.ablate import run_grid
 
     flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
              "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler}
+             "text_cache": text_cache, "sampler": sampler, "report_to": report_to, "format": fmt,
+             "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
-                       eval_split=eval_split, show=not as_json)
+                       eval_split=eval_split, show=not as_json, overwrite=overwrite)
     from train.ablate import results_markdown
 
     human = results_markdown(payload) + "\n" + "plots: " + ", ".join(payload["plots"])

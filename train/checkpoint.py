@@ -25,6 +25,9 @@ from pipeline.errors import one_line, pickle_refusal
 
 # Every checkpoint cusa-train has written holds these keys; "dims" and "student_spec" are read with defaults.
 CHECKPOINT_KEYS = ("student", "loss", "optimizer", "scheduler", "epoch", "best", "rng", "config")
+# "format" 2: "epoch" (and best["epoch"]) count epochs from 1, as everywhere else; checkpoints without the key
+# counted from 0 and are converted on reading
+CHECKPOINT_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -120,6 +123,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a cusa-train checkpoint ({what})")
     rng = payload["rng"]
     payload["rng"] = [plain_rng_state(r) for r in rng] if isinstance(rng, list) else plain_rng_state(rng)
+    if payload.get("format", 1) < 2:  # epochs numbered from 0
+        payload["epoch"] = int(payload["epoch"]) + 1
+        if isinstance(payload["best"], dict) and payload["best"].get("epoch") is not None:
+            payload["best"] = {**payload["best"], "epoch": int(payload["best"]["epoch"]) + 1}
     return payload
 
 

@@ -1,7 +1,9 @@
 """Training configuration: a few plain values with defaults, a named preset, a config file and overrides.
 
-Precedence, lowest first: the preset, then a YAML/JSON ``--config`` file, then explicit command-line
-flags, then ``--set KEY=VALUE`` overrides. Keys are dotted; the loss settings sit at the top level
+Precedence, lowest first: the preset, then the preset's values for the run's kind of student (the ``paper``
+preset trains a frozen-backbone student, whose parameters are all new, at lr 1e-3 and fine-tunes open_clip at the
+paper's 1e-5), then a YAML/JSON ``--config`` file, then explicit command-line flags, then ``--set KEY=VALUE``
+overrides. Keys are dotted; the loss settings sit at the top level
 (``csa.rate``, ``usa.tau_images``, ``contrastive.reduction``, ``tau_soft``), as do ``loss``
 (which terms are on) and ``soft_labels.mode``. The resolved config is saved with every run.
 """
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train.losses import LossConfig
+from train.metrics_log import parse_report_to
+from train.settings import coerce_setting
 from train.students import DEFAULT_STUDENT, parse_student_spec
 
 LOSS_CHOICES = ("contrastive", "csa", "usa", "cusa")
@@ -26,13 +30,20 @@ _LOSS_TERMS = {
 }
 _LOSS_KEYS = ("contrastive", "itr", "csa", "usa", "tau_soft")
 SAMPLERS = ("random", "teacher-neighbors")
+ON_BAD_IMAGE = ("fail", "skip")
+# a preset's key holding its values per kind of student (parse_student_spec's kinds), applied over the preset
+STUDENT_DEFAULTS_KEY = "students"
 
 
 @dataclass
 class SoftLabelConfig:
     mode: str = "dense"  # dense | sparse (top-K cached teacher neighbors only)
     k: int | None = None  # sparse: neighbors used per row (default: all the table keeps)
-    stream: bool = False  # dense: read rows from the store chunk-wise instead of holding them in memory
+    # dense: hold every teacher row in memory (false), stream them from the store's chunks in a chunk-local
+    # order (true), or choose by max_memory_mib (None, "auto")
+    stream: bool | str | None = None
+    max_memory_mib: float = 8192.0  # budget for resident teacher rows: dense when both modalities fit
+    window: int = 0  # streamed: stored chunks whose pairs are shuffled together (0: as many as the budget holds)
 
 
 @dataclass
@@ -78,6 +89,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-5
     min_lr: float = 1e-6
+    # newly initialised parameters (adapters, cross/uni heads, loss temperatures); None: the same as lr. Decays by
+    # the same cosine factor as lr.
+    head_lr: float | None = None
     weight_decay: float = 1e-4
     grad_clip: float = 0.0
     seed: int = 0
@@ -85,13 +99,19 @@ class TrainConfig:
     workers: int = 2
     format: str = "auto"
     image_root: str | None = None
+    image_key: str | None = None  # webdataset shards: image member extension(s) [default: jpg;jpeg;png;webp]
+    caption_key: str = "txt"  # webdataset shards: caption member (one caption per line), or json:FIELD
+    id_field: str | None = None  # webdataset shards: json field holding the image id [default: the sample key]
     split: str = "train"
     val_split: str = "val"
     sampler: str = "random"  # random | teacher-neighbors (batches of teacher-neighbor groups)
     sampler_group: int = 8  # teacher-neighbors: pairs per neighbor group
     gather: bool = False  # DDP: all-gather features, image ids and teacher rows across ranks
     log_every: int = 10
+    save_every_steps: int = 0  # also write last.pt every N optimizer steps, mid-epoch (0: at epoch ends only)
+    report_to: str = "none"  # none | tensorboard: metrics.jsonl's values also as TensorBoard scalars in RUN/tensorboard
     eval_batch_size: int = 256
+    on_bad_image: str = "fail"  # validation images that cannot be read: fail, or leave out (skipped_images)
     image_cache: str | None = None  # soft labels for images from another store (default: --cache)
     text_cache: str | None = None  # soft labels for captions from another store (default: --cache)
     soft_labels: SoftLabelConfig = field(default_factory=SoftLabelConfig)
@@ -109,13 +129,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        return apply_overrides(cls(), d)
+        return check_schedule(apply_overrides(cls(), d))
 
 
-# Named presets. "paper" is the reference configuration for CLIP ViT-B/32 on COCO and Flickr30K (METHOD.md).
+# Named presets. "paper" is the reference configuration for CLIP ViT-B/32 on COCO and Flickr30K (METHOD.md): lr 1e-5
+# for the whole fine-tuned CLIP, heads included, as the reference code does. A frozen-backbone student has only new
+# parameters (adapters and heads), which learn next to nothing at 1e-5: its own values sit under "students". A preset
+# may equally set one lr for every student (no "students" entry).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "lr": 1e-5, "min_lr": 1e-6, "weight_decay": 1e-4, "batch_size": 128, "epochs": 30,
+        STUDENT_DEFAULTS_KEY: {"frozen": {"lr": 1e-3, "min_lr": 1e-4}},
         "contrastive": {"rate": 1.0, "reduction": "mean", "tau": {"init": 0.05, "min": 0.01, "max": 0.10,
                                                                      "learnable": True}},
         "csa": {"rate": 0.1, "mode": "each", "form": "kl",
@@ -125,11 +149,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "tau_texts": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True}},
         "tau_soft": 1.0,
     },
-    # SGR/SAF with CUSA, the paper's appendix (Table 7 and text); the rates by student are in PRESET_BY_STUDENT.
-    # grad_clip 2.0 is SGRAF's own training setting. Learning rates are explicit: nothing here falls back to a
-    # default that depends on the student.
+    # SGR/SAF with CUSA, the paper's appendix (Table 7 and text), with α (CSA) / β (USA) by student. grad_clip 2.0 is
+    # SGRAF's own training setting. The triplet loss is averaged over the batch: summed (VSE++, SGRAF), it leaves the
+    # appendix rates' soft-label terms inert (README, "Region-based students"). The lr is explicit and the same for
+    # both students.
     "sgraf-paper": {
         "lr": 2e-4, "min_lr": 1e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 40, "grad_clip": 2.0,
+        STUDENT_DEFAULTS_KEY: {"sgr": {"csa": {"rate": 0.60}, "usa": {"rate": 0.75}},
+                               "saf": {"csa": {"rate": 1.00}, "usa": {"rate": 0.75}}},
         "contrastive": {"rate": 1.0, "reduction": "mean", "tau": {"init": 0.05, "min": 0.01, "max": 0.10,
                                                                      "learnable": True}},
         "itr": {"loss": "auto", "margin": 0.2, "max_violation": True, "reduction": "mean"},
@@ -140,14 +167,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tau_soft": 1.0,
     },
 }
-# Preset settings that depend on the student kind, applied right after the preset (so a config file, a flag or
-# --set still wins). A preset listed here refuses students of other kinds.
-PRESET_BY_STUDENT: dict[str, dict[str, dict[str, Any]]] = {
-    "sgraf-paper": {
-        "sgr": {"csa": {"rate": 0.60}, "usa": {"rate": 0.75}},
-        "saf": {"csa": {"rate": 1.00}, "usa": {"rate": 0.75}},
-    },
-}
+
+# presets made for the kinds of student they list under STUDENT_DEFAULTS_KEY: any other kind is refused
+PRESETS_FOR_LISTED_STUDENTS = frozenset({"sgraf-paper"})
 
 
 def build_config(preset: str = "paper", config_file: str | None = None, flags: Mapping[str, Any] | None = None,
@@ -155,33 +177,45 @@ def build_config(preset: str = "paper", config_file: str | None = None, flags: M
     """Resolve a TrainConfig from a preset, an optional config file, explicit flags and KEY=VALUE overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    file_values = load_config_file(config_file) if config_file else None
+    layers = explicit_settings(config_file, flags, overrides)
+    base = {k: v for k, v in PRESETS[preset].items() if k != STUDENT_DEFAULTS_KEY}
+    cfg = apply_overrides(TrainConfig(preset=preset), base)
+    student = cfg.student
+    for layer in layers:  # the student decides which of the preset's per-student values apply
+        student = layer.get("student", student)
+    kind = parse_student_spec(str(student)).kind
+    if preset in PRESETS_FOR_LISTED_STUDENTS and kind not in PRESETS[preset][STUDENT_DEFAULTS_KEY]:
+        raise ValueError(f"preset {preset!r} holds settings for "
+                         f"{', '.join(k + ':' for k in PRESETS[preset][STUDENT_DEFAULTS_KEY])} students, not for "
+                         f"{student!r}")
+    per_student = PRESETS[preset].get(STUDENT_DEFAULTS_KEY, {}).get(kind)
+    if per_student:
+        cfg = apply_overrides(cfg, per_student)
+    ratio = cfg.min_lr / cfg.lr  # the preset's schedule floor, relative to its peak
+    for layer in layers:
+        cfg = apply_overrides(cfg, layer)
+    given = set().union(*(_flatten(layer) for layer in layers)) if layers else set()
+    if "lr" in given and "min_lr" not in given:
+        # an lr asked for without a floor keeps the preset's shape: the cosine ends at the same fraction of it
+        cfg = apply_overrides(cfg, {"min_lr": cfg.lr * ratio})
+    return check_schedule(cfg)
 
-    def resolve(preset_layers: list[Mapping[str, Any]]) -> TrainConfig:
-        cfg = TrainConfig(preset=preset)
-        for layer in preset_layers:
-            cfg = apply_overrides(cfg, layer)
-        if file_values:
-            cfg = apply_overrides(cfg, file_values)
-        if flags:
-            cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. csa.rate=0.2")
-            key, value = item.split("=", 1)
-            cfg = apply_overrides(cfg, {key.strip(): _parse_scalar(value.strip())})
-        return cfg
 
-    cfg = resolve([PRESETS[preset]])
-    by_student = PRESET_BY_STUDENT.get(preset)
-    if by_student:
-        # the student may come from any layer above the preset, so it is known only now
-        kind = parse_student_spec(cfg.student).kind
-        if kind not in by_student:
-            raise ValueError(f"preset {preset!r} holds settings for {', '.join(k + ':' for k in by_student)} "
-                             f"students, not for {cfg.student!r}")
-        cfg = resolve([PRESETS[preset], by_student[kind]])
-    return cfg
+def explicit_settings(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
+                      overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """What a command asks for beyond its preset, lowest precedence first: the config file, the flags that were
+    given (None: not given), then each ``--set KEY=VALUE``."""
+    layers: list[dict[str, Any]] = []
+    if config_file:
+        layers.append(load_config_file(config_file))
+    if flags:
+        layers.append({k: v for k, v in flags.items() if v is not None})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. csa.rate=0.2")
+        key, value = item.split("=", 1)
+        layers.append({key.strip(): _parse_scalar(value.strip())})
+    return layers
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -240,11 +274,12 @@ def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig
             if rest not in {f.name for f in dataclasses.fields(sub)}:
                 raise ValueError(f"unknown setting {key!r} (known under {head}: "
                                  f"{', '.join(f.name for f in dataclasses.fields(sub))})")
-            setattr(sub, rest, _coerce(value, getattr(sub, rest), key))
+            # soft_labels.stream is three-valued (true, false, auto): _validate reads it
+            setattr(sub, rest, value if key == "soft_labels.stream" else coerce_setting(value, getattr(sub, rest), key))
         elif head == "losses":
             loss_updates[rest] = value
         elif key in {f.name for f in dataclasses.fields(TrainConfig)} and not rest:
-            setattr(cfg, key, _coerce(value, getattr(cfg, key), key))
+            setattr(cfg, key, _coerce_top(key, value, getattr(cfg, key)))
         else:
             raise ValueError(f"unknown setting {key!r}")
     if cfg.loss not in LOSS_CHOICES:
@@ -260,28 +295,17 @@ def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig
     return cfg
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    if value is None or current is None:
-        return value
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ValueError(f"setting {key} must be true or false, got {value!r}")
-    if isinstance(current, int):
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"setting {key} must be an integer, got {value!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"setting {key} must be a number, got {value!r}") from None
-    return str(value)
+def _coerce_top(key: str, value: Any, current: Any) -> Any:
+    if key == "head_lr" and current is None and value is not None:
+        current = 0.0  # an optional number: coerce as one
+    return coerce_setting(value, current, key)
+
+
+def check_schedule(cfg: TrainConfig) -> TrainConfig:
+    """The checks between settings, made once every layer is applied (a later layer may fix an earlier one's lr)."""
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ValueError(f"min_lr must lie in [0, lr = {cfg.lr:g}], got {cfg.min_lr:g}; set it with --set min_lr=X")
+    return cfg
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -291,10 +315,23 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"batch size must be ≥ 2 (in-batch negatives), got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.save_every_steps < 0:
+        raise ValueError(f"save_every_steps must be ≥ 0 (0: checkpoints at epoch ends only), got {cfg.save_every_steps}")
+    if cfg.head_lr is not None and not cfg.head_lr > 0:
+        raise ValueError(f"head_lr must be > 0 (or none: the same as lr), got {cfg.head_lr}")
+    if cfg.on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):
         raise ValueError(f"soft_labels.mode must be dense or sparse, got {cfg.soft_labels.mode!r}")
+    cfg.soft_labels.stream = _stream_setting(cfg.soft_labels.stream)
+    if not cfg.soft_labels.max_memory_mib > 0:
+        raise ValueError(f"soft_labels.max_memory_mib must be > 0, got {cfg.soft_labels.max_memory_mib}")
+    if cfg.soft_labels.window < 0:
+        raise ValueError(f"soft_labels.window must be ≥ 0 (0: as many chunks as the budget holds), "
+                         f"got {cfg.soft_labels.window}")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+    parse_report_to(cfg.report_to)
     region = cfg.region
     if region.pooling not in ("attention", "mean"):
         raise ValueError(f"region.pooling must be attention or mean, got {region.pooling!r}")
@@ -315,3 +352,17 @@ def resolved_losses(cfg: TrainConfig) -> LossConfig:
 
     region = parse_student_spec(cfg.student).kind in REGION_KINDS
     return cfg.losses.updated({"itr.loss": "triplet" if region else "contrastive"})
+
+
+def _stream_setting(value: Any) -> bool | None:
+    """soft_labels.stream as True, False or None (auto: chosen from the memory budget)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "none", "null", ""):
+        return None
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"soft_labels.stream must be true, false or auto, got {value!r}")

@@ -145,7 +145,7 @@ def evaluate_eccv(embedder: StudentEmbedder, manifest: Manifest, coco_captions: 
                          f"in the evaluated split (first: COCO image id {missing[0]}); --eccv needs the Karpathy "
                          "COCO test split")
     texts = read_coco_captions(coco_captions, caption_ids)
-    image_emb = embedder.images([manifest.image_path(rows[i]) for i in test_images], "cross")
+    image_emb = embedder.manifest_images(manifest, [rows[i] for i in test_images], "cross")
     text_emb = embedder.texts(texts, "cross")
     return eccv_metrics(test_images, image_emb, caption_ids, text_emb, progress=progress)
 

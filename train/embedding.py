@@ -1,39 +1,66 @@
-"""Embeddings of arbitrary image files and sentences by a trained student (uni-modal and ECCV evaluations).
+"""Embeddings of arbitrary images and sentences by a trained student (the Python API, search, uni-modal and ECCV
+evaluations).
 
 Retrieval evaluation on an annotation split goes through the manifest and, for a frozen student, the cached
-backbone features. The evaluations here take inputs that have no manifest (a labelled image folder, STS sentence
-pairs, the COCO caption file), so a frozen student's backbones run directly: the encoder registry builds them from
-the same spec strings the features were cached with, and their features are rounded exactly as the store rounds
-them (unit norm, float16), so the student sees what it saw in training.
+backbone features. The callers here take inputs that have no feature cache (image files or PIL images, free text,
+a labelled image folder, STS sentence pairs, the COCO caption file), so a frozen student's backbones run directly:
+the encoder registry builds them from the same spec strings the features were cached with, captions are cleaned as
+the build cleans them, and features are rounded exactly as the store rounds them (unit norm, float16), so the
+student sees what it saw in training.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from pipeline.images import load_image
+from pipeline.errors import ImageError
+from pipeline.images import as_rgb, load_image
 from train.students import REGION_KINDS, StudentSpec, parse_student_spec
 
 EMBEDDING_CHOICES: tuple[str, ...] = ("uni", "cross")
+ImageInput = Union[str, os.PathLike, Image.Image]
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], preprocess: Callable):
-        self.paths = list(paths)
+class _ImageInputs(Dataset):
+    """Image files (decoded here, in DataLoader workers when there are any) or PIL images already in memory.
+
+    An item is (tensor, message): a file that cannot be decoded gives a blank placeholder and the error's one-line
+    message (empty for a good image). With ``skip_unreadable`` the file is left out, so one bad file does not lose
+    a whole folder; without, the main process raises the message (raised inside a DataLoader worker, the error would
+    reach the user as "Caught ImageError in DataLoader worker process 0", its cause buried in a traceback).
+    """
+
+    def __init__(self, images: Sequence[ImageInput], preprocess: Callable, skip_unreadable: bool = False):
+        self.images = list(images)
         self.preprocess = preprocess
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(load_image(self.paths[i], row=i))
+    def __getitem__(self, i: int):
+        try:
+            return self._load(i), ""
+        except ImageError as e:
+            return self.preprocess(Image.new("RGB", (32, 32))), str(e)
+
+    def _load(self, i: int) -> torch.Tensor:
+        item = self.images[i]
+        if isinstance(item, Image.Image):
+            return self.preprocess(as_rgb(item))
+        if not isinstance(item, (str, os.PathLike)):
+            raise ValueError(f"image {i}: expected a file path or a PIL image, got {type(item).__name__}")
+        return self.preprocess(load_image(item, row=i))
 
 
 def _store_precision(features: np.ndarray) -> torch.Tensor:
@@ -80,7 +107,7 @@ class StudentEmbedder:
                 source, body = self.spec.region_source
                 if source != "grid":
                     raise ValueError(f"{self.spec}: regions precomputed for the dataset's own images cannot embed other "
-                                     "image files; --image-labels needs a grid:IMAGE_SPEC region student")
+                                     "image files; this needs a grid:IMAGE_SPEC region student")
                 spec = f"grid:{body}"
             else:
                 spec = self.spec.image_spec if modality == "image" else self.spec.text_spec
@@ -91,14 +118,25 @@ class StudentEmbedder:
             self._backbones[modality] = encoder
         return self._backbones[modality]
 
+    def manifest_images(self, manifest, rows: Sequence[int], embedding: str = "uni") -> torch.Tensor:
+        """Embeddings of a manifest's images by row, whether files or members of webdataset shards."""
+        from train.data import ManifestImages
+
+        return self.image_dataset(lambda preprocess: ManifestImages(manifest, preprocess, rows), embedding)
+
+    @property
+    def dim(self) -> int:
+        return int(self.student.uni_dim if self.region else self.student.embed_dim)
+
     @property
     def region(self) -> bool:
+        """A region student (SGR/SAF): uni-modal embeddings only, images through its grid backbone."""
         return self.spec.kind in REGION_KINDS
 
     def _check_region_embedding(self, embedding: str, side: str) -> None:
         if self.region and embedding != "uni":
             raise ValueError(f"{self.spec}: a region student scores image-caption pairs and has no cross-modal "
-                             f"{side} embedding; use --{side}-embedding uni")
+                             f"{side} embedding; use the uni-modal one")
 
     def _regions(self, features: np.ndarray) -> torch.Tensor:
         """Grid regions [n, R, D] of a batch, rounded as the region store keeps them (pipeline/grid.py)."""
@@ -108,45 +146,95 @@ class StudentEmbedder:
         rows = _store_precision(features)
         return rows.view(rows.shape[0], n_regions, region_dim) * math.sqrt(n_regions)
 
+    def images(self, images: Sequence[ImageInput], embedding: str = "uni", progress: bool = False,
+               batch_size: int | None = None) -> torch.Tensor:
+        """Embeddings of image files or PIL images, ``batch_size`` at a time: float32 [n, dim]."""
+        return self.image_dataset(lambda preprocess: _ImageInputs(images, preprocess), embedding, progress,
+                                  batch_size)
+
+    def images_skipping_unreadable(self, images: Sequence[ImageInput], embedding: str = "uni",
+                                   progress: bool = False, batch_size: int | None = None
+                                   ) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+        """Embeddings of the images that decode: (float32 [n_ok, dim], their int64 positions in ``images``,
+        {position: one-line reason} of the ones that do not)."""
+        emb, errors = self._embed_dataset(
+            lambda preprocess: _ImageInputs(images, preprocess, skip_unreadable=True), embedding, progress,
+            batch_size)
+        keep = np.array([i for i in range(len(emb)) if i not in errors], dtype=np.int64)
+        return emb[torch.from_numpy(keep)], keep, errors
+
+    def image_dataset(self, make_dataset: Callable[[Callable], Dataset], embedding: str = "uni",
+                      progress: bool = False, batch_size: int | None = None) -> torch.Tensor:
+        """Embeddings of a dataset of preprocessed images, built by ``make_dataset(preprocess)`` with the
+        student's own preprocessing (an open_clip student's, or a frozen student's backbone's)."""
+        return self._embed_dataset(make_dataset, embedding, progress, batch_size)[0]
+
     @torch.no_grad()
-    def images(self, paths: Sequence[Path], embedding: str = "uni") -> torch.Tensor:
+    def _embed_dataset(self, make_dataset: Callable[[Callable], Dataset], embedding: str, progress: bool,
+                       batch_size: int | None) -> tuple[torch.Tensor, dict[int, str]]:
         _check_embedding(embedding)
         self._check_region_embedding(embedding, "image")
         encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
-        backbone = self.spec.kind == "frozen" or self.region
+        frozen = self.spec.kind == "frozen"
+        backbone = frozen or self.region
         preprocess = self._backbone("image").preprocess if backbone else self.student.preprocess_val
-        loader = DataLoader(_ImageFiles(paths, preprocess), batch_size=self.batch_size, num_workers=self.workers)
-        parts = []
-        with self._amp():
+        dataset = make_dataset(preprocess)
+        loader = DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.workers)
+        parts: list[torch.Tensor] = []
+        errors: dict[int, str] = {}
+        with self._amp(), tqdm(total=len(dataset), desc="images", unit="img", disable=not progress,
+                               dynamic_ncols=True, leave=False) as bar:
             for batch in loader:
+                if isinstance(batch, (list, tuple)):  # (images, messages): a dataset that reports unreadable files
+                    batch, messages = batch
+                    unreadable = next((m for m in messages if m), None)
+                    if unreadable and not getattr(dataset, "skip_unreadable", True):
+                        raise ImageError(unreadable)
+                    seen = sum(len(p) for p in parts)
+                    errors.update({seen + j: m for j, m in enumerate(messages) if m})
                 if self.region:
                     inputs = self._regions(self._backbone("image").encode(batch))
                 else:
-                    inputs = _store_precision(self._backbone("image").encode(batch)) if backbone else batch
+                    inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
                 parts.append(encode(inputs.to(self.device)).float().cpu())
-        return torch.cat(parts) if parts else torch.zeros((0, 0))
+                bar.update(len(batch))
+        return (torch.cat(parts) if parts else torch.zeros((0, self.dim))), errors
 
     @torch.no_grad()
-    def texts(self, sentences: Sequence[str], embedding: str = "uni") -> torch.Tensor:
+    def texts(self, sentences: Sequence[str], embedding: str = "uni", progress: bool = False,
+              batch_size: int | None = None) -> torch.Tensor:
+        """Embeddings of sentences, ``batch_size`` at a time: float32 [n, dim]."""
         _check_embedding(embedding)
         self._check_region_embedding(embedding, "text")
         encode = self.student.encode_texts_uni if embedding == "uni" else self.student.encode_texts
         sentences = list(sentences)
+        for i, text in enumerate(sentences):
+            if not isinstance(text, str):
+                raise ValueError(f"text {i}: expected a string, got {type(text).__name__}")
+        frozen = self.spec.kind == "frozen"
+        if frozen:
+            from pipeline.build import teacher_captions
+
+            sentences = teacher_captions(sentences)[0]  # what the backbone read when the features were cached
+        step = batch_size or self.batch_size
         parts = []
-        with self._amp():
-            for lo in range(0, len(sentences), self.batch_size):
-                chunk = sentences[lo:lo + self.batch_size]
-                if self.spec.kind == "frozen":
+        with self._amp(), tqdm(total=len(sentences), desc="captions", unit="cap", disable=not progress,
+                               dynamic_ncols=True, leave=False) as bar:
+            for lo in range(0, len(sentences), step):
+                chunk = sentences[lo:lo + step]
+                if frozen:
                     inputs = _store_precision(self._backbone("text").encode(chunk))
-                elif self.region:
+                elif self.region:  # token ids and lengths, as the run's vocabulary gives them
                     tokens, lengths = self.student.tokenize(chunk, self.config.region.max_words if self.config
                                                             else None)
-                    parts.append(encode((tokens.to(self.device), lengths)).float().cpu())
-                    continue
+                    inputs = (tokens.to(self.device), lengths)
                 else:
                     inputs = self.student.tokenize(chunk)
-                parts.append(encode(inputs.to(self.device)).float().cpu())
-        return torch.cat(parts) if parts else torch.zeros((0, 0))
+                if not self.region:
+                    inputs = inputs.to(self.device)
+                parts.append(encode(inputs).float().cpu())
+                bar.update(len(chunk))
+        return torch.cat(parts) if parts else torch.zeros((0, self.dim))
 
 
 def _check_embedding(embedding: str) -> None:

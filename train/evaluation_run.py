@@ -3,26 +3,25 @@ of two runs whose similarity matrices are averaged (SGRAF = SGR + SAF; any two s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from pipeline.distributed import resolve_device
-from pipeline.manifest import Manifest
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.config import TrainConfig
-from train.data import load_split
-from train.evaluate import evaluate_embeddings, evaluate_similarity
+from train.evaluate import evaluate_similarity
+from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs
 from train.students import REGION_KINDS, parse_student_spec
-from train.trainer import (CHECKPOINT_BEST, CHECKPOINT_LAST, build_student, embed_for_retrieval, frozen_inputs,
-                           load_checkpoint, region_inputs, score_for_retrieval)
+from train.trainer import CHECKPOINT_BEST, CHECKPOINT_LAST, build_student, load_checkpoint
 from train.vocab import Vocabulary
 
 
 def resolve_checkpoint(run: str | Path) -> Path:
-    """A run folder means its best checkpoint (chosen on validation), or its last without validation data."""
+    """A run folder means its best checkpoint (chosen on validation; without validation data every epoch is the
+    best so far, so best.pt is the last epoch's weights), else its last."""
     p = Path(run)
     if p.is_dir():
         for name in (CHECKPOINT_BEST, CHECKPOINT_LAST):
@@ -46,9 +45,34 @@ def load_trained_student(checkpoint: Path, device: str):
             raise ValueError(f"{checkpoint}: a region student's checkpoint without its word vocabulary")
         vocab = Vocabulary.from_dict(ckpt["vocab"])
     student = build_student(cfg.student, vars(cfg.frozen), dims.get("image_dim"), dims.get("text_dim"),
-                            region_opts=vars(cfg.region), vocab=vocab)
+                            weights_from_checkpoint=True, region_opts=vars(cfg.region), vocab=vocab)
     student.load_state_dict(ckpt["student"])
     return student.to(device).eval(), cfg, ckpt
+
+
+SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field")
+
+
+def with_source_options(cfg: TrainConfig, options: dict | None) -> TrainConfig:
+    """The run's config with how to read a dataset (format, image root, shard layout) overridden where ``options``
+    gives a value; the run's own values stand for the rest."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = set(given) - set(SOURCE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown source option(s) {', '.join(sorted(unknown))}; known: {', '.join(SOURCE_OPTIONS)}")
+    return dataclasses.replace(cfg, **given) if given else cfg
+
+
+def _run_stores(cfg: TrainConfig) -> list[Store]:
+    """The run's image stores, when they travelled with the checkpoint: their lists of skipped images, and a frozen
+    student's features when its backbones are their teachers."""
+    stores = []
+    for path in dict.fromkeys(p for p in (cfg.cache, cfg.image_cache) if p):
+        try:
+            stores.append(Store.open(path))
+        except StoreError:
+            pass  # the training cache may not travel with the checkpoint; features are then computed
+    return stores
 
 
 def refuse_region_student(run: str | Path, what: str) -> None:
@@ -56,90 +80,66 @@ def refuse_region_student(run: str | Path, what: str) -> None:
     modalities (region students score pairs)."""
     checkpoint = resolve_checkpoint(run)
     student = (load_checkpoint(checkpoint).get("config") or {}).get("student", "")
-    if parse_student_spec(student).kind in REGION_KINDS if student else False:
+    if student and parse_student_spec(student).kind in REGION_KINDS:
         raise ValueError(f"{checkpoint}: {what}; a region student ({student}) scores image-caption pairs and has "
                          "none")
 
 
-@dataclass
-class ScoredRun:
-    """One checkpoint's view of an evaluation split: embeddings (dual encoders) or pair scores (region students)."""
-
-    checkpoint: Path
-    ckpt: dict
-    cfg: TrainConfig
-    manifest: Manifest
-    backbone_passes: int
-    image_emb: torch.Tensor | None = None
-    text_emb: torch.Tensor | None = None
-    scores: torch.Tensor | None = None  # [N_img, N_txt]
-
-    def similarity(self) -> torch.Tensor:
-        """The image × caption similarity matrix (float32, CPU): the cosine matrix of a dual encoder's embeddings."""
-        if self.scores is None:
-            self.scores = (self.image_emb.float() @ self.text_emb.float().T).cpu()
-        return self.scores
-
-    def metrics(self) -> dict:
-        rows = self.manifest.caption_image_rows()
-        if self.image_emb is not None:
-            return evaluate_embeddings(self.image_emb, self.text_emb, rows)
-        return evaluate_similarity(self.scores, rows)
-
-
-def score_run(run: str | Path, data: str, split: str, device: str, batch_size: int = 256, workers: int = 2,
-              progress: bool = True, uni: bool = False) -> ScoredRun:
-    """Load a run's checkpoint and embed (or, for region students, score every pair of) the split."""
-    checkpoint = resolve_checkpoint(run)
+def _evaluate_checkpoint(checkpoint: Path, data: str, split: str, device: str, batch_size: int, workers: int,
+                         progress: bool, uni: bool, on_bad_image: str, source_options: dict | None):
+    """(evaluation, inputs, checkpoint dict) of one checkpoint on ``data`` [``split``]."""
     student, cfg, ckpt = load_trained_student(checkpoint, device)
-    manifest = load_split(data, split, cfg.format, cfg.image_root)
-    kind = parse_student_spec(cfg.student).kind
-    if kind in REGION_KINDS:
-        if uni:
-            raise ValueError(f"{checkpoint}: a region student has no uni-modal caption-to-image ranking")
-        regions, computed = region_inputs(cfg, data, split, manifest, student.vocab, progress)
-        scores = score_for_retrieval(student, regions, device, cfg.region, progress)
-        return ScoredRun(checkpoint, ckpt, cfg, manifest, int(computed), scores=scores)
-    feats = None
-    backbone_passes = 0  # frozen backbones run only when their features are not cached yet
-    if kind == "frozen":
-        reuse = []
-        try:
-            reuse.append(Store.open(cfg.cache))
-        except StoreError:
-            pass  # the training cache may not travel with the checkpoint; features are then computed
-        img_f, txt_f, computed = frozen_inputs(cfg, data, split, manifest.fingerprint(), reuse, device, progress)
-        backbone_passes = int(computed)
-        feats = (img_f, txt_f)
-    img, txt = embed_for_retrieval(student, manifest, device, batch_size, workers, feats, uni=uni)
-    return ScoredRun(checkpoint, ckpt, cfg, manifest, backbone_passes, image_emb=img, text_emb=txt)
+    cfg = with_source_options(cfg, source_options)
+    inputs = evaluation_inputs(cfg, data, split, _run_stores(cfg), device, progress, on_bad_image,
+                               vocab=getattr(student, "vocab", None))
+    evaluation = evaluate_retrieval(student, inputs.manifest, device, batch_size, workers, feats=inputs.feats,
+                                    known_skipped=inputs.known_skipped, on_bad_image=on_bad_image,
+                                    names=inputs.names, uni=uni, regions=inputs.regions, progress=progress)
+    return evaluation, inputs, ckpt, cfg
+
+
+def _ensemble(first: RetrievalEvaluation, second: RetrievalEvaluation, checkpoints: list[Path]) -> dict:
+    """The metrics of the mean of two evaluations' similarity matrices (the same images and captions ranked)."""
+    same = (np.array_equal(first.kept_images, second.kept_images)
+            and np.array_equal(first.kept_captions, second.kept_captions))
+    if not same:
+        raise ValueError(f"{checkpoints[1]}: ranks other images than {checkpoints[0]} (their runs know of other "
+                         "unreadable images); evaluate each run by itself")
+    return evaluate_similarity((first.similarity() + second.similarity()) / 2, first.caption_image_rows)
 
 
 def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = "auto", batch_size: int = 256,
-                 workers: int = 2, progress: bool = True, uni: bool = False,
-                 ensemble: str | Path | None = None) -> dict:
-    """Recalls of a run on ``data`` [``split``]; with ``ensemble`` (a second run), of the average of the two runs'
-    similarity matrices, with each member's own rsum under "ensemble"."""
+                 workers: int = 2, progress: bool = True, uni: bool = False, on_bad_image: str = "fail",
+                 source_options: dict | None = None, ensemble: str | Path | None = None) -> dict:
+    """Retrieval recalls of a run's checkpoint on one split of ``data`` (annotations or shards), read as the run's
+    config says unless ``source_options`` ({format, image_root, image_key, caption_key, id_field}) overrides it.
+
+    Images a store lists as skipped, and with ``on_bad_image="skip"`` any image that cannot be read, are left out
+    with their captions and counted as ``skipped_images``. With ``ensemble`` (a second run), the recalls of the mean
+    of the two runs' image × caption similarity matrices, each run's own rsum listed under "ensemble"."""
     device = resolve_device(device)
-    first = score_run(run, data, split, device, batch_size, workers, progress, uni)
-    if ensemble is None:
-        metrics = first.metrics()
-        backbone_passes = first.backbone_passes
-    else:
-        second = score_run(ensemble, data, split, device, batch_size, workers, progress, uni)
-        if second.manifest.fingerprint() != first.manifest.fingerprint():
-            raise ValueError(f"{second.checkpoint}: reads {data} [{split}] differently from {first.checkpoint} "
-                             "(another annotation format or image root), so their rows cannot be averaged")
-        members = [{"checkpoint": str(m.checkpoint), "student": m.cfg.student, "rsum": m.metrics()["all"]["rsum"]}
-                   for m in (first, second)]
-        metrics = evaluate_similarity((first.similarity() + second.similarity()) / 2,
-                                      first.manifest.caption_image_rows())
-        backbone_passes = first.backbone_passes + second.backbone_passes
-    manifest = first.manifest
-    result = {**metrics["all"], "split": split, "images": len(manifest.images), "captions": len(manifest.captions),
-              "checkpoint": str(first.checkpoint), "epoch": int(first.ckpt.get("epoch", -1)) + 1,
-              "backbone_passes": backbone_passes}
+    checkpoint = resolve_checkpoint(run)
+    evaluation, inputs, ckpt, cfg = _evaluate_checkpoint(checkpoint, data, split, device, batch_size, workers,
+                                                         progress, uni, on_bad_image, source_options)
+    metrics = evaluation.metrics
+    members = None
     if ensemble is not None:
+        other = resolve_checkpoint(ensemble)
+        second, second_inputs, _, second_cfg = _evaluate_checkpoint(other, data, split, device, batch_size, workers,
+                                                                    progress, uni, on_bad_image, source_options)
+        if second_inputs.manifest.fingerprint() != inputs.manifest.fingerprint():
+            raise ValueError(f"{other}: reads {data} [{split}] differently from {checkpoint} (another annotation "
+                             "format, image root or shard layout), so their rows cannot be averaged")
+        members = [{"checkpoint": str(c), "student": m_cfg.student, "rsum": m.metrics["all"]["rsum"]}
+                   for c, m, m_cfg in ((checkpoint, evaluation, cfg), (other, second, second_cfg))]
+        metrics = _ensemble(evaluation, second, [checkpoint, other])
+        inputs.backbone_passes += second_inputs.backbone_passes
+    result = {**metrics["all"], "split": split, "images": evaluation.images, "captions": evaluation.captions,
+              "skipped_images": len(evaluation.skipped),
+              "skipped_image_details": [s.to_dict() for s in evaluation.skipped],
+              "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", 0)),
+              "backbone_passes": inputs.backbone_passes, "skipped_samples": len(inputs.manifest.skipped_samples)}
+    if members is not None:
         result["ensemble"] = {"members": members, "combination": "mean of the similarity matrices"}
     if "coco_1k" in metrics:
         result["coco_1k"] = metrics["coco_1k"]

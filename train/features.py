@@ -9,15 +9,17 @@ itself is reused and nothing is computed at all.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.shards import ShardLayout
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
+from train.students import parse_student_spec
 
 
 @dataclass
@@ -26,6 +28,14 @@ class FeatureSet:
     texts: np.ndarray  # [N_txt, D_t]
     store: str  # the store they came from
     computed: bool  # True when this call ran the backbones
+    skipped: dict[int, str] = field(default_factory=dict)  # dataset image rows the store's build could not read
+
+
+def default_feature_cache(cache: str) -> str:
+    """Where a frozen student's backbone features are cached by default: ``CACHE-features`` next to the teacher
+    cache, one store per dataset (split) and pair of backbones."""
+    p = Path(cache)
+    return str(p.with_name(p.name + "-features"))
 
 
 def feature_store_path(feature_cache: str | Path, fingerprint: str, image_spec: str, text_spec: str) -> Path:
@@ -38,36 +48,52 @@ def _specs_match(store: Store, image_spec: str, text_spec: str) -> bool:
     return t.get("image", {}).get("spec") == image_spec and t.get("text", {}).get("spec") == text_spec
 
 
-def _from_store(store: Store, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+def skip_reason(store: Store, entry: dict) -> str:
+    """Why a store's build skipped an image (an entry of its skipped_images), without repeating the file name."""
+    reason = str(entry.get("reason", "unreadable"))
+    _, found, tail = reason.partition(f"(image row {entry.get('row')}): ")
+    return f"skipped by the build of {store.path} (store row {entry.get('row')}): {tail if found else reason}"
+
+
+def store_skipped_rows(store: Store, image_rows: np.ndarray) -> dict[int, str]:
+    """Dataset rows whose store row (``image_rows[dataset row]``) the store's build skipped -> reason."""
+    bad = {int(s["row"]): skip_reason(store, s) for s in store.skipped_images}
+    return {i: bad[int(r)] for i, r in enumerate(image_rows) if int(r) in bad}
+
+
+def _from_store(store: Store, fingerprint: str, computed: bool) -> FeatureSet:
     image_rows, caption_rows = store.rows_for(fingerprint, "dataset")
-    return store.load("images")[image_rows], store.load("texts")[caption_rows]
+    return FeatureSet(store.load("images")[image_rows], store.load("texts")[caption_rows], str(store.path), computed,
+                      store_skipped_rows(store, image_rows))
 
 
 def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
                     feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
                     reuse: list[Store] | None = None, device: str = "auto", progress: bool = True,
-                    workers: int = 2) -> FeatureSet:
+                    workers: int = 2, shard_layout: ShardLayout | None = None, on_bad_image: str = "fail"
+                    ) -> FeatureSet:
     """Features of every image and caption of a dataset (``annotations`` at ``split``) by the two backbones.
 
     Order: a store in ``reuse`` whose encoders are the backbones and which holds the dataset (no compute);
-    an earlier feature store for the same dataset and backbones; otherwise the backbones run once now.
+    an earlier feature store for the same dataset and backbones; otherwise the backbones run once now, leaving
+    unreadable images out as all-zero rows (listed in ``skipped``) when ``on_bad_image`` is "skip".
     """
     for store in reuse or []:
         if store.complete and _specs_match(store, image_spec, text_spec):
             try:
-                images, texts = _from_store(store, fingerprint)
+                return _from_store(store, fingerprint, computed=False)
             except Exception:
                 continue
-            return FeatureSet(images, texts, str(store.path), computed=False)
     store, computed = feature_store(annotations, split, fingerprint, image_spec, text_spec, feature_cache, fmt=fmt,
-                                    image_root=image_root, device=device, progress=progress, workers=workers)
-    images, texts = _from_store(store, fingerprint)
-    return FeatureSet(images, texts, str(store.path), computed=computed)
+                                    image_root=image_root, device=device, progress=progress, workers=workers,
+                                    shard_layout=shard_layout, on_bad_image=on_bad_image)
+    return _from_store(store, fingerprint, computed=computed)
 
 
 def feature_store(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
                   feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
                   device: str = "auto", progress: bool = True, workers: int = 2,
+                  shard_layout: ShardLayout | None = None, on_bad_image: str = "fail",
                   chunk_rows: int = 4096) -> tuple[Store, bool]:
     """The complete store of the two encoders' features of a dataset in ``feature_cache``, built now unless an
     earlier run built it; returns (store, whether this call computed it)."""
@@ -82,13 +108,31 @@ def feature_store(annotations: str, split: str, fingerprint: str, image_spec: st
     # deferred import: only this path runs backbones (the registry's encoders)
     from pipeline.build import BuildConfig, build_store
 
-    # building a backbone draws its initial weights from the global RNG before loading the real ones: fork it, so
-    # that a run whose features had to be computed starts from the same student as one that found them cached
+    layout = shard_layout or ShardLayout()
+    # building a backbone draws from torch's global RNG (initial weights, DataLoader seeds): fork it, so that a run
+    # whose features had to be computed trains alike to one that found them cached
     with torch.random.fork_rng(devices=[]):
         build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
                                 split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
-                                device=device, progress=progress, workers=workers, chunk_rows=chunk_rows))
+                                device=device, progress=progress, workers=workers, chunk_rows=chunk_rows,
+                                image_key=layout.image_key, caption_key=layout.caption_key, id_field=layout.id_field,
+                                on_bad_image=on_bad_image))
     if dist.is_available() and dist.is_initialized():
         # under torchrun every rank embeds a share, but only rank 0 finishes the store: wait for its mark
         dist.barrier()
     return Store.open(path, require_complete=True), True
+
+
+def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, stores: list[Store], device: str,
+                        progress: bool, on_bad_image: str = "fail") -> FeatureSet:
+    """The features of a dataset for the frozen student of a run's TrainConfig ``cfg``, in its feature cache."""
+    from train.data import shard_layout_of
+
+    spec = parse_student_spec(cfg.student)
+    # computing features draws from torch's global RNG (a DataLoader seeds its workers from it): isolated, so a run
+    # trains alike (dropout) whether its features were cached already or are computed now
+    with torch.random.fork_rng(devices=[]):
+        return frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
+                               cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                               image_root=cfg.image_root, reuse=stores, device=device, progress=progress,
+                               workers=cfg.workers, shard_layout=shard_layout_of(cfg), on_bad_image=on_bad_image)

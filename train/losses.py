@@ -15,7 +15,7 @@ Conventions shared by every function here:
   significant digits, too coarse for logits scaled by 1/τ (up to 100) and for KL values that are
   small differences of large terms.
 - Teacher blocks never receive gradients: they are detached and upcast before use.
-- A teacher entry of ``-inf`` means "this pair is not among the cached top-K neighbours" (the
+- A teacher entry of ``-inf`` means "this pair is not among the cached top-K neighbors" (the
   sparse soft-label mode). It gets probability 0 in the teacher distribution and contributes
   nothing to the KL or the soft cross-entropy (0·log 0 = 0). Every row must keep at least one
   finite entry; the diagonal (self-similarity) always qualifies. Treating an unknown pair as
@@ -44,6 +44,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from train.settings import coerce_setting
 
 REDUCTIONS = ("mean", "sum")
 FORMS = ("kl", "contrastive")
@@ -114,20 +116,55 @@ def _full_precision(device: torch.device) -> Iterator[None]:
 
 def _soft_targets(teacher: Tensor, tau_soft: Tensor | float) -> Tensor:
     # -inf entries (pairs outside the cached top-K) come out as exact zeros.
+    if isinstance(tau_soft, float) and tau_soft == 1.0:
+        return torch.softmax(teacher, dim=1)  # x / 1.0 is x exactly: the reference τ_s skips a B×B division
     return torch.softmax(teacher / tau_soft, dim=1)
 
 
 def _target_dot_log(target: Tensor, log_q: Tensor) -> Tensor:
-    """Row sums of target·log q with 0·log q = 0, even if log q underflowed to -inf."""
-    zero = torch.zeros((), dtype=log_q.dtype, device=log_q.device)
-    return torch.where(target > 0, target * log_q, zero).sum(dim=1)
+    """Row sums of target·log q.
+
+    log q comes from log_softmax of finite logits, which is finite (its smallest value is bounded by the range of
+    the row's logits), so a zero target entry (a masked pair, a non-positive) contributes exactly 0 without a
+    special case; the masking sits in the target, never in q. A plain product also costs a third of a guarded one,
+    which a cheap student's training step feels.
+    """
+    return (target * log_q).sum(dim=1)
 
 
-def _kl_batchmean(target: Tensor, logits: Tensor, tau: Tensor | float) -> Tensor:
-    """KL(target ‖ softmax(logits/τ)) summed over columns and divided by the number of rows."""
+class _TeacherTargets:
+    """The teacher distributions softmax(T/τ_s) of one batch and their row sums Σ P·log P, each computed once.
+
+    CSA and USA read the same distributions (in CSA's default "each" mode) and the same entropies: computing them
+    once per batch instead of once per term leaves every value as it was and saves their arithmetic. Entries are
+    keyed by the tensor they were computed from, which they keep alive so the key cannot be reused.
+    """
+
+    def __init__(self, tau_soft: Tensor | float):
+        self.tau_soft = tau_soft
+        self._distributions: dict[int, tuple[Tensor, Tensor]] = {}
+        self._entropies: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def distribution(self, teacher: Tensor) -> Tensor:
+        key = id(teacher)
+        if key not in self._distributions:
+            self._distributions[key] = (teacher, _soft_targets(teacher, self.tau_soft))
+        return self._distributions[key][1]
+
+    def entropy(self, target: Tensor) -> Tensor:
+        key = id(target)
+        if key not in self._entropies:
+            # xlogy gives 0·log 0 = 0 for the masked entries.
+            self._entropies[key] = (target, torch.xlogy(target, target).sum(dim=1))
+        return self._entropies[key][1]
+
+
+def _kl_batchmean(target: Tensor, logits: Tensor, tau: Tensor | float, entropy: Tensor | None = None) -> Tensor:
+    """KL(target ‖ softmax(logits/τ)) summed over columns and divided by the number of rows; ``entropy`` is
+    target's Σ P·log P per row when already known."""
     log_q = F.log_softmax(logits / tau, dim=1)
     # xlogy gives 0·log 0 = 0 for the masked entries.
-    entropy_part = torch.xlogy(target, target).sum(dim=1)
+    entropy_part = torch.xlogy(target, target).sum(dim=1) if entropy is None else entropy
     return (entropy_part - _target_dot_log(target, log_q)).sum() / logits.shape[0]
 
 
@@ -140,9 +177,10 @@ def _soft_cross_entropy(target: Tensor, logits: Tensor, tau: Tensor | float, red
     return per_row.mean()
 
 
-def _alignment(target: Tensor, logits: Tensor, tau: Tensor | float, form: str, reduction: str) -> Tensor:
+def _alignment(target: Tensor, logits: Tensor, tau: Tensor | float, form: str, reduction: str,
+               targets: _TeacherTargets) -> Tensor:
     if form == "kl":
-        return _kl_batchmean(target, logits, tau)
+        return _kl_batchmean(target, logits, tau, targets.entropy(target))
     return _soft_cross_entropy(target, logits, tau, reduction)
 
 
@@ -248,12 +286,16 @@ def csa_loss(
         t_tt = _teacher(teacher_texts, "teacher_texts", size, s, dtype)
         t = _tau(tau, "tau", s, dtype)
         t_soft = _tau(tau_soft, "tau_soft", s, dtype)
-        logits_i2t, logits_t2i = _csa_targets(t_ii, t_tt, mode)
-        p_i2t = _soft_targets(logits_i2t, t_soft)
-        p_t2i = p_i2t if logits_t2i is logits_i2t else _soft_targets(logits_t2i, t_soft)
-        term_i2t = _alignment(p_i2t, s, t, form, reduction)
-        term_t2i = _alignment(p_t2i, s.T, t, form, reduction)
-        return (term_i2t + term_t2i) / 2
+        return _csa(s, t_ii, t_tt, t, mode, form, reduction, _TeacherTargets(t_soft))
+
+
+def _csa(s: Tensor, t_ii: Tensor, t_tt: Tensor, t: Tensor | float, mode: str, form: str, reduction: str,
+         targets: _TeacherTargets) -> Tensor:
+    """`csa_loss` on checked inputs of one dtype, the teacher distributions read from ``targets``."""
+    logits_i2t, logits_t2i = _csa_targets(t_ii, t_tt, mode)
+    term_i2t = _alignment(targets.distribution(logits_i2t), s, t, form, reduction, targets)
+    term_t2i = _alignment(targets.distribution(logits_t2i), s.T, t, form, reduction, targets)
+    return (term_i2t + term_t2i) / 2
 
 
 def usa_loss(
@@ -289,9 +331,15 @@ def usa_loss(
         tau_i = _tau(tau_images, "tau_images", s_ii, dtype)
         tau_t = _tau(tau_texts, "tau_texts", s_ii, dtype)
         t_soft = _tau(tau_soft, "tau_soft", s_ii, dtype)
-        term_images = _alignment(_soft_targets(t_ii, t_soft), s_ii, tau_i, form, reduction)
-        term_texts = _alignment(_soft_targets(t_tt, t_soft), s_tt, tau_t, form, reduction)
-        return (term_images + term_texts) / 2
+        return _usa(s_ii, s_tt, t_ii, t_tt, tau_i, tau_t, form, reduction, _TeacherTargets(t_soft))
+
+
+def _usa(s_ii: Tensor, s_tt: Tensor, t_ii: Tensor, t_tt: Tensor, tau_i: Tensor | float, tau_t: Tensor | float,
+         form: str, reduction: str, targets: _TeacherTargets) -> Tensor:
+    """`usa_loss` on checked inputs of one dtype, the teacher distributions read from ``targets``."""
+    term_images = _alignment(targets.distribution(t_ii), s_ii, tau_i, form, reduction, targets)
+    term_texts = _alignment(targets.distribution(t_tt), s_tt, tau_t, form, reduction, targets)
+    return (term_images + term_texts) / 2
 
 
 def triplet_loss(sim: Tensor, image_ids: Any, margin: float = 0.2, max_violation: bool = True,
@@ -422,34 +470,6 @@ class UsaConfig:
         _check_choice(self.reduction, REDUCTIONS, "reduction")
 
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(value: Any, current: Any, path: str) -> Any:
-    """Convert a setting to the type of its current value (CLI values may arrive as strings)."""
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"loss setting {path} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)):
-        if isinstance(value, bool):
-            raise ValueError(f"loss setting {path} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"loss setting {path} must be a number, got {value!r}") from None
-    if isinstance(current, str):
-        if not isinstance(value, str):
-            raise ValueError(f"loss setting {path} must be a string, got {value!r}")
-        return value.strip().lower()
-    raise ValueError(f"loss setting {path} cannot be set to {value!r}")
-
-
 def _merge_setting(target: dict[str, Any], key: str, value: Any, path: str) -> None:
     if key not in target:
         target[key] = value
@@ -495,7 +515,9 @@ def _updated(obj: Any, updates: Mapping[str, Any], path: str) -> Any:
                 raise ValueError(f"loss setting {where} must be a mapping, got {value!r}")
             changes[key] = _updated(current, value, f"{where}.")
         else:
-            changes[key] = _coerce(value, current, where)
+            changes[key] = coerce_setting(value, current, where, "loss setting")
+            if isinstance(changes[key], str):
+                changes[key] = changes[key].strip().lower()  # mode names: "Add" means "add"
     try:
         return dataclasses.replace(obj, **changes)
     except ValueError as err:
@@ -728,19 +750,31 @@ class CusaLoss(nn.Module):
                 else:
                     term = contrastive_loss(sim, image_ids, self.taus["tau"](), cfg.contrastive.reduction)
                 out["contrastive"] = cfg.contrastive.rate * term
+            # What csa_loss and usa_loss compute, with the teacher blocks checked and converted once and the
+            # teacher distributions and entropies they share computed once (the values are the same).
+            converted: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+            targets = _TeacherTargets(cfg.tau_soft)
+
+            def teacher_blocks(like: Tensor) -> tuple[Tensor, Tensor]:
+                if like.dtype not in converted:
+                    converted[like.dtype] = (_teacher(teacher_images, "teacher_images", size, like, like.dtype),
+                                             _teacher(teacher_texts, "teacher_texts", size, like, like.dtype))
+                return converted[like.dtype]
+
             if cfg.csa.enabled:
-                term = csa_loss(
-                    sim, teacher_images, teacher_texts, self.taus["tau_csa"](), cfg.tau_soft,
-                    mode=cfg.csa.mode, form=cfg.csa.form, reduction=cfg.csa.reduction,
-                )
+                s = sim.to(_compute_dtype(sim))
+                term = _csa(s, *teacher_blocks(s), _tau(self.taus["tau_csa"](), "tau", s, s.dtype), cfg.csa.mode,
+                            cfg.csa.form, cfg.csa.reduction, targets)
                 out["csa"] = cfg.csa.rate * term
             if cfg.usa.enabled:
-                term = usa_loss(
-                    _similarity(img_uni, img_uni, "img_uni"), _similarity(txt_uni, txt_uni, "txt_uni"),
-                    teacher_images, teacher_texts,
-                    self.taus["tau_usa_images"](), self.taus["tau_usa_texts"](), cfg.tau_soft,
-                    form=cfg.usa.form, reduction=cfg.usa.reduction,
-                )
+                s_ii = _similarity(img_uni, img_uni, "img_uni")
+                s_tt = _similarity(txt_uni, txt_uni, "txt_uni")
+                dtype = torch.promote_types(_compute_dtype(s_ii), _compute_dtype(s_tt))
+                s_ii, s_tt = s_ii.to(dtype), s_tt.to(device=s_ii.device, dtype=dtype)
+                term = _usa(s_ii, s_tt, *teacher_blocks(s_ii), _tau(self.taus["tau_usa_images"](), "tau_images",
+                                                                    s_ii, dtype),
+                            _tau(self.taus["tau_usa_texts"](), "tau_texts", s_ii, dtype), cfg.usa.form,
+                            cfg.usa.reduction, targets)
                 out["usa"] = cfg.usa.rate * term
         total = sum((out[name] for name in cfg.terms), start=zero)
         return {"loss": total, **out}

@@ -190,7 +190,7 @@ class RegionStudent(nn.Module):
             if value < 1:
                 raise ValueError(f"region.{name} must be ≥ 1, got {value}")
         self.kind, self.smooth, self.length_groups = kind, float(smooth), int(length_groups)
-        self.region_dim, self.vocab_size, self.embed_dim = region_dim, vocab_size, embed_dim
+        self.region_dim, self.vocab_size, self.embed_dim, self.uni_dim = region_dim, vocab_size, embed_dim, uni_dim
         self.vocab = None  # the train.vocab.Vocabulary, attached by the trainer or when a checkpoint is loaded
 
         self.region_fc = _xavier(nn.Linear(region_dim, embed_dim))
@@ -311,23 +311,27 @@ class RegionStudent(nn.Module):
 
     @torch.no_grad()
     def similarity(self, regions: "RegionFeatures", captions: "CaptionTokens", device: str | torch.device = "cpu",
-                   image_chunk: int = 128, caption_chunk: int = 128, progress: bool = False) -> torch.Tensor:
-        """Scores [N_images, N_captions] (float32, on the CPU) of every image of ``regions`` with every caption of
-        ``captions``, image_chunk × caption_chunk pairs at a time so that the [pairs × words × d] intermediates stay
-        bounded (5K × 25K pairs on one GPU). Each side is encoded once; captions are grouped by length so that a
-        chunk pads to its own longest caption. Call in eval mode (dropout off, running BatchNorm statistics)."""
+                   image_chunk: int = 128, caption_chunk: int = 128, progress: bool = False,
+                   image_rows: np.ndarray | None = None, caption_rows: np.ndarray | None = None) -> torch.Tensor:
+        """Scores [n_images, n_captions] (float32, on the CPU) of the images ``image_rows`` of ``regions`` (default:
+        all) with the captions ``caption_rows`` of ``captions`` (default: all), image_chunk × caption_chunk pairs at a
+        time so that the [pairs × words × d] intermediates stay bounded (5K × 25K pairs on one GPU). Each side is
+        encoded once; captions are grouped by length so that a chunk pads to its own longest caption. Call in eval
+        mode (dropout off, running BatchNorm statistics)."""
         from tqdm.auto import tqdm
 
         if image_chunk < 1 or caption_chunk < 1:
             raise ValueError("region.eval_images and region.eval_captions must be ≥ 1")
-        n_images, n_captions = len(regions), len(captions)
-        image_sides = [self.encode_image_side(regions.take(np.arange(i, min(i + image_chunk, n_images)), device))
+        image_rows = np.arange(len(regions)) if image_rows is None else np.asarray(image_rows, dtype=np.int64)
+        caption_rows = torch.arange(len(captions)) if caption_rows is None else torch.as_tensor(caption_rows)
+        n_images, n_captions = len(image_rows), len(caption_rows)
+        image_sides = [self.encode_image_side(regions.take(image_rows[i:i + image_chunk], device))
                        for i in range(0, n_images, image_chunk)]
-        order = torch.argsort(captions.lengths, stable=True)
+        order = torch.argsort(captions.lengths[caption_rows], stable=True)
         text_sides = []
         for c in range(0, n_captions, caption_chunk):
             columns = order[c:c + caption_chunk]
-            text_sides.append((columns, self.encode_text_side(*captions.take(columns, device))))
+            text_sides.append((columns, self.encode_text_side(*captions.take(caption_rows[columns], device))))
         out = torch.empty((n_images, n_captions), dtype=torch.float32)
         bar = tqdm(total=len(image_sides) * len(text_sides), desc="pair scores", unit="block", disable=not progress,
                    dynamic_ncols=True, leave=False)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from pipeline.manifest import Manifest
 from train.students import parse_student_spec
-from train.vocab import CaptionTokens
+from train.vocab import CaptionTokens, Vocabulary
 
 GRID_CHUNK_ROWS = 256  # a grid row is R × D values (49 × 1280 for EfficientNet-Lite0): 64 MB of float32 a chunk
 PRECOMP_ALIASES: dict[str, tuple[str, ...]] = {"val": ("dev",), "dev": ("val",), "test": ("testall",)}
@@ -37,6 +37,7 @@ class RegionFeatures:
     scale: float  # rows are multiplied by this on the way out
     source: str
     computed: bool = False  # True when this call ran the backbone
+    skipped: dict[int, str] = field(default_factory=dict)  # image rows the grid build could not read -> reason
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
@@ -53,32 +54,36 @@ class RegionFeatures:
 
 def region_features(student: str, annotations: str, split: str, manifest: Manifest, feature_cache: str | Path, *,
                     fmt: str = "auto", image_root: str | None = None, device: str = "auto", progress: bool = True,
-                    workers: int = 2) -> RegionFeatures:
+                    workers: int = 2, shard_layout=None, on_bad_image: str = "fail") -> RegionFeatures:
     """The region features a region student spec names, for the dataset ``annotations`` at ``split``."""
     source, body = parse_student_spec(student).region_source
     if source == "precomp":
         return precomp_regions(body, split, manifest)
     return grid_regions(annotations, split, manifest.fingerprint(), body, feature_cache, fmt=fmt,
-                        image_root=image_root, device=device, progress=progress, workers=workers)
+                        image_root=image_root, device=device, progress=progress, workers=workers,
+                        shard_layout=shard_layout, on_bad_image=on_bad_image)
 
 
 def grid_regions(annotations: str, split: str, fingerprint: str, image_spec: str, feature_cache: str | Path, *,
                  fmt: str = "auto", image_root: str | None = None, device: str = "auto", progress: bool = True,
-                 workers: int = 2) -> RegionFeatures:
-    """Grid regions of every image, from the feature cache (built now when no earlier run built it)."""
+                 workers: int = 2, shard_layout=None, on_bad_image: str = "fail") -> RegionFeatures:
+    """Grid regions of every image, from the feature cache (built now when no earlier run built it; with
+    ``on_bad_image="skip"`` an unreadable image is an all-zero row, listed in ``skipped``)."""
     from pipeline.grid import GRID_PREFIX, NO_TEXT, region_shape
-    from train.features import feature_store
+    from train.features import feature_store, store_skipped_rows
 
     store, computed = feature_store(annotations, split, fingerprint, GRID_PREFIX + image_spec, NO_TEXT,
                                     feature_cache, fmt=fmt, image_root=image_root, device=device, progress=progress,
-                                    workers=workers, chunk_rows=GRID_CHUNK_ROWS)
+                                    workers=workers, shard_layout=shard_layout, on_bad_image=on_bad_image,
+                                    chunk_rows=GRID_CHUNK_ROWS)
     n_regions, region_dim = region_shape(store.teachers["image"])
     image_rows, _ = store.rows_for(fingerprint, "dataset")
     rows = np.asarray(store.array("images")[:], dtype=np.float16)
     if len(image_rows) != rows.shape[0]:
         rows = rows[image_rows]
     # the store scales each row to unit norm; √R gives the regions a mean squared norm of 1 (pipeline/grid.py)
-    return RegionFeatures(rows, n_regions, region_dim, math.sqrt(n_regions), str(store.path), computed)
+    return RegionFeatures(rows, n_regions, region_dim, math.sqrt(n_regions), str(store.path), computed,
+                          store_skipped_rows(store, image_rows))
 
 
 def _normalised(text: str) -> str:
@@ -167,11 +172,29 @@ def precomp_regions(directory: str | Path, split: str, manifest: Manifest) -> Re
 
 @dataclass
 class RegionData:
-    """A region student's inputs for one dataset: the regions of every image and the tokens of every caption."""
+    """A region student's inputs for one dataset: the regions of every image, the tokens of every caption, and the
+    chunk sizes its pairs are scored in for evaluation."""
 
     features: RegionFeatures
     captions: CaptionTokens
+    image_chunk: int = 128
+    caption_chunk: int = 128
 
     def batch(self, image_rows, caption_rows, device: str | torch.device = "cpu"):
         """(regions [b, R, D], (tokens [b, L], lengths [b])) of the pairs (image_rows[k], caption_rows[k])."""
         return self.features.take(image_rows, device), self.captions.take(caption_rows, device)
+
+
+def region_data(cfg, annotations: str, split: str, manifest: Manifest, vocab: Vocabulary, progress: bool,
+                on_bad_image: str = "fail") -> RegionData:
+    """The inputs of the region student of a run's TrainConfig ``cfg`` for a dataset: its region features (grid
+    ones computed once into the feature cache, then reused) and the caption tokens by ``vocab``."""
+    from train.data import shard_layout_of
+    from train.features import default_feature_cache
+
+    features = region_features(cfg.student, annotations, split, manifest,
+                               cfg.region.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
+                               image_root=cfg.image_root, device=cfg.device, progress=progress, workers=cfg.workers,
+                               shard_layout=shard_layout_of(cfg), on_bad_image=on_bad_image)
+    captions = CaptionTokens([c.text for c in manifest.captions], vocab, cfg.region.max_words)
+    return RegionData(features, captions, cfg.region.eval_images, cfg.region.eval_captions)

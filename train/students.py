@@ -18,6 +18,9 @@ Every embedding is returned L2-normalised in float32. This module never imports 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import pickle
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -222,7 +225,9 @@ class OpenClipStudent(_TwoHeadStudent):
     """
 
     def __init__(self, arch: str, pretrained: str | None = None, aug_cfg: dict[str, Any] | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, weights_from_checkpoint: bool = False) -> None:
+        """``weights_from_checkpoint``: a cusa checkpoint's weights are loaded next (evaluation, resume), so the
+        pretrained ones are neither fetched nor loaded, and open_clip's "initialized randomly" note is not shown."""
         super().__init__()
         import open_clip  # deferred: only this student needs it
 
@@ -232,17 +237,21 @@ class OpenClipStudent(_TwoHeadStudent):
             raise ValueError(f"{label}: unknown open_clip architecture {arch!r} "
                              "(open_clip.list_models() lists them, e.g. 'ViT-B-32')")
         try:
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                arch, pretrained=pretrained, aug_cfg=aug_cfg, cache_dir=cache_dir,
-                # Random init means random: never fetch default tower weights from a hub.
-                pretrained_image=False, pretrained_text=False,
-            )
+            with _open_clip_log(quiet_random_init=weights_from_checkpoint):
+                model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                    arch, pretrained=None if weights_from_checkpoint else pretrained, aug_cfg=aug_cfg,
+                    cache_dir=cache_dir,
+                    # Random init means random: never fetch default tower weights from a hub.
+                    pretrained_image=False, pretrained_text=False,
+                )
             self.tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
         except pickle.UnpicklingError as e:  # open_clip reads a local file with weights_only=True
             raise ValueError(f"{label}: refused: {pickle_refusal(e)}; save the bare state dict with "
                              "torch.save(model.state_dict(), path)") from None
         except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if _needs_hub(detail):
+                raise ValueError(_hub_message(label, pretrained)) from None
             raise ValueError(f"{label}: cannot build the open_clip model ({detail})") from e
         self.model = model
         self.preprocess_train = preprocess_train
@@ -257,6 +266,11 @@ class OpenClipStudent(_TwoHeadStudent):
         self.cross_head_t = ProjectionHead(self.embed_dim)
         self.uni_head_v = ProjectionHead(self.embed_dim)
         self.uni_head_t = ProjectionHead(self.embed_dim)
+
+    @property
+    def pretrained_backbone(self) -> nn.Module:
+        """CLIP's towers: the optimizer's "backbone" group (lr), apart from the new heads (head_lr)."""
+        return self.model
 
     @classmethod
     def from_spec(cls, spec: StudentSpec | str, **kwargs: Any) -> "OpenClipStudent":
@@ -283,3 +297,60 @@ class OpenClipStudent(_TwoHeadStudent):
 
     def _text_features(self, texts: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(texts, normalize=False)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _needs_hub(detail: str) -> bool:
+    low = detail.lower()
+    return any(s in low for s in ("failed to download", "hub", "internet connection", "offline"))
+
+
+def _hub_message(label: str, pretrained: str | None) -> str:
+    where = f"open_clip's pretrained weights {pretrained!r}" if pretrained else "its files"
+    if _hub_offline():
+        return (f"{label}: {where} are not in the local Hugging Face cache and the hub is switched off "
+                "(HF_HUB_OFFLINE=1); run once with HF_HUB_OFFLINE=0 to download them, or name a local file "
+                "(open_clip:ARCH:/path/to/weights.pt)")
+    return (f"{label}: cannot download {where} from the Hugging Face hub (no network?); name a local file instead "
+            "(open_clip:ARCH:/path/to/weights.pt)")
+
+
+class _OpenClipNotes(logging.Filter):
+    """Drops open_clip's log lines that a one-line error (or a checkpoint loaded next) makes redundant."""
+
+    def __init__(self, quiet_random_init: bool) -> None:
+        super().__init__()
+        self.quiet_random_init = quiet_random_init
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Failed to download weights"):
+            return False  # reported as the error itself
+        if self.quiet_random_init and ("initialized randomly" in message or "no CLIP weights found" in message):
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _open_clip_log(quiet_random_init: bool) -> Iterator[None]:
+    """open_clip logs through the root logger; filter its notes there (a root logger without handlers gets a
+    stand-in, so that logging.error() does not install a console handler of its own)."""
+    root = logging.getLogger()
+    notes = _OpenClipNotes(quiet_random_init)
+    stand_in = None
+    if not root.handlers:
+        stand_in = logging.StreamHandler()
+        stand_in.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        # only what is logged to the root logger itself: other libraries' loggers (huggingface_hub) print their own
+        stand_in.addFilter(lambda record: record.name == "root")
+        root.addHandler(stand_in)
+    root.addFilter(notes)
+    try:
+        yield
+    finally:
+        root.removeFilter(notes)
+        if stand_in is not None:
+            root.removeHandler(stand_in)

@@ -212,7 +212,7 @@ def map_at_r(embeddings: torch.Tensor | np.ndarray, labels: list | np.ndarray) -
     r_of = torch.bincount(codes)[codes] - 1  # other images of each image's class
     queries = torch.nonzero(r_of > 0).flatten()
     if queries.numel() == 0:
-        raise ValueError("no class has two images: mAP@R needs at least one image with a same-class neighbour")
+        raise ValueError("no class has two images: mAP@R needs at least one image with a same-class neighbor")
     k = int(r_of.max())
     ap_sum, hits = 0.0, 0
     step = max(1, _SORT_BUDGET // n)
@@ -296,11 +296,11 @@ def run_extra_evaluations(result: dict, data: str, split: str, device: str, batc
         extra["sts"] = evaluate_sts(embedder, sts, text_embedding)
     human = format_unimodal(extra)
     if eccv_captions:
-        from train.data import load_split
+        from train.data import load_config_split
         from train.eccv import evaluate_eccv, format_eccv
 
         cfg = embedder.config
-        manifest = load_split(data, split, cfg.format, cfg.image_root)
+        manifest = load_config_split(cfg, data, split)
         extra["eccv"] = evaluate_eccv(embedder, manifest, eccv_captions, progress=progress)
         human = "\n".join(x for x in (human, format_eccv(extra["eccv"])) if x)
     return extra, human

@@ -1,0 +1,30 @@
+"""Command-line options that say how a dataset source is read, shared by every command that reads one
+(`cusa-cache build|report`, `cusa-train`, `cusa-eval`, `cusa-ablate`)."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.manifest import FORMATS
+
+FORMAT_CHOICES = ("auto", *FORMATS)
+
+
+def shard_layout_options(defaults_from_run: bool = False):
+    """``--image-key``, ``--caption-key`` and ``--id-field``: which members of a webdataset sample hold its image, its
+    captions and its image id. With ``defaults_from_run`` (cusa-eval) an option left out takes the run's value."""
+    run_note = " [default: the run's setting]" if defaults_from_run else ""
+
+    def decorate(fn):
+        fn = click.option("--id-field", default=None,
+                          help="Webdataset shards: field of the sample's json member holding the image id; samples "
+                               "with the same id are one image [default: the sample key]." + run_note)(fn)
+        fn = click.option("--caption-key", default=None,
+                          help="Webdataset shards: member with the captions, one per non-empty line, or json:FIELD "
+                               "for a list of strings in the json member [default: txt]." + run_note)(fn)
+        fn = click.option("--image-key", default=None,
+                          help="Webdataset shards: image member extension(s), ';'-separated, the first present wins "
+                               "[default: jpg;jpeg;png;webp]." + run_note)(fn)
+        return fn
+
+    return decorate

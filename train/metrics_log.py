@@ -1,0 +1,109 @@
+"""Where a run's metrics go: ``metrics.jsonl`` (the record every tool reads) and, on request, TensorBoard.
+
+Each record is one line of ``metrics.jsonl``; with ``report_to="tensorboard"`` every number in it is also a
+TensorBoard scalar in ``RUN/tensorboard/``. Step records (``"kind": "step"``) are plotted against the global step
+as ``train/<key>``; epoch records against the epoch as ``epoch/<key>``, nested values by their path
+(``epoch/val/i2t_r1``). The x-axis value itself (``step`` or ``epoch``) is the scalar's step, not a scalar.
+
+The event files are always rewritten from ``metrics.jsonl`` when a run starts or resumes, so they hold exactly what
+the JSONL holds (a resumed run drops the records of its interrupted epoch from both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+REPORT_CHOICES: tuple[str, ...] = ("none", "tensorboard")
+TENSORBOARD_DIR = "tensorboard"
+
+
+def parse_report_to(value: str) -> tuple[str, ...]:
+    """``none``, ``tensorboard`` (or a comma-separated list, as open_clip's ``--report-to`` takes): the targets."""
+    targets = tuple(t.strip() for t in str(value).split(",") if t.strip() and t.strip() != "none")
+    unknown = [t for t in targets if t not in REPORT_CHOICES]
+    if unknown:
+        raise ValueError(f"report_to: unknown target {unknown[0]!r} (known: {', '.join(REPORT_CHOICES)})")
+    return targets
+
+
+def scalars(record: dict[str, Any]) -> tuple[str, int, dict[str, float]]:
+    """(prefix, x, {tag: value}) of one metrics record: every number in it, nested keys joined with "/", under
+    ``train/`` (step records) or ``epoch/`` (epoch records)."""
+    step_record = record.get("kind") == "step"
+    axis = "step" if step_record else "epoch"
+    prefix = "train" if step_record else "epoch"
+    values = {f"{prefix}/{key}": value for key, value in _numbers(record) if key not in ("kind", axis)}
+    return prefix, int(record.get(axis, 0)), values
+
+
+def _numbers(record: dict[str, Any], path: str = "") -> Iterator[tuple[str, float]]:
+    for key, value in record.items():
+        name = f"{path}{key}"
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{name}/")
+        elif isinstance(value, bool):
+            yield name, float(value)
+        elif isinstance(value, (int, float)):
+            yield name, float(value)
+
+
+class MetricsLogger:
+    """Appends records to ``metrics.jsonl`` and mirrors them to the requested reporting targets."""
+
+    def __init__(self, run_dir: str | os.PathLike, report_to: str = "none"):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.targets = parse_report_to(report_to)
+        self._writer = None
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # a line torn by a kill stays one bad line instead of spoiling the next record
+        if "tensorboard" in self.targets:
+            self._open_tensorboard()
+
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = self.run_dir / TENSORBOARD_DIR
+        if log_dir.exists():
+            shutil.rmtree(log_dir)  # rebuilt from metrics.jsonl below: no stale events of an interrupted epoch
+        self._writer = SummaryWriter(str(log_dir), flush_secs=30)
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                self._mirror(record)
+            self._writer.flush()
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._mirror(record)
+        if self._writer is not None and record.get("kind") != "step":
+            self._writer.flush()  # an epoch's values are on disk when its checkpoint is
+
+    def _mirror(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        _, x, values = scalars(record)
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, global_step=x)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
