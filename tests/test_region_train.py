@@ -209,7 +209,7 @@ def test_uni_modal_evaluations_use_the_region_students_uni_embeddings(region_run
     assert torch.allclose(direct, cached, atol=2e-3)
     for flag, message in ((["--image-labels", labels, "--image-embedding", "cross"], "cross-modal image embeddings"),
                           (["--sts", sts, "--text-embedding", "cross"], "cross-modal text embeddings"),
-                          (["--eccv", sts], "--eccv ranks by cross-modal embeddings")):
+                          (["--examples", "2"], "--examples ranks by cross-modal embeddings")):
         out = invoke(eval_main, [run, "--data", demo_dir / "test.json", "--device", "cpu", *flag])
         assert out.exit_code == 1 and message in out.output and len(out.output.strip().splitlines()) == 1, out.output
 

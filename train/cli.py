@@ -166,8 +166,7 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
 
         # read the input files first: a mistake in one should not cost the whole retrieval evaluation
         image_labels, sts = read_extra_inputs(image_labels, sts, eccv_captions)
-    cross = [what for asked, what in ((eccv_captions, "--eccv ranks by cross-modal embeddings"),
-                                      (n_examples, "--examples ranks by cross-modal embeddings"),
+    cross = [what for asked, what in ((n_examples, "--examples ranks by cross-modal embeddings"),
                                       (image_labels and image_embedding == "cross",
                                        "--image-embedding cross asks for cross-modal image embeddings"),
                                       (sts and text_embedding == "cross",
