@@ -15,6 +15,9 @@ Spec strings (the same ones the CLI, the store's teacher identities and the froz
                                                     authors' pickled {image_id: vector} dict is read only with
                                                     "precomputed:FILE.npy?trust_pickle=1", or converted once by
                                                     `cusa-cache import-features` (pipeline/feature_files.py)
+           "grid:IMAGE_SPEC"                        the last feature map of an image backbone as regions
+                                                    (region-based students; pipeline/grid.py)
+    text   "none"                                   no text features (a store of image regions only)
 
 Every encoder returns float32 [n, dim], not normalised (the store normalises). `identity()` names the weights by
 content hash, so a cache built with other weights is refused rather than silently mixed.
@@ -55,7 +58,7 @@ ACCEPTED_SPECS = (
     '"precomputed:EMBEDDINGS.npy[:KEYS.txt]"; '
     'image: "efficientnet-lite0" (or -lite1, -lite2), "timm:NAME[:CHECKPOINT]", '
     '"open_clip:ARCH[:CHECKPOINT_OR_TAG]", "precomputed:FEATURES.npy[:IDS.txt]", "precomputed:FEATURES.npz", '
-    '"precomputed:PICKLED_DICT.npy?trust_pickle=1"'
+    '"precomputed:PICKLED_DICT.npy?trust_pickle=1", "grid:IMAGE_SPEC" (regions)'
 )
 
 # The TF EfficientNet-Lite models were trained on (pixel - 127) / 128 (efficientnet_lite_builder.py), not on the
@@ -701,6 +704,12 @@ def build_encoder(spec: str, modality: str, device: str = "cpu") -> Encoder:
     if kind in ("timm", "open_clip", "precomputed", "sentence-transformers") and not body:
         raise EncoderError(f"encoder spec {spec!r} names no model after '{kind}:'; accepted: {ACCEPTED_SPECS}")
 
+    if kind == "grid" or spec == "none":
+        from pipeline.grid import NoTextEncoder, build_grid_encoder
+
+        if (kind == "grid") != (modality == "image"):
+            raise wrong_modality()
+        return build_grid_encoder(spec, _check_device(device)) if kind == "grid" else NoTextEncoder()
     if spec == "minilm-l6":
         if modality != "text":
             raise wrong_modality()

@@ -24,13 +24,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--cache", default=None, type=click.Path(file_okay=False),
               help="Teacher cache (cusa-cache build; required, except with --resume: the run's own).")
 @click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
-              "frozen:efficientnet-lite0+minilm-l6) or open_clip:ARCH[:CHECKPOINT].")
+              "frozen:efficientnet-lite0+minilm-l6), open_clip:ARCH[:CHECKPOINT], or a region student "
+              "sgr:REGIONS / saf:REGIONS with REGIONS grid:IMAGE_SPEC or precomp:DIR.")
 @click.option("--val-data", default=None, type=click.Path(dir_okay=False),
               help="Validation annotations: the best epoch is chosen on these, never on test.")
 @click.option("--preset", default=None, type=click.Choice(sorted(PRESETS)),
               help="Named settings [default: paper; with --resume: the run's].")
 @click.option("--loss", default=None, type=click.Choice(LOSS_CHOICES),
-              help="Terms: contrastive only, +csa, +usa, or cusa (all) [default: cusa].")
+              help="Terms: the student's own ITR loss only (contrastive: InfoNCE, or the triplet loss for sgr/saf), "
+                   "+csa, +usa, or cusa (all) [default: cusa].")
 @click.option("--epochs", default=None, type=click.IntRange(min=1))
 @click.option("--batch-size", default=None, type=click.IntRange(min=2))
 @click.option("--lr", default=None, type=float,
@@ -136,6 +138,9 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
                    "captions_val2014.json (captions are named by its annotation ids).")
 @click.option("--compare", "compare", default=None, type=click.Path(), metavar="RUN_B",
               help="Evaluate a second run too: both tables and the gain RUN − RUN_B (and side-by-side examples).")
+@click.option("--ensemble", default=None, type=click.Path(exists=False), metavar="RUN_B",
+              help="Rank by the mean of this run's and RUN_B's image × caption similarity matrices (SGRAF = an SGR "
+                   "run + an SAF run; any two students).")
 @click.option("--examples", "n_examples", default=None, type=click.IntRange(min=1), metavar="N",
               help="Write retrieval examples of N test captions and N test images to --out: examples_t2i.png "
                    "(top-5 images of each run, the ground truth framed) and examples.md.")
@@ -145,29 +150,48 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
 def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, batch_size, workers, on_bad_image,
-              image_labels, image_embedding, sts, text_embedding, eccv_captions, compare, n_examples, out_dir, seed,
-              as_json):
+              image_labels, image_embedding, sts, text_embedding, eccv_captions, compare, ensemble, n_examples,
+              out_dir, seed, as_json):
     """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
 
     if out_dir is not None and not n_examples:
         raise click.UsageError("--out names the folder for --examples; add --examples N")
+    if ensemble and (image_labels or sts or eccv_captions or compare or n_examples):
+        raise click.ClickException("--ensemble evaluates image-text retrieval of the pair only; run --image-labels, "
+                                   "--sts, --eccv, --compare and --examples on each run by itself")
     if image_labels or sts or eccv_captions:
         from train.unimodal import read_extra_inputs
 
         # read the input files first: a mistake in one should not cost the whole retrieval evaluation
         image_labels, sts = read_extra_inputs(image_labels, sts, eccv_captions)
+    cross = [what for asked, what in ((n_examples, "--examples ranks by cross-modal embeddings"),
+                                      (image_labels and image_embedding == "cross",
+                                       "--image-embedding cross asks for cross-modal image embeddings"),
+                                      (sts and text_embedding == "cross",
+                                       "--text-embedding cross asks for cross-modal text embeddings")) if asked]
+    for checked in [run, compare] if cross else []:
+        if checked is not None:
+            from train.evaluation_run import refuse_region_student
+
+            refuse_region_student(checked, cross[0])  # before any work: the retrieval table would be lost otherwise
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
                           progress=not as_json, on_bad_image=on_bad_image,
                           source_options={"format": fmt, "image_key": image_key, "caption_key": caption_key,
-                                          "id_field": id_field})
+                                          "id_field": id_field}, ensemble=ensemble)
     from train.evaluate import format_table
 
     table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                                                 "rsum")}}
     title = (f"{result['checkpoint']} on {data} [{split}]: {result['images']} images, {result['captions']} captions, "
              f"skipped_images: {result['skipped_images']}")
+    if "ensemble" in result:
+        members = result["ensemble"]["members"]
+        title = (f"ensemble of {members[0]['checkpoint']} and {members[1]['checkpoint']} (mean similarity) on {data} "
+                 f"[{split}]: {result['images']} images, {result['captions']} captions, skipped_images: "
+                 f"{result['skipped_images']}; members' rsum {members[0]['rsum']:.1f} and {members[1]['rsum']:.1f}")
+        table = {"ensemble R@K (%)": table["R@K (%)"]}
     if result["skipped_images"]:
         title += " (unreadable: left out with their captions, not counted as misses)"
     human = format_table(table, title=title)

@@ -28,7 +28,7 @@ _LOSS_TERMS = {
     "usa": (True, False, True),
     "cusa": (True, True, True),
 }
-_LOSS_KEYS = ("contrastive", "csa", "usa", "tau_soft")
+_LOSS_KEYS = ("contrastive", "itr", "csa", "usa", "tau_soft")
 SAMPLERS = ("random", "teacher-neighbors")
 ON_BAD_IMAGE = ("fail", "skip")
 # a preset's key holding its values per kind of student (parse_student_spec's kinds), applied over the preset
@@ -54,6 +54,26 @@ class FrozenConfig:
     hidden: int = 512
     dropout: float = 0.1
     feature_cache: str | None = None  # where backbone features are cached [default: next to the teacher cache]
+
+
+@dataclass
+class RegionConfig:
+    """Sizes and settings of a region-based student (SGR/SAF); the defaults are the SGRAF paper's."""
+
+    word_dim: int = 300
+    embed_dim: int = 1024  # the joint size of region and word vectors
+    sim_dim: int = 256  # similarity representation size
+    uni_dim: int = 1024  # uni-modal (USA) embedding size
+    sgr_steps: int = 3
+    smooth: float = 9.0  # λ of the text-to-image attention softmax
+    dropout: float = 0.4  # on word embeddings and inside the attention pooling
+    pooling: str = "attention"  # global vectors: attention (the paper, without its BatchNorm layers) | mean
+    min_count: int = 4  # vocabulary: words seen at least this often in the training captions
+    max_words: int = 64  # longer captions are cut (pair scoring memory grows with the longest caption)
+    length_groups: int = 8  # training: a batch's captions are scored in groups of similar length (less padding)
+    eval_images: int = 128  # pair scoring in evaluation: images per chunk
+    eval_captions: int = 128  # and captions per chunk
+    feature_cache: str | None = None  # where grid region features are cached [default: next to the teacher cache]
 
 
 @dataclass
@@ -96,12 +116,14 @@ class TrainConfig:
     text_cache: str | None = None  # soft labels for captions from another store (default: --cache)
     soft_labels: SoftLabelConfig = field(default_factory=SoftLabelConfig)
     frozen: FrozenConfig = field(default_factory=FrozenConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
     losses: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "losses"}
         d["soft_labels"] = dataclasses.asdict(self.soft_labels)
         d["frozen"] = dataclasses.asdict(self.frozen)
+        d["region"] = dataclasses.asdict(self.region)
         d.update(self.losses.to_dict())  # loss settings live at the top level: csa.rate, usa.rate, ...
         return d
 
@@ -127,7 +149,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "tau_texts": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True}},
         "tau_soft": 1.0,
     },
+    # SGR/SAF with CUSA, the paper's appendix (Table 7 and text), with α (CSA) / β (USA) by student. grad_clip 2.0 is
+    # SGRAF's own training setting. The triplet loss is averaged over the batch: summed (VSE++, SGRAF), it leaves the
+    # appendix rates' soft-label terms inert (README, "Region-based students"). The lr is explicit and the same for
+    # both students.
+    "sgraf-paper": {
+        "lr": 2e-4, "min_lr": 1e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 40, "grad_clip": 2.0,
+        STUDENT_DEFAULTS_KEY: {"sgr": {"csa": {"rate": 0.60}, "usa": {"rate": 0.75}},
+                               "saf": {"csa": {"rate": 1.00}, "usa": {"rate": 0.75}}},
+        "contrastive": {"rate": 1.0, "reduction": "mean", "tau": {"init": 0.05, "min": 0.01, "max": 0.10,
+                                                                     "learnable": True}},
+        "itr": {"loss": "auto", "margin": 0.2, "max_violation": True, "reduction": "mean"},
+        "csa": {"mode": "each", "form": "kl", "tau": {"init": 0.45, "min": 0.10, "max": 0.99, "learnable": True}},
+        "usa": {"form": "kl",
+                "tau_images": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True},
+                "tau_texts": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True}},
+        "tau_soft": 1.0,
+    },
 }
+
+# presets made for the kinds of student they list under STUDENT_DEFAULTS_KEY: any other kind is refused
+PRESETS_FOR_LISTED_STUDENTS = frozenset({"sgraf-paper"})
 
 
 def build_config(preset: str = "paper", config_file: str | None = None, flags: Mapping[str, Any] | None = None,
@@ -142,6 +184,10 @@ def build_config(preset: str = "paper", config_file: str | None = None, flags: M
     for layer in layers:  # the student decides which of the preset's per-student values apply
         student = layer.get("student", student)
     kind = parse_student_spec(str(student)).kind
+    if preset in PRESETS_FOR_LISTED_STUDENTS and kind not in PRESETS[preset][STUDENT_DEFAULTS_KEY]:
+        raise ValueError(f"preset {preset!r} holds settings for "
+                         f"{', '.join(k + ':' for k in PRESETS[preset][STUDENT_DEFAULTS_KEY])} students, not for "
+                         f"{student!r}")
     per_student = PRESETS[preset].get(STUDENT_DEFAULTS_KEY, {}).get(kind)
     if per_student:
         cfg = apply_overrides(cfg, per_student)
@@ -217,13 +263,13 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig:
     """A copy of ``cfg`` with (possibly dotted, possibly nested) ``updates`` applied and validated."""
     cfg = dataclasses.replace(cfg, soft_labels=dataclasses.replace(cfg.soft_labels),
-                              frozen=dataclasses.replace(cfg.frozen))
+                              frozen=dataclasses.replace(cfg.frozen), region=dataclasses.replace(cfg.region))
     loss_updates: dict[str, Any] = {}
     for key, value in _flatten(updates).items():
         head, _, rest = key.partition(".")
         if head in _LOSS_KEYS:
             loss_updates[key] = value
-        elif head in ("soft_labels", "frozen"):
+        elif head in ("soft_labels", "frozen", "region"):
             sub = getattr(cfg, head)
             if rest not in {f.name for f in dataclasses.fields(sub)}:
                 raise ValueError(f"unknown setting {key!r} (known under {head}: "
@@ -286,6 +332,26 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
     parse_report_to(cfg.report_to)
+    region = cfg.region
+    if region.pooling not in ("attention", "mean"):
+        raise ValueError(f"region.pooling must be attention or mean, got {region.pooling!r}")
+    for name in ("word_dim", "embed_dim", "sim_dim", "uni_dim", "sgr_steps", "min_count", "max_words",
+                 "eval_images", "eval_captions", "length_groups"):
+        if getattr(region, name) < 1:
+            raise ValueError(f"region.{name} must be ≥ 1, got {getattr(region, name)}")
+    if not 0 <= region.dropout < 1:
+        raise ValueError(f"region.dropout must be in [0, 1), got {region.dropout}")
+
+
+def resolved_losses(cfg: TrainConfig) -> LossConfig:
+    """The loss settings with ``itr.loss=auto`` made concrete: each student's own ITR loss, the hardest-negative
+    triplet ranking loss for region students (SGR/SAF), InfoNCE for dual encoders."""
+    if cfg.losses.itr.loss != "auto":
+        return cfg.losses
+    from train.students import REGION_KINDS
+
+    region = parse_student_spec(cfg.student).kind in REGION_KINDS
+    return cfg.losses.updated({"itr.loss": "triplet" if region else "contrastive"})
 
 
 def _stream_setting(value: Any) -> bool | None:

@@ -83,12 +83,13 @@ def read_coco_captions(path: str | Path, caption_ids: list[int]) -> list[str]:
 
 
 @torch.no_grad()
-def _ranked(queries: torch.Tensor, gallery: torch.Tensor, gallery_ids: np.ndarray, query_ids: np.ndarray,
-            k: int, chunk: int = 1024) -> dict[int, list[int]]:
+def _ranked(block, n_queries: int, gallery_ids: np.ndarray, query_ids: np.ndarray, k: int,
+            chunk: int = 1024) -> dict[int, list[int]]:
+    """Top-k gallery ids of each query, ``block(a, b)`` giving the similarities [b − a, N_gallery] of queries a..b−1."""
     out: dict[int, list[int]] = {}
-    k = min(k, gallery.shape[0])
-    for lo in range(0, queries.shape[0], chunk):
-        top = torch.topk(queries[lo:lo + chunk] @ gallery.T, k, dim=1).indices.cpu().numpy()
+    k = min(k, len(gallery_ids))
+    for lo in range(0, n_queries, chunk):
+        top = torch.topk(block(lo, lo + chunk), k, dim=1).indices.cpu().numpy()
         for qid, row in zip(query_ids[lo:lo + chunk].tolist(), top):
             out[int(qid)] = gallery_ids[row].tolist()
     return out
@@ -98,14 +99,34 @@ def eccv_metrics(image_ids: list[int], image_emb: torch.Tensor | np.ndarray, cap
                  text_emb: torch.Tensor | np.ndarray, progress: bool = False) -> dict:
     """ECCV Caption mAP@R, R-Precision and R@1 (and COCO 5K R@1, to check the id mapping), in percent, both
     directions, from embeddings of the COCO 5K test images and captions named by their COCO ids."""
-    Metrics = _metrics_module()
     image = F.normalize(torch.as_tensor(image_emb, dtype=torch.float32), dim=1)
     text = F.normalize(torch.as_tensor(text_emb, dtype=torch.float32), dim=1)
     iids, cids = np.asarray(image_ids, dtype=np.int64), np.asarray(caption_ids, dtype=np.int64)
     if image.shape[0] != len(iids) or text.shape[0] != len(cids):
         raise ValueError("eccv_metrics: one embedding per image id and per caption id is needed")
-    i2t = _ranked(image, text, cids, iids, RANKED)
-    t2i = _ranked(text, image, iids, cids, RANKED)
+    i2t = _ranked(lambda a, b: image[a:b] @ text.T, len(iids), cids, iids, RANKED)
+    t2i = _ranked(lambda a, b: text[a:b] @ image.T, len(cids), iids, cids, RANKED)
+    return _scored(i2t, t2i, len(iids), len(cids), progress)
+
+
+def eccv_metrics_from_similarity(image_ids: list[int], caption_ids: list[int], sim: torch.Tensor | np.ndarray,
+                                 progress: bool = False) -> dict:
+    """`eccv_metrics` from a similarity matrix [images, captions] (a region student's pair scores), ranked the
+    same way."""
+    s = torch.as_tensor(sim, dtype=torch.float32)
+    iids, cids = np.asarray(image_ids, dtype=np.int64), np.asarray(caption_ids, dtype=np.int64)
+    if tuple(s.shape) != (len(iids), len(cids)):
+        raise ValueError(f"eccv_metrics: a similarity matrix [{len(iids)}, {len(cids)}] is needed, got "
+                         f"{tuple(s.shape)}")
+    i2t = _ranked(lambda a, b: s[a:b], len(iids), cids, iids, RANKED)
+    t2i = _ranked(lambda a, b: s[:, a:b].T, len(cids), iids, cids, RANKED)
+    return _scored(i2t, t2i, len(iids), len(cids), progress)
+
+
+def _scored(i2t: dict[int, list[int]], t2i: dict[int, list[int]], n_images: int, n_captions: int,
+            progress: bool) -> dict:
+    """The package's metrics of ranked lists, in percent."""
+    Metrics = _metrics_module()
     metric = Metrics()
     missing_i = [i for i in metric.coco_gts["i2t"] if i not in i2t]
     missing_c = [c for c in metric.coco_gts["t2i"] if c not in t2i]
@@ -121,15 +142,16 @@ def eccv_metrics(image_ids: list[int], image_emb: torch.Tensor | np.ndarray, cap
     names = {"eccv_map_at_r": "map_at_r", "eccv_rprecision": "r_precision", "eccv_r1": "r1",
              "coco_5k_r1": "coco_5k_r1"}
     result = {ours: {d: 100.0 * float(scores[theirs][d]) for d in ("i2t", "t2i")} for theirs, ours in names.items()}
-    result.update({"images": len(iids), "captions": len(cids), "queries": {
+    result.update({"images": n_images, "captions": n_captions, "queries": {
         "i2t": len(metric.eccv_gts["i2t"]), "t2i": len(metric.eccv_gts["t2i"])}})
     return result
 
 
 def evaluate_eccv(embedder: StudentEmbedder, manifest: Manifest, coco_captions: str | Path,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, regions=None) -> dict:
     """ECCV Caption metrics of the student's cross-modal embeddings: images from ``manifest`` (the COCO Karpathy
-    test split), captions by COCO annotation id from ``coco_captions``."""
+    test split), captions by COCO annotation id from ``coco_captions``. A region student scores every test image
+    (its regions in ``regions``, a train.regions.RegionData of ``manifest``) with every caption instead."""
     Metrics = _metrics_module()
     metric = Metrics()
     test_images = list(metric.coco_gts["i2t"])
@@ -145,6 +167,15 @@ def evaluate_eccv(embedder: StudentEmbedder, manifest: Manifest, coco_captions: 
                          f"in the evaluated split (first: COCO image id {missing[0]}); --eccv needs the Karpathy "
                          "COCO test split")
     texts = read_coco_captions(coco_captions, caption_ids)
+    if getattr(embedder, "region", False):
+        from train.vocab import CaptionTokens
+
+        student, cfg = embedder.student, embedder.config
+        captions = CaptionTokens(texts, student.vocab, cfg.region.max_words)
+        with embedder._amp():
+            scores = student.similarity(regions.features, captions, embedder.device, regions.image_chunk,
+                                        regions.caption_chunk, progress, [rows[i] for i in test_images])
+        return eccv_metrics_from_similarity(test_images, caption_ids, scores, progress=progress)
     image_emb = embedder.manifest_images(manifest, [rows[i] for i in test_images], "cross")
     text_emb = embedder.texts(texts, "cross")
     return eccv_metrics(test_images, image_emb, caption_ids, text_emb, progress=progress)

@@ -11,6 +11,7 @@ student sees what it saw in training.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import ImageError
 from pipeline.images import as_rgb, load_image
-from train.students import StudentSpec, parse_student_spec
+from train.students import REGION_KINDS, StudentSpec, parse_student_spec
 
 EMBEDDING_CHOICES: tuple[str, ...] = ("uni", "cross")
 ImageInput = Union[str, os.PathLike, Image.Image]
@@ -102,7 +103,14 @@ class StudentEmbedder:
         if modality not in self._backbones:
             from pipeline.encoders import build_encoder
 
-            spec = self.spec.image_spec if modality == "image" else self.spec.text_spec
+            if self.region:
+                source, body = self.spec.region_source
+                if source != "grid":
+                    raise ValueError(f"{self.spec}: regions precomputed for the dataset's own images cannot embed other "
+                                     "image files; this needs a grid:IMAGE_SPEC region student")
+                spec = f"grid:{body}"
+            else:
+                spec = self.spec.image_spec if modality == "image" else self.spec.text_spec
             encoder = build_encoder(spec, modality, device=self.device)
             if modality == "image" and not getattr(encoder, "needs_pixels", True):
                 raise ValueError(f"the student's image backbone {spec!r} reads precomputed features by image id; "
@@ -118,7 +126,25 @@ class StudentEmbedder:
 
     @property
     def dim(self) -> int:
-        return int(self.student.embed_dim)
+        return int(self.student.uni_dim if self.region else self.student.embed_dim)
+
+    @property
+    def region(self) -> bool:
+        """A region student (SGR/SAF): uni-modal embeddings only, images through its grid backbone."""
+        return self.spec.kind in REGION_KINDS
+
+    def _check_region_embedding(self, embedding: str, side: str) -> None:
+        if self.region and embedding != "uni":
+            raise ValueError(f"{self.spec}: a region student scores image-caption pairs and has no cross-modal "
+                             f"{side} embedding; use the uni-modal one")
+
+    def _regions(self, features: np.ndarray) -> torch.Tensor:
+        """Grid regions [n, R, D] of a batch, rounded as the region store keeps them (pipeline/grid.py)."""
+        from pipeline.grid import region_shape
+
+        n_regions, region_dim = region_shape(self._backbone("image").identity())
+        rows = _store_precision(features)
+        return rows.view(rows.shape[0], n_regions, region_dim) * math.sqrt(n_regions)
 
     def images(self, images: Sequence[ImageInput], embedding: str = "uni", progress: bool = False,
                batch_size: int | None = None) -> torch.Tensor:
@@ -147,9 +173,11 @@ class StudentEmbedder:
     def _embed_dataset(self, make_dataset: Callable[[Callable], Dataset], embedding: str, progress: bool,
                        batch_size: int | None) -> tuple[torch.Tensor, dict[int, str]]:
         _check_embedding(embedding)
+        self._check_region_embedding(embedding, "image")
         encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
         frozen = self.spec.kind == "frozen"
-        preprocess = self._backbone("image").preprocess if frozen else self.student.preprocess_val
+        backbone = frozen or self.region
+        preprocess = self._backbone("image").preprocess if backbone else self.student.preprocess_val
         dataset = make_dataset(preprocess)
         loader = DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.workers)
         parts: list[torch.Tensor] = []
@@ -164,7 +192,10 @@ class StudentEmbedder:
                         raise ImageError(unreadable)
                     seen = sum(len(p) for p in parts)
                     errors.update({seen + j: m for j, m in enumerate(messages) if m})
-                inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
+                if self.region:
+                    inputs = self._regions(self._backbone("image").encode(batch))
+                else:
+                    inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
                 parts.append(encode(inputs.to(self.device)).float().cpu())
                 bar.update(len(batch))
         return (torch.cat(parts) if parts else torch.zeros((0, self.dim))), errors
@@ -174,6 +205,7 @@ class StudentEmbedder:
               batch_size: int | None = None) -> torch.Tensor:
         """Embeddings of sentences, ``batch_size`` at a time: float32 [n, dim]."""
         _check_embedding(embedding)
+        self._check_region_embedding(embedding, "text")
         encode = self.student.encode_texts_uni if embedding == "uni" else self.student.encode_texts
         sentences = list(sentences)
         for i, text in enumerate(sentences):
@@ -192,9 +224,15 @@ class StudentEmbedder:
                 chunk = sentences[lo:lo + step]
                 if frozen:
                     inputs = _store_precision(self._backbone("text").encode(chunk))
+                elif self.region:  # token ids and lengths, as the run's vocabulary gives them
+                    tokens, lengths = self.student.tokenize(chunk, self.config.region.max_words if self.config
+                                                            else None)
+                    inputs = (tokens.to(self.device), lengths)
                 else:
                     inputs = self.student.tokenize(chunk)
-                parts.append(encode(inputs.to(self.device)).float().cpu())
+                if not self.region:
+                    inputs = inputs.to(self.device)
+                parts.append(encode(inputs).float().cpu())
                 bar.update(len(chunk))
         return torch.cat(parts) if parts else torch.zeros((0, self.dim))
 

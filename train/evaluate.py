@@ -10,9 +10,15 @@ Conventions (the ones the CUSA paper and its predecessors VSE++/SCAN/CLIP report
   negative with exactly the same similarity does not push the ground truth down (an exact tie usually means a
   duplicate image or caption, which should not count as an error);
 - values are percentages; rsum is the sum of the six recalls (max 600).
+
+Two inputs, one ranking code path: embeddings (the cosine matrix is computed chunk by chunk) or a precomputed
+similarity matrix [N_img, N_txt] (students that score pairs, ensembles of runs); both hand the rankers blocks of
+the same matrix.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,34 +74,59 @@ def _recalls(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
     return {f"{prefix}_r{k}": 100.0 * int((ranks < k).sum()) / n for k in RECALL_KS}
 
 
-def image_to_text_ranks(image: torch.Tensor, text: torch.Tensor, rows: torch.Tensor,
+# A block of a similarity matrix: rows [start, stop) of queries against every candidate.
+SimilarityBlock = Callable[[int, int], torch.Tensor]
+
+
+def ranks_image_to_text(image_block: SimilarityBlock, n_images: int, rows: torch.Tensor,
                         chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Best rank (0 = top) of each image's captions among all captions; normalised float32 inputs."""
-    ranks = torch.empty(image.shape[0], dtype=torch.int64, device=image.device)
-    for start in range(0, image.shape[0], chunk_size):
-        stop = min(start + chunk_size, image.shape[0])
-        sims = image[start:stop] @ text.T                                   # [q, N_txt]
+    """Best rank (0 = top) of each image's captions among all captions, ``image_block(a, b)`` giving the
+    similarities [b − a, N_txt] of images a..b−1 with every caption."""
+    ranks = torch.empty(n_images, dtype=torch.int64, device=rows.device)
+    for start in range(0, n_images, chunk_size):
+        stop = min(start + chunk_size, n_images)
+        sims = image_block(start, stop).to(rows.device)                    # [q, N_txt]
         in_chunk = torch.nonzero((rows >= start) & (rows < stop)).flatten()
         local = rows[in_chunk] - start
         # The best-ranked caption is the one with the highest similarity; the number of captions strictly above
         # it is its rank (other ground-truth captions are never strictly above the maximum).
-        best = torch.full((stop - start,), -torch.inf, device=image.device)
+        best = torch.full((stop - start,), -torch.inf, device=sims.device, dtype=sims.dtype)
         best.scatter_reduce_(0, local, sims[local, in_chunk], reduce="amax")
         ranks[start:stop] = (sims > best[:, None]).sum(dim=1)
     return ranks
 
 
-def text_to_image_ranks(image: torch.Tensor, text: torch.Tensor, rows: torch.Tensor,
+def ranks_text_to_image(text_block: SimilarityBlock, n_texts: int, rows: torch.Tensor,
                         chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Rank (0 = top) of each caption's image among all images; normalised float32 inputs."""
-    ranks = torch.empty(text.shape[0], dtype=torch.int64, device=text.device)
-    for start in range(0, text.shape[0], chunk_size):
-        stop = min(start + chunk_size, text.shape[0])
-        sims = text[start:stop] @ image.T                                   # [q, N_img]
+    """Rank (0 = top) of each caption's image among all images, ``text_block(a, b)`` giving the similarities
+    [b − a, N_img] of captions a..b−1 with every image."""
+    ranks = torch.empty(n_texts, dtype=torch.int64, device=rows.device)
+    for start in range(0, n_texts, chunk_size):
+        stop = min(start + chunk_size, n_texts)
+        sims = text_block(start, stop).to(rows.device)                     # [q, N_img]
         # Read the ground truth from the same matrix, so a tie is an exact tie and not a rounding difference.
         gt = sims.gather(1, rows[start:stop, None])
         ranks[start:stop] = (sims > gt).sum(dim=1)
     return ranks
+
+
+def image_to_text_ranks(image: torch.Tensor, text: torch.Tensor, rows: torch.Tensor,
+                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Best rank (0 = top) of each image's captions among all captions; normalised float32 inputs."""
+    return ranks_image_to_text(lambda a, b: image[a:b] @ text.T, image.shape[0], rows, chunk_size)
+
+
+def text_to_image_ranks(image: torch.Tensor, text: torch.Tensor, rows: torch.Tensor,
+                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Rank (0 = top) of each caption's image among all images; normalised float32 inputs."""
+    return ranks_text_to_image(lambda a, b: text[a:b] @ image.T, text.shape[0], rows, chunk_size)
+
+
+def _metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
+    metrics = _recalls(i2t, "i2t")
+    metrics.update(_recalls(t2i, "t2i"))
+    metrics["rsum"] = sum(metrics[k] for k in METRIC_KEYS[:-1])
+    return metrics
 
 
 @torch.no_grad()
@@ -117,11 +148,32 @@ def retrieval_metrics(image_emb: torch.Tensor | np.ndarray, text_emb: torch.Tens
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     rows = _as_rows(text_image_row, text.shape[0], image.shape[0], image.device)
+    return _metrics_from_ranks(image_to_text_ranks(image, text, rows, chunk_size),
+                               text_to_image_ranks(image, text, rows, chunk_size))
 
-    metrics = _recalls(image_to_text_ranks(image, text, rows, chunk_size), "i2t")
-    metrics.update(_recalls(text_to_image_ranks(image, text, rows, chunk_size), "t2i"))
-    metrics["rsum"] = sum(metrics[k] for k in METRIC_KEYS[:-1])
-    return metrics
+
+def _as_similarity(sim: torch.Tensor | np.ndarray) -> torch.Tensor:
+    s = torch.as_tensor(sim)
+    if s.ndim != 2 or 0 in s.shape:
+        raise ValueError(f"similarity: expected a non-empty [N_img, N_txt] matrix, got shape {tuple(s.shape)}")
+    s = s.to(torch.float32)
+    if not torch.isfinite(s).all():
+        raise ValueError("similarity: contains NaN or infinite values")
+    return s
+
+
+@torch.no_grad()
+def similarity_retrieval_metrics(sim: torch.Tensor | np.ndarray, text_image_row: torch.Tensor | np.ndarray,
+                                 chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:
+    """The same metrics as `retrieval_metrics`, from a precomputed similarity matrix ``sim`` [N_img, N_txt] (rows
+    images, columns captions; any scores where larger means more similar, e.g. a region student's pair scores or
+    an ensemble's average). Same rank conventions: best caption rank for image→text, strict ties."""
+    s = _as_similarity(sim)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    rows = _as_rows(text_image_row, s.shape[1], s.shape[0], s.device)
+    return _metrics_from_ranks(ranks_image_to_text(lambda a, b: s[a:b], s.shape[0], rows, chunk_size),
+                               ranks_text_to_image(lambda a, b: s[:, a:b].T, s.shape[1], rows, chunk_size))
 
 
 @torch.no_grad()
@@ -130,22 +182,38 @@ def coco_1k_5fold(image_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor |
                   chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:
     """COCO 1K protocol: the 5000 test images in 5 consecutive folds of 1000, each searched only among its own
     images and captions; every metric (rsum too) is the mean over the folds."""
-    n_images = len(image_emb)
+    image = torch.as_tensor(image_emb)
+    text = torch.as_tensor(text_emb)
+    return _five_folds(len(image_emb), text.shape[0], text_image_row, text.device,
+                       lambda lo, hi, keep, rows: retrieval_metrics(image[lo:hi], text[keep], rows,
+                                                                    chunk_size=chunk_size))
+
+
+@torch.no_grad()
+def similarity_coco_1k_5fold(sim: torch.Tensor | np.ndarray, text_image_row: torch.Tensor | np.ndarray,
+                             chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:
+    """`coco_1k_5fold` from a precomputed similarity matrix [5000, N_txt]."""
+    s = torch.as_tensor(sim)
+    return _five_folds(s.shape[0], s.shape[1], text_image_row, s.device,
+                       lambda lo, hi, keep, rows: similarity_retrieval_metrics(s[lo:hi][:, keep], rows,
+                                                                               chunk_size=chunk_size))
+
+
+def _five_folds(n_images: int, n_texts: int, text_image_row, device, fold_metrics) -> dict[str, float]:
+    """Mean over the 5 folds of ``fold_metrics(lo, hi, caption_indices, their_image_rows_within_the_fold)``."""
     expected = COCO_FOLDS * COCO_FOLD_SIZE
     if n_images != expected:
         raise ValueError(f"COCO 1K 5-fold evaluation needs exactly {expected} images, got {n_images}")
-    image = torch.as_tensor(image_emb)
-    text = torch.as_tensor(text_emb)
     rows = torch.as_tensor(text_image_row).to(torch.int64)
-    if rows.ndim != 1 or rows.shape[0] != text.shape[0]:
-        raise ValueError(f"text_image_row: expected shape [{text.shape[0]}] (one image row per caption), "
+    if rows.ndim != 1 or rows.shape[0] != n_texts:
+        raise ValueError(f"text_image_row: expected shape [{n_texts}] (one image row per caption), "
                          f"got {tuple(rows.shape)}")
-    rows = rows.to(text.device)
+    rows = rows.to(device)
     folds = []
     for fold in range(COCO_FOLDS):
         lo, hi = fold * COCO_FOLD_SIZE, (fold + 1) * COCO_FOLD_SIZE
         keep = torch.nonzero((rows >= lo) & (rows < hi)).flatten()
-        folds.append(retrieval_metrics(image[lo:hi], text[keep], rows[keep] - lo, chunk_size=chunk_size))
+        folds.append(fold_metrics(lo, hi, keep, rows[keep] - lo))
     return {key: sum(f[key] for f in folds) / COCO_FOLDS for key in METRIC_KEYS}
 
 
@@ -157,6 +225,15 @@ def evaluate_embeddings(image_emb: torch.Tensor | np.ndarray, text_emb: torch.Te
     results = {"all": retrieval_metrics(image_emb, text_emb, text_image_row, chunk_size=chunk_size)}
     if len(image_emb) == COCO_FOLDS * COCO_FOLD_SIZE:
         results["coco_1k"] = coco_1k_5fold(image_emb, text_emb, text_image_row, chunk_size=chunk_size)
+    return results
+
+
+def evaluate_similarity(sim: torch.Tensor | np.ndarray, text_image_row: torch.Tensor | np.ndarray,
+                        chunk_size: int = DEFAULT_CHUNK) -> dict[str, dict[str, float]]:
+    """`evaluate_embeddings` from a precomputed similarity matrix [N_img, N_txt]."""
+    results = {"all": similarity_retrieval_metrics(sim, text_image_row, chunk_size=chunk_size)}
+    if len(sim) == COCO_FOLDS * COCO_FOLD_SIZE:
+        results["coco_1k"] = similarity_coco_1k_5fold(sim, text_image_row, chunk_size=chunk_size)
     return results
 
 

@@ -25,9 +25,10 @@ from pipeline.errors import ImageError
 from pipeline.manifest import Manifest
 from teacher_cache.store import Store
 from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows, shard_layout_of
-from train.evaluate import evaluate_embeddings, retrieval_metrics
+from train.evaluate import evaluate_embeddings, evaluate_similarity, retrieval_metrics, similarity_retrieval_metrics
 from train.features import run_frozen_features, skip_reason
-from train.students import parse_student_spec
+from train.regions import RegionData, region_data
+from train.students import REGION_KINDS, parse_student_spec
 
 BAD_IMAGE_HINT = "--on-bad-image skip leaves such images out of the evaluation"
 
@@ -89,14 +90,16 @@ class EvaluationInputs:
     feats: tuple[torch.Tensor, torch.Tensor] | None  # a frozen student's backbone features of every row
     known_skipped: dict[int, str]  # rows a store lists as unreadable -> reason
     names: RowNames  # how messages name its images
-    backbone_passes: int  # 1 when its frozen features were computed now
+    backbone_passes: int  # 1 when its frozen features (or grid regions) were computed now
+    regions: RegionData | None = None  # a region student's region features and caption tokens of every row
 
 
 def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], device: str, progress: bool,
-                      on_bad_image: str) -> EvaluationInputs:
+                      on_bad_image: str, vocab=None) -> EvaluationInputs:
     """Load ``split`` of ``annotations`` for evaluation by a student trained with ``cfg``: the images its stores
     list as skipped and, for a frozen student, its backbone features (from a store that holds them, or computed
-    once into the feature cache; an image a store already skipped is skipped there too)."""
+    once into the feature cache; an image a store already skipped is skipped there too); for a region student, its
+    regions and the captions' tokens by its vocabulary ``vocab``."""
     manifest, file_rows = load_split_rows(annotations, split, cfg.format, cfg.image_root, shard_layout_of(cfg))
     known = skipped_by_stores(manifest, stores)
     names = RowNames(file_rows, str(annotations))
@@ -106,15 +109,21 @@ def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], de
             break
         except Exception:  # a store of other data: name the annotation file's rows
             continue
-    feats, passes = None, 0
-    if parse_student_spec(cfg.student).kind == "frozen":
+    feats, passes, regions = None, 0, None
+    kind = parse_student_spec(cfg.student).kind
+    if kind in REGION_KINDS:
+        regions = region_data(cfg, annotations, split, manifest, vocab, progress, "skip" if known else on_bad_image)
+        for row, reason in regions.features.skipped.items():
+            known.setdefault(row, reason)
+        passes = int(regions.features.computed)
+    elif kind == "frozen":
         fs = run_frozen_features(cfg, annotations, split, manifest.fingerprint(), stores, device, progress,
                                  "skip" if known else on_bad_image)
         for row, reason in fs.skipped.items():
             known.setdefault(row, reason)
         feats = (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device))
         passes = int(fs.computed)
-    return EvaluationInputs(manifest, feats, known, names, passes)
+    return EvaluationInputs(manifest, feats, known, names, passes, regions)
 
 
 @dataclass
@@ -123,6 +132,19 @@ class RetrievalEvaluation:
     images: int  # images ranked
     captions: int  # captions ranked
     skipped: list[SkippedImage]
+    kept_images: np.ndarray | None = None  # the rows of the evaluated manifest that were ranked
+    kept_captions: np.ndarray | None = None
+    caption_image_rows: np.ndarray | None = None  # each ranked caption's image, among the ranked images
+    image_emb: torch.Tensor | None = None  # a dual encoder's embeddings of them
+    text_emb: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # a region student's scores [images, captions]
+
+    def similarity(self) -> torch.Tensor:
+        """The image × caption similarity matrix that was ranked (float32, CPU): a dual encoder's cosines or a region
+        student's pair scores."""
+        if self.scores is None:
+            self.scores = (self.image_emb.float() @ self.text_emb.float().T).cpu()
+        return self.scores
 
 
 def _autocast(device: str):
@@ -156,16 +178,31 @@ def _embed_images(student, manifest: Manifest, rows: np.ndarray, device: str, ba
 def evaluate_retrieval(student, manifest: Manifest, device: str, batch_size: int, workers: int, *,
                        feats: tuple[torch.Tensor, torch.Tensor] | None = None,
                        known_skipped: dict[int, str] | None = None, on_bad_image: str = "fail",
-                       names: RowNames | None = None, uni: bool = False, coco_1k: bool = True
-                       ) -> RetrievalEvaluation:
+                       names: RowNames | None = None, uni: bool = False, coco_1k: bool = True,
+                       regions: RegionData | None = None, progress: bool = False) -> RetrievalEvaluation:
     """Recalls of ``student`` on ``manifest`` with unreadable images and their captions left out of the ranking.
 
     ``feats``: a frozen student's backbone features of every image and caption of ``manifest`` (an all-zero image
     row is an image its feature store could not read); ``known_skipped``: rows already known to be unreadable;
-    ``coco_1k``: also the COCO 1K 5-fold table when the split has 5000 images.
+    ``coco_1k``: also the COCO 1K 5-fold table when the split has 5000 images; ``regions``: a region student's
+    inputs, whose every image is scored against every caption (the same rankings, from the score matrix).
     """
     student.eval()
     skip = dict(known_skipped or {})
+    if regions is not None:
+        if uni:
+            raise ValueError("a region student ranks by pair scores; it has no uni-modal caption-to-image ranking")
+        sub, kept_images, kept_captions = without_images(manifest, skip)
+        if not len(kept_images):
+            raise ValueError(f"{manifest.source}: no readable image left to evaluate ({len(skip)} skipped)")
+        with _autocast(device):
+            scores = student.similarity(regions.features, regions.captions, device, regions.image_chunk,
+                                        regions.caption_chunk, progress, kept_images, kept_captions)
+        rows = sub.caption_image_rows()
+        metrics = (evaluate_similarity(scores, rows) if coco_1k
+                   else {"all": similarity_retrieval_metrics(scores, rows)})
+        return RetrievalEvaluation(metrics, len(sub.images), len(sub.captions), _skipped(manifest, skip),
+                                   kept_images, kept_captions, rows, scores=scores)
     if feats is not None:
         img_f, txt_f = feats
         zero = torch.nonzero(img_f.float().norm(dim=1) == 0).flatten().tolist()
@@ -197,5 +234,9 @@ def evaluate_retrieval(student, manifest: Manifest, device: str, batch_size: int
     rows = sub.caption_image_rows()
     metrics = (evaluate_embeddings(image_emb, text_emb, rows) if coco_1k
                else {"all": retrieval_metrics(image_emb, text_emb, rows)})
-    skipped = [SkippedImage(r, manifest.images[r].image_id, manifest.images[r].path, skip[r]) for r in sorted(skip)]
-    return RetrievalEvaluation(metrics, len(sub.images), len(sub.captions), skipped)
+    return RetrievalEvaluation(metrics, len(sub.images), len(sub.captions), _skipped(manifest, skip), kept_images,
+                               kept_captions, rows, image_emb, text_emb)
+
+
+def _skipped(manifest: Manifest, skip: dict[int, str]) -> list[SkippedImage]:
+    return [SkippedImage(r, manifest.images[r].image_id, manifest.images[r].path, skip[r]) for r in sorted(skip)]

@@ -84,6 +84,19 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
                 return _from_store(store, fingerprint, computed=False)
             except Exception:
                 continue
+    store, computed = feature_store(annotations, split, fingerprint, image_spec, text_spec, feature_cache, fmt=fmt,
+                                    image_root=image_root, device=device, progress=progress, workers=workers,
+                                    shard_layout=shard_layout, on_bad_image=on_bad_image)
+    return _from_store(store, fingerprint, computed=computed)
+
+
+def feature_store(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
+                  feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
+                  device: str = "auto", progress: bool = True, workers: int = 2,
+                  shard_layout: ShardLayout | None = None, on_bad_image: str = "fail",
+                  chunk_rows: int = 4096) -> tuple[Store, bool]:
+    """The complete store of the two encoders' features of a dataset in ``feature_cache``, built now unless an
+    earlier run built it; returns (store, whether this call computed it)."""
     path = feature_store_path(feature_cache, fingerprint, image_spec, text_spec)
     if (path / "zarr.json").is_file():
         try:
@@ -91,20 +104,23 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
         except StoreError:
             store = None  # another rank is creating it right now: join its build below
         if store is not None and store.complete and _specs_match(store, image_spec, text_spec):
-            return _from_store(store, fingerprint, computed=False)
+            return store, False
     # deferred import: only this path runs backbones (the registry's encoders)
     from pipeline.build import BuildConfig, build_store
 
     layout = shard_layout or ShardLayout()
-    build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
-                            split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
-                            device=device, progress=progress, workers=workers, chunk_rows=4096,
-                            image_key=layout.image_key, caption_key=layout.caption_key, id_field=layout.id_field,
-                            on_bad_image=on_bad_image))
+    # building a backbone draws from torch's global RNG (initial weights, DataLoader seeds): fork it, so that a run
+    # whose features had to be computed trains alike to one that found them cached
+    with torch.random.fork_rng(devices=[]):
+        build_store(BuildConfig(annotations=annotations, out=str(path), format=fmt, image_root=image_root,
+                                split=split, text_teacher=text_spec, image_teacher=image_spec, neighbors=0,
+                                device=device, progress=progress, workers=workers, chunk_rows=chunk_rows,
+                                image_key=layout.image_key, caption_key=layout.caption_key, id_field=layout.id_field,
+                                on_bad_image=on_bad_image))
     if dist.is_available() and dist.is_initialized():
         # under torchrun every rank embeds a share, but only rank 0 finishes the store: wait for its mark
         dist.barrier()
-    return _from_store(Store.open(path, require_complete=True), fingerprint, computed=True)
+    return Store.open(path, require_complete=True), True
 
 
 def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, stores: list[Store], device: str,

@@ -1,8 +1,11 @@
-"""CUSA losses: contrastive, cross-modal (CSA) and uni-modal (USA) soft-label alignment.
+"""CUSA losses: contrastive, cross-modal (CSA) and uni-modal (USA) soft-label alignment, and the triplet
+ranking loss that region-based students (SGR, SAF) use as their own image-text retrieval (ITR) term.
 
-The three loss functions are pure functions of B×B similarity matrices, teacher similarity blocks
-and temperatures, so any student that yields embeddings can use them. `CusaLoss` is a thin module
-that owns the learnable temperatures and the rates and builds the student similarity matrices.
+The loss functions are pure functions of B×B similarity matrices, teacher similarity blocks
+and temperatures, so any student that yields embeddings (or, like SGR/SAF, scores pairs) can use
+them. `CusaLoss` is a thin module that owns the learnable temperatures and the rates and builds
+the student similarity matrices from embeddings (`forward`) or takes a student's own B×B score
+matrix (`forward_similarity`).
 
 Conventions shared by every function here:
 
@@ -339,6 +342,41 @@ def _usa(s_ii: Tensor, s_tt: Tensor, t_ii: Tensor, t_tt: Tensor, tau_i: Tensor |
     return (term_images + term_texts) / 2
 
 
+def triplet_loss(sim: Tensor, image_ids: Any, margin: float = 0.2, max_violation: bool = True,
+                 reduction: str = "sum") -> Tensor:
+    """Hinge triplet ranking loss of VSE++ (Faghri et al.), the base loss of SCAN/SGRAF, rate not applied.
+
+    sim: B×B scores, rows images, columns captions; row r and column r are the pair of batch row r.
+    image_ids: B image identities (as in `contrastive_loss`); pairs showing the same image are never
+        negatives of each other.
+    For each pair r, with d_r = sim[r, r]:
+      image→caption costs [margin + sim[r, s] − d_r]₊ over captions s of other images,
+      caption→image costs [margin + sim[s, r] − d_r]₊ over images s of other images;
+    max_violation keeps only the hardest negative of each direction (VSE++, SGRAF), otherwise all are summed.
+    The loss is the sum over both directions and all rows ("sum", as VSE++ and SGRAF), or that sum divided
+    by B ("mean").
+    """
+    size = _check_square(sim, "sim")
+    _check_choice(reduction, REDUCTIONS, "reduction")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    dtype = _compute_dtype(sim)
+    with _full_precision(sim.device):
+        s = sim.to(dtype)
+        ids = _id_codes(image_ids, size, s.device)
+        negative = ids[:, None] != ids[None, :]
+        positive = s.diagonal()
+        zero = torch.zeros((), dtype=dtype, device=s.device)
+        # hinge costs are >= 0, so a masked (0) entry never wins the max over a row that has negatives
+        cost_captions = torch.where(negative, (margin + s - positive[:, None]).clamp(min=0), zero)
+        cost_images = torch.where(negative, (margin + s - positive[None, :]).clamp(min=0), zero)
+        if max_violation:
+            total = cost_captions.max(dim=1).values.sum() + cost_images.max(dim=0).values.sum()
+        else:
+            total = cost_captions.sum() + cost_images.sum()
+        return total / size if reduction == "mean" else total
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration
 
@@ -377,6 +415,27 @@ class ContrastiveConfig:
     def __post_init__(self) -> None:
         _check_rate(self.rate, "rate")
         _check_choice(self.reduction, REDUCTIONS, "reduction")
+
+
+ITR_LOSSES = ("auto", "contrastive", "triplet")
+
+
+@dataclass
+class ItrConfig:
+    """Which image-text retrieval loss the `contrastive` term is: "contrastive" (InfoNCE, the dual encoders'),
+    "triplet" (VSE++ hardest-negative hinge, the region students'), or "auto" (each student's own). The term's
+    `enabled` and `rate` stay under `contrastive`."""
+
+    loss: str = "auto"
+    margin: float = 0.2
+    max_violation: bool = True
+    reduction: str = "sum"  # triplet: sum over the batch as VSE++/SGRAF, or "mean" (divided by B)
+
+    def __post_init__(self) -> None:
+        _check_choice(self.loss, ITR_LOSSES, "loss")
+        _check_choice(self.reduction, REDUCTIONS, "reduction")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
 
 
 @dataclass
@@ -476,6 +535,7 @@ class LossConfig:
     """
 
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    itr: ItrConfig = field(default_factory=ItrConfig)
     csa: CsaConfig = field(default_factory=CsaConfig)
     usa: UsaConfig = field(default_factory=UsaConfig)
     # Teacher soft-label temperature τ_s: frozen and shared by CSA and USA, as in the reference.
@@ -576,7 +636,12 @@ class CusaLoss(nn.Module):
     """Contrastive + CSA + USA with rates applied; owns the temperatures of the enabled terms.
 
     Only enabled terms get a temperature module, so a disabled term leaves no unused parameter
-    behind (DistributedDataParallel would otherwise demand find_unused_parameters).
+    behind (DistributedDataParallel would otherwise demand find_unused_parameters). The ITR term
+    ("contrastive") is InfoNCE unless `itr.loss` is "triplet" (which needs no temperature).
+
+    `forward` takes embeddings (dual encoders); `forward_similarity` takes the student's B×B
+    image→caption score matrix directly (region students, which score pairs) and the uni-modal
+    embeddings for USA.
     """
 
     def __init__(self, config: LossConfig | None = None) -> None:
@@ -585,7 +650,7 @@ class CusaLoss(nn.Module):
         if not self.config.terms:
             raise ValueError("no loss term is enabled: enable at least one of contrastive, csa, usa")
         taus: dict[str, Temperature] = {}
-        if self.config.contrastive.enabled:
+        if self.config.contrastive.enabled and not self.triplet:
             taus["tau"] = Temperature.from_config(self.config.contrastive.tau)
         if self.config.csa.enabled:
             taus["tau_csa"] = Temperature.from_config(self.config.csa.tau)
@@ -607,6 +672,12 @@ class CusaLoss(nn.Module):
             values["tau_soft"] = self.config.tau_soft
         return values
 
+    @property
+    def triplet(self) -> bool:
+        """True when the ITR term is the triplet ranking loss ("auto" means InfoNCE here; a trainer
+        resolves it per student before building the loss)."""
+        return self.config.itr.loss == "triplet"
+
     def forward(
         self,
         img_cross: Tensor,
@@ -627,6 +698,35 @@ class CusaLoss(nn.Module):
         cfg = self.config
         size = _embeddings(img_cross, "img_cross").shape[0]
         _embeddings(txt_cross, "txt_cross", size)
+        with _full_precision(img_cross.device):
+            s_it = None
+            if cfg.contrastive.enabled or cfg.csa.enabled:
+                s_it = _similarity(img_cross, txt_cross, "img_cross/txt_cross")
+            return self.forward_similarity(s_it, img_uni, txt_uni, image_ids, teacher_images, teacher_texts,
+                                           size=size)
+
+    def forward_similarity(
+        self,
+        sim: Tensor | None,
+        img_uni: Tensor | None,
+        txt_uni: Tensor | None,
+        image_ids: Any,
+        teacher_images: Tensor | None = None,
+        teacher_texts: Tensor | None = None,
+        size: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Loss terms for one batch given the B×B image→caption similarity matrix `sim` (rows images,
+        columns captions; may be None when neither the ITR term nor CSA is on, with `size` given).
+
+        The ITR term and CSA consume `sim` as it is: cosines for dual encoders, scores in (0, 1) for
+        region students (whose logits sim/τ then span half the range a cosine gives at the same τ).
+        USA uses img_uni/txt_uni. Same returns as `forward`.
+        """
+        cfg = self.config
+        if sim is not None:
+            size = _check_square(sim, "sim")
+        elif cfg.contrastive.enabled or cfg.csa.enabled or size is None:
+            raise ValueError("the contrastive and csa terms need the similarity matrix sim, got None")
         if cfg.needs_teacher and (teacher_images is None or teacher_texts is None):
             raise ValueError(
                 f"the {'/'.join(t for t in cfg.terms if t != 'contrastive')} term needs teacher_images "
@@ -637,16 +737,18 @@ class CusaLoss(nn.Module):
                 raise ValueError("the usa term needs img_uni and txt_uni embeddings, got None")
             _embeddings(img_uni, "img_uni", size)
             _embeddings(txt_uni, "txt_uni", size)
+        device = sim.device if sim is not None else img_uni.device
         if image_ids is None:
-            image_ids = torch.arange(size, device=img_cross.device)
+            image_ids = torch.arange(size, device=device)
 
-        zero = torch.zeros((), dtype=torch.float32, device=img_cross.device)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
         out = {"contrastive": zero, "csa": zero, "usa": zero}
-        with _full_precision(img_cross.device):
-            if cfg.contrastive.enabled or cfg.csa.enabled:
-                s_it = _similarity(img_cross, txt_cross, "img_cross/txt_cross")
+        with _full_precision(device):
             if cfg.contrastive.enabled:
-                term = contrastive_loss(s_it, image_ids, self.taus["tau"](), cfg.contrastive.reduction)
+                if self.triplet:
+                    term = triplet_loss(sim, image_ids, cfg.itr.margin, cfg.itr.max_violation, cfg.itr.reduction)
+                else:
+                    term = contrastive_loss(sim, image_ids, self.taus["tau"](), cfg.contrastive.reduction)
                 out["contrastive"] = cfg.contrastive.rate * term
             # What csa_loss and usa_loss compute, with the teacher blocks checked and converted once and the
             # teacher distributions and entropies they share computed once (the values are the same).
@@ -660,7 +762,7 @@ class CusaLoss(nn.Module):
                 return converted[like.dtype]
 
             if cfg.csa.enabled:
-                s = s_it.to(_compute_dtype(s_it))
+                s = sim.to(_compute_dtype(sim))
                 term = _csa(s, *teacher_blocks(s), _tau(self.taus["tau_csa"](), "tau", s, s.dtype), cfg.csa.mode,
                             cfg.csa.form, cfg.csa.reduction, targets)
                 out["csa"] = cfg.csa.rate * term

@@ -6,6 +6,8 @@ Two kinds, named by one spec string:
   strings, e.g. "frozen:efficientnet-lite0+minilm-l6"); the trainer computes those features once. A small MLP
   adapter per modality is shared by the cross and uni heads: with a frozen backbone and separate heads, the
   uni-modal loss (USA) could otherwise never change the cross embeddings that retrieval uses.
+- "sgr:REGIONS", "saf:REGIONS" — region-based students that score (image, caption) pairs instead of embedding each
+  side (train/region_students.py); REGIONS is "grid:IMAGE_SPEC" or "precomp:DIR" (train/regions.py).
 - "open_clip:ARCH[:CHECKPOINT]" — `OpenClipStudent`, full fine-tuning of an open_clip model as in the paper; the
   heads sit on CLIP's projected embeddings. CHECKPOINT is an open_clip pretrained tag or a local file; without
   it the model is randomly initialised. ARCH may also be open_clip's "local-dir:/path" (a folder holding
@@ -31,7 +33,10 @@ from pipeline.errors import pickle_refusal
 
 DEFAULT_STUDENT = "frozen:efficientnet-lite0+minilm-l6"
 EMBEDDING_KEYS: tuple[str, ...] = ("image_cross", "text_cross", "image_uni", "text_uni")
-_SPEC_HELP = "expected 'frozen:IMAGE_SPEC+TEXT_SPEC' or 'open_clip:ARCH[:CHECKPOINT]'"
+_SPEC_HELP = ("expected 'frozen:IMAGE_SPEC+TEXT_SPEC', 'open_clip:ARCH[:CHECKPOINT]', 'sgr:REGIONS' or 'saf:REGIONS' "
+              "(REGIONS: grid:IMAGE_SPEC or precomp:DIR)")
+REGION_KINDS: tuple[str, ...] = ("sgr", "saf")  # region-based students (train/region_students.py)
+REGION_SOURCES: tuple[str, ...] = ("grid", "precomp")
 # open_clip's own model-name schemas: the rest of the string is the model source, not ARCH:CHECKPOINT.
 _OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
 
@@ -40,13 +45,22 @@ _OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
 class StudentSpec:
     """A parsed student spec. Fields not used by a kind are None."""
 
-    kind: str                       # "frozen" | "open_clip"
+    kind: str                       # "frozen" | "open_clip" | "sgr" | "saf"
     image_spec: str | None = None   # frozen: encoder registry spec of the image backbone
     text_spec: str | None = None    # frozen: encoder registry spec of the text backbone
     arch: str | None = None         # open_clip: architecture name (or "local-dir:/path", "hf-hub:org/repo")
     pretrained: str | None = None   # open_clip: pretrained tag or checkpoint file; None = random init
+    regions: str | None = None      # sgr/saf: "grid:IMAGE_SPEC" or "precomp:DIR"
+
+    @property
+    def region_source(self) -> tuple[str, str]:
+        """sgr/saf: ("grid", IMAGE_SPEC) or ("precomp", DIR)."""
+        source, _, body = (self.regions or "").partition(":")
+        return source, body
 
     def __str__(self) -> str:
+        if self.kind in REGION_KINDS:
+            return f"{self.kind}:{self.regions}"
         if self.kind == "frozen":
             return f"frozen:{self.image_spec}+{self.text_spec}"
         return f"open_clip:{self.arch}" + (f":{self.pretrained}" if self.pretrained else "")
@@ -78,6 +92,14 @@ def parse_student_spec(spec: str) -> StudentSpec:
             raise ValueError(f"student spec {spec!r}: missing the architecture, as 'open_clip:ARCH[:CHECKPOINT]' "
                              "(e.g. 'open_clip:ViT-B-32:openai')")
         return StudentSpec(kind="open_clip", arch=arch, pretrained=pretrained or None)
+    if kind in REGION_KINDS:
+        source, _, body = rest.partition(":")
+        source, body = source.strip(), body.strip()
+        if source not in REGION_SOURCES or not body:
+            raise ValueError(f"student spec {spec!r}: a {kind} student reads regions from 'grid:IMAGE_SPEC' (a "
+                             "backbone's last feature map, e.g. 'grid:efficientnet-lite0') or 'precomp:DIR' "
+                             "(DIR/{split}_ims.npy and DIR/{split}_caps.txt, the SCAN/SGRAF layout)")
+        return StudentSpec(kind=kind, regions=f"{source}:{body}")
     raise ValueError(f"student spec {spec!r}: unknown kind {kind!r}; {_SPEC_HELP}")
 
 

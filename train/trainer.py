@@ -29,7 +29,7 @@ from train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from train.checkpoint import rng_state as _rng_state
 from train.checkpoint import set_rng_state as _set_rng_state
 from train.chunk_order import chunk_local_batches
-from train.config import TrainConfig
+from train.config import TrainConfig, resolved_losses
 from train.data import (RowNames, TrainingPairs, drop_images, epoch_batches, join_pairs, load_config_split,
                         pair_loader)
 from train.evaluation_set import evaluate_retrieval, evaluation_inputs
@@ -38,8 +38,10 @@ from train.losses import CusaLoss
 from train.optim import describe_lr_plan, group_lrs, lr_plan, parameter_groups
 from train.resume import CONFIG_FILE, check_resumable, record_resume, resume_history, run_config
 from train.metrics_log import MetricsLogger
-from train.students import FeatureStudent, OpenClipStudent, parse_student_spec
+from train.regions import region_data
+from train.students import REGION_KINDS, FeatureStudent, OpenClipStudent, parse_student_spec
 from train.teacher_rows import plan_teacher_rows
+from train.vocab import Vocabulary
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"
@@ -53,10 +55,21 @@ def seed_everything(seed: int) -> None:
 
 
 def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = None,
-                  text_dim: int | None = None, weights_from_checkpoint: bool = False) -> torch.nn.Module:
+                  text_dim: int | None = None, weights_from_checkpoint: bool = False, *,
+                  region_opts: dict | None = None, vocab: Vocabulary | None = None) -> torch.nn.Module:
     """The student a spec names; ``weights_from_checkpoint``: its weights are loaded next, so pretrained ones are
-    not fetched first."""
+    not fetched first. Frozen students need their feature widths; region students (sgr/saf) the width of a region
+    feature (``image_dim``), their sizes (``region_opts``, RegionConfig's fields) and the vocabulary."""
     spec = parse_student_spec(cfg_student)
+    if spec.kind in REGION_KINDS:
+        from train.region_students import RegionStudent
+
+        opts = region_opts or {}
+        sizes = {k: opts[k] for k in ("word_dim", "embed_dim", "sim_dim", "sgr_steps", "smooth", "dropout",
+                                      "pooling", "uni_dim", "length_groups") if k in opts}
+        student = RegionStudent(spec.kind, image_dim, len(vocab), **sizes)
+        student.vocab = vocab
+        return student
     if spec.kind == "frozen":
         return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
                               dropout=frozen_opts["dropout"])
@@ -181,7 +194,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                                stream=rows_plan.stream, device=device, max_memory_bytes=rows_plan.budget_bytes)
 
     spec = parse_student_spec(cfg.student)
-    train_feats = None
+    region = spec.kind in REGION_KINDS
+    if region and cfg.gather and ctx.enabled:
+        raise ValueError(f"{cfg.student}: --set gather=true is for dual encoders; a region student scores the pairs "
+                         "of each rank's own batch")
+    train_feats = train_regions = vocab = None
     backbone_passes = 0
     if spec.kind == "frozen":
         # images the cache skipped are skipped by the backbones too; pairs of any image they cannot read are dropped
@@ -192,20 +209,29 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         img_f, txt_f = torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device)
         train_feats = (img_f, txt_f)
         student = build_student(cfg.student, vars(cfg.frozen), img_f.shape[1], txt_f.shape[1])
+    elif region:
+        vocab = Vocabulary.build((c.text for c in manifest.captions), cfg.region.min_count)
+        # images the cache skipped are skipped by the grid backbone too; pairs of any image it cannot read are dropped
+        train_regions = region_data(cfg, cfg.data, cfg.split, manifest, vocab, show,
+                                    "skip" if pairs.dropped else cfg.on_bad_image)
+        pairs = drop_images(pairs, train_regions.features.skipped)
+        backbone_passes += int(train_regions.features.computed)
+        student = build_student(cfg.student, vars(cfg.frozen), train_regions.features.region_dim,
+                                region_opts=vars(cfg.region), vocab=vocab)
     else:
         student = build_student(cfg.student, vars(cfg.frozen), weights_from_checkpoint=resume and last_path.exists())
     val = None
     if cfg.val_data:
         # images a store lists as skipped (and, for a frozen student, those its features lack) are left out
         val = evaluation_inputs(cfg, cfg.val_data, cfg.val_split, [cache, image_store], device, show,
-                                cfg.on_bad_image)
+                                cfg.on_bad_image, vocab=vocab)
         backbone_passes += val.backbone_passes
     if not cfg.losses.usa.enabled:
         # without USA nothing reaches the uni heads; frozen, they keep DDP from waiting for their gradients
         for head in (student.uni_head_v, student.uni_head_t):
             head.requires_grad_(False)
     student.to(device)
-    loss_fn = CusaLoss(cfg.losses).to(device)
+    loss_fn = CusaLoss(resolved_losses(cfg)).to(device)
     model = student
     if ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -243,6 +269,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     partial: dict | None = None  # a mid-epoch checkpoint's place: {"epoch" (its number), "steps" done, "sums"}
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
+        if vocab is not None and ckpt.get("vocab") not in (None, vocab.to_dict()):
+            raise ValueError(f"{last_path}: the run's word vocabulary differs from the one these training captions "
+                             "give (other --data or region.min_count?); resume with the run's settings")
         student.load_state_dict(ckpt["student"])
         loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -266,6 +295,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             record_resume(out, epochs_done, resume_changes)
         else:
             _write_json(out / CONFIG_FILE, cfg.to_dict())
+        if vocab is not None:
+            _write_json(out / "vocab.json", vocab.to_dict())
         if metrics_path.exists():
             # a fresh run starts the log anew; a resumed one drops what the interrupted epoch had logged
             _truncate_jsonl(metrics_path, epochs_done, keep_steps_of_last=pending is not None,
@@ -281,7 +312,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         for a mid-epoch one, the steps its "partial_epoch" says)."""
         return {"student": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epochs_finished, "format": CHECKPOINT_FORMAT,
-                "config": cfg.to_dict(), "student_spec": cfg.student, "dims": _student_dims(student)}
+                "config": cfg.to_dict(), "student_spec": cfg.student, "dims": _student_dims(student),
+                # a region student's word ids: evaluation needs the same ones
+                **({"vocab": vocab.to_dict()} if vocab is not None else {})}
 
     def finish_epoch(number: int, record: dict, saved: bool = False) -> None:
         """Validate (when there is validation data) and checkpoint the epoch ``number`` that has trained."""
@@ -297,7 +330,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         if val is not None and ctx.is_main:
             result = evaluate_retrieval(student, val.manifest, device, cfg.eval_batch_size, cfg.workers,
                                         feats=val.feats, known_skipped=val.known_skipped,
-                                        on_bad_image=cfg.on_bad_image, names=val.names, coco_1k=False)
+                                        on_bad_image=cfg.on_bad_image, names=val.names, coco_1k=False,
+                                        regions=val.regions)
             record["val"] = result.metrics["all"]
             if result.skipped and len(result.skipped) != len(val_skipped) and show:
                 tqdm.write(f"validation leaves out {len(result.skipped)} unreadable image(s): "
@@ -342,6 +376,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         if spec.kind == "frozen":
             inputs = ((train_feats[0][torch.as_tensor(pairs.image_rows[b])],
                        train_feats[1][torch.as_tensor(pairs.caption_rows[b])]) for b in batches)
+        elif region:
+            inputs = (train_regions.batch(pairs.image_rows[b], pairs.caption_rows[b], device) for b in batches)
         else:
             names = RowNames(pairs.store_image_rows[str(cache.path)], f"store {cache.path}")
             # each pair's augmentation drawn from (seed, epoch, pair): the same wherever the epoch (re)started
@@ -359,10 +395,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
             image_ids = torch.as_tensor(pairs.image_rows[b], device=device)
             with _autocast(device):
                 emb = model(x_img, x_txt)
-            if cfg.gather and ctx.enabled:
-                emb, image_ids = _gather(emb, image_ids)
-            terms = loss_fn(emb["image_cross"], emb["text_cross"], emb["image_uni"], emb["text_uni"], image_ids,
-                            t_ii, t_tt)
+            if region:  # the student scored the batch's pairs itself
+                terms = loss_fn.forward_similarity(emb["sims"], emb["image_uni"], emb["text_uni"], image_ids, t_ii,
+                                                   t_tt)
+            else:
+                if cfg.gather and ctx.enabled:
+                    emb, image_ids = _gather(emb, image_ids)
+                terms = loss_fn(emb["image_cross"], emb["text_cross"], emb["image_uni"], emb["text_uni"], image_ids,
+                                t_ii, t_tt)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if ctx.enabled:
@@ -432,6 +472,8 @@ def _write_json(path: Path, payload: dict) -> None:
 def _student_dims(student) -> dict:
     if isinstance(student, FeatureStudent):
         return {"image_dim": student.image_dim, "text_dim": student.text_dim}
+    if getattr(student, "vocab", None) is not None:  # a region student: region feature width and vocabulary size
+        return {"image_dim": student.region_dim, "vocab_size": student.vocab_size}
     return {}
 
 

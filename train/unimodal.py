@@ -301,6 +301,11 @@ def run_extra_evaluations(result: dict, data: str, split: str, device: str, batc
 
         cfg = embedder.config
         manifest = load_config_split(cfg, data, split)
-        extra["eccv"] = evaluate_eccv(embedder, manifest, eccv_captions, progress=progress)
+        regions = None
+        if embedder.region:  # a region student scores the test images' regions (cached by the retrieval evaluation)
+            from train.regions import region_data
+
+            regions = region_data(cfg, data, split, manifest, embedder.student.vocab, progress)
+        extra["eccv"] = evaluate_eccv(embedder, manifest, eccv_captions, progress=progress, regions=regions)
         human = "\n".join(x for x in (human, format_eccv(extra["eccv"])) if x)
     return extra, human
