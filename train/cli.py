@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import click
-import torch
 
 from pipeline.cli import emit, user_errors
 from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options

@@ -13,7 +13,6 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,55 +73,6 @@ def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = N
         return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
                               dropout=frozen_opts["dropout"])
     return OpenClipStudent.from_spec(spec, weights_from_checkpoint=weights_from_checkpoint)
-
-
-@dataclass
-class StudentInputs:
-    """How a student gets its batch inputs: cached backbone features, or decoded images and tokens."""
-
-    kind: str
-    image_feats: torch.Tensor | None = None
-    text_feats: torch.Tensor | None = None
-
-
-def frozen_inputs(cfg: TrainConfig, annotations: str, split: str, fingerprint: str, stores: list[Store],
-                  device: str, progress: bool, on_bad_image: str = "fail") -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Backbone features of a dataset for a frozen student (computed once, cached, then reused)."""
-    fs = run_frozen_features(cfg, annotations, split, fingerprint, stores, cfg.device, progress, on_bad_image)
-    return (torch.from_numpy(fs.images).to(device), torch.from_numpy(fs.texts).to(device), fs.computed)
-
-
-
-# ---------------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def embed_for_retrieval(student: torch.nn.Module, manifest, device: str, batch_size: int, workers: int,
-                        feats: tuple[torch.Tensor, torch.Tensor] | None = None, uni: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross (or uni) embeddings of every image and caption of ``manifest``."""
-    student.eval()
-    enc_img = student.encode_images_uni if uni else student.encode_images
-    enc_txt = student.encode_texts_uni if uni else student.encode_texts
-    amp = _autocast(device)
-    if feats is not None:
-        img_f, txt_f = feats
-        with amp:
-            img = torch.cat([enc_img(img_f[i:i + batch_size]).float() for i in range(0, len(img_f), batch_size)])
-            txt = torch.cat([enc_txt(txt_f[i:i + batch_size]).float() for i in range(0, len(txt_f), batch_size)])
-        return img, txt
-    from torch.utils.data import DataLoader
-
-    from train.data import ManifestImages
-
-    loader = DataLoader(ManifestImages(manifest, student.preprocess_val), batch_size=batch_size,
-                        num_workers=workers)
-    img_parts = []
-    with amp:
-        for images in loader:
-            img_parts.append(enc_img(images.to(device)).float())
-        texts = [c.text for c in manifest.captions]
-        txt_parts = [enc_txt(student.tokenize(texts[i:i + batch_size]).to(device)).float()
-                     for i in range(0, len(texts), batch_size)]
-    return torch.cat(img_parts), torch.cat(txt_parts)
 
 
 def _autocast(device: str):
