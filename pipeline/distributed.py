@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -59,6 +60,13 @@ def resolve_device(device: str, ctx: DistContext | None = None) -> str:
         if ctx is not None and ctx.enabled:
             return f"cuda:{ctx.local_rank}"
     return device
+
+
+def autocast(device: str | torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device (throughput; callers cast results back to float32), nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def split_evenly(items: list, rank: int, world_size: int) -> list:

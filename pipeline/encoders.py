@@ -44,6 +44,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from pipeline.distributed import autocast
 from pipeline.errors import EncoderError
 from pipeline.errors import one_line as _one_line
 from pipeline.errors import pickle_refusal
@@ -162,13 +163,6 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    # bf16 on GPU for throughput; outputs are cast back to float32 before they leave the encoder.
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def _seeded_init(seed: int):
     """Deterministic weight init without disturbing the caller's random state."""
@@ -266,7 +260,7 @@ class TorchImageEncoder(_EncoderBase):
             raise ValueError(f"{self.spec}: expected an image tensor [n, 3, H, W], got {got}")
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device):
             feats = self._forward(batch.to(self.device, non_blocking=True))
         return feats.float().cpu().numpy().reshape(batch.shape[0], -1)
 
@@ -284,7 +278,7 @@ class SentenceTransformerEncoder(_EncoderBase):
         batch = list(batch)
         if not batch:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device):
             out = self.model.encode(
                 batch,
                 batch_size=len(batch),
@@ -308,7 +302,7 @@ class OpenClipTextEncoder(_EncoderBase):
         if not batch:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenizer(batch).to(self.device)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device):
             feats = self.model.encode_text(tokens)
         return feats.float().cpu().numpy()
 

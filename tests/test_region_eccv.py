@@ -66,8 +66,6 @@ class ScoresByImageNumber:
 
 
 def test_evaluate_eccv_scores_test_images_by_coco_id_against_captions_by_annotation_id(tmp_path):
-    from contextlib import nullcontext
-
     from pipeline.manifest import CaptionRecord, ImageRecord, Manifest
 
     metric, numbers, caption_ids = coco_test_ids()
@@ -79,7 +77,7 @@ def test_evaluate_eccv_scores_test_images_by_coco_id_against_captions_by_annotat
     annotations = [{"id": c, "caption": f"photo {metric.coco_gts['t2i'][c][0]}"} for c in caption_ids]
     (tmp_path / "captions_val2014.json").write_text(json.dumps({"annotations": annotations}))
     student = ScoresByImageNumber([coco_image_number(im.image_id, im.path) for im in images])
-    embedder = SimpleNamespace(region=True, student=student, device="cpu", _amp=nullcontext,
+    embedder = SimpleNamespace(region=True, student=student, device="cpu",
                                config=SimpleNamespace(region=SimpleNamespace(max_words=64)))
     regions = SimpleNamespace(features=None, image_chunk=128, caption_chunk=128)
     result = evaluate_eccv(embedder, manifest, tmp_path / "captions_val2014.json", regions=regions)

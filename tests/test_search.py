@@ -232,3 +232,20 @@ def test_another_index_factory_reuses_the_embeddings_and_a_bad_one_fails_before_
     assert result.exit_code == 1 and result.output.strip().splitlines() == [
         "Error: FAISS index factory 'NOPE' is not valid (e.g. Flat, IVF1024,Flat, HNSW32)"]
     assert not fresh.exists()
+
+
+def test_an_unreadable_image_of_an_annotation_collection_is_one_line_naming_it_even_from_a_worker(runs, demo_dir,
+                                                                                                  tmp_path):
+    run, _ = runs
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data, ignore=shutil.ignore_patterns("shards"))
+    entries = json.loads((data / "test.json").read_text())
+    bad = data / entries[2]["image"]
+    data_bytes = bad.read_bytes()
+    bad.write_bytes(data_bytes[:len(data_bytes) // 2])  # truncated mid-image
+    result = invoke(search_main, [run, "--collection", data / "test.json", "--query", "a red circle",
+                                  "--device", "cpu", "--workers", "1"])
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert errors[0].startswith(f"Error: {bad} (image row 2): truncated or corrupt image data"), errors[0]
+    assert "Caught" not in result.output and "Traceback" not in result.output

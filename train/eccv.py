@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import autocast
 from pipeline.manifest import Manifest
 from train.embedding import StudentEmbedder
 
@@ -172,7 +173,7 @@ def evaluate_eccv(embedder: StudentEmbedder, manifest: Manifest, coco_captions: 
 
         student, cfg = embedder.student, embedder.config
         captions = CaptionTokens(texts, student.vocab, cfg.region.max_words)
-        with embedder._amp():
+        with autocast(embedder.device):
             scores = student.similarity(regions.features, captions, embedder.device, regions.image_chunk,
                                         regions.caption_chunk, progress, [rows[i] for i in test_images])
         return eccv_metrics_from_similarity(test_images, caption_ids, scores, progress=progress)

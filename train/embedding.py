@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -23,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline.distributed import autocast
 from pipeline.errors import ImageError
 from pipeline.images import as_rgb, load_image
 from train.students import REGION_KINDS, StudentSpec, parse_student_spec
@@ -63,6 +63,29 @@ class _ImageInputs(Dataset):
         return self.preprocess(load_image(item, row=i))
 
 
+class _ManifestRowInputs(Dataset):
+    """A manifest's images by row (files or shard members), as (tensor, message) like ``_ImageInputs``: an unreadable
+    image travels as its one-line message, naming the file and row, and the main process raises it."""
+
+    skip_unreadable = False
+
+    def __init__(self, manifest, preprocess: Callable, rows: Sequence[int] | None = None):
+        from train.data import ManifestImageRows
+
+        self.rows = ManifestImageRows(manifest, preprocess, rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from train.data import BadImage
+
+        _, item = self.rows[i]
+        if isinstance(item, BadImage):
+            return self.rows.preprocess(Image.new("RGB", (32, 32))), item.message
+        return item, ""
+
+
 def _store_precision(features: np.ndarray) -> torch.Tensor:
     """Unit-norm float16 rows, as a feature store keeps them (then float32 for the student)."""
     feats = np.asarray(features, dtype=np.float32)
@@ -93,11 +116,6 @@ class StudentEmbedder:
         student, cfg, _ = load_trained_student(Path(checkpoint), device)
         return cls(student, cfg.student, device, batch_size, workers, config=cfg)
 
-    def _amp(self):
-        if str(self.device).startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     def _backbone(self, modality: str):
         """The frozen student's backbone for one modality, built once (deferred import: only this path runs one)."""
         if modality not in self._backbones:
@@ -118,11 +136,12 @@ class StudentEmbedder:
             self._backbones[modality] = encoder
         return self._backbones[modality]
 
-    def manifest_images(self, manifest, rows: Sequence[int], embedding: str = "uni") -> torch.Tensor:
-        """Embeddings of a manifest's images by row, whether files or members of webdataset shards."""
-        from train.data import ManifestImages
-
-        return self.image_dataset(lambda preprocess: ManifestImages(manifest, preprocess, rows), embedding)
+    def manifest_images(self, manifest, rows: Sequence[int] | None = None, embedding: str = "uni",
+                        progress: bool = False) -> torch.Tensor:
+        """Embeddings of a manifest's images by row (every row without ``rows``), whether files or members of
+        webdataset shards; an unreadable image is a one-line ImageError naming it."""
+        return self.image_dataset(lambda preprocess: _ManifestRowInputs(manifest, preprocess, rows), embedding,
+                                  progress)
 
     @property
     def dim(self) -> int:
@@ -182,7 +201,7 @@ class StudentEmbedder:
         loader = DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.workers)
         parts: list[torch.Tensor] = []
         errors: dict[int, str] = {}
-        with self._amp(), tqdm(total=len(dataset), desc="images", unit="img", disable=not progress,
+        with autocast(self.device), tqdm(total=len(dataset), desc="images", unit="img", disable=not progress,
                                dynamic_ncols=True, leave=False) as bar:
             for batch in loader:
                 if isinstance(batch, (list, tuple)):  # (images, messages): a dataset that reports unreadable files
@@ -218,7 +237,7 @@ class StudentEmbedder:
             sentences = teacher_captions(sentences)[0]  # what the backbone read when the features were cached
         step = batch_size or self.batch_size
         parts = []
-        with self._amp(), tqdm(total=len(sentences), desc="captions", unit="cap", disable=not progress,
+        with autocast(self.device), tqdm(total=len(sentences), desc="captions", unit="cap", disable=not progress,
                                dynamic_ncols=True, leave=False) as bar:
             for lo in range(0, len(sentences), step):
                 chunk = sentences[lo:lo + step]

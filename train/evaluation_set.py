@@ -12,7 +12,6 @@ rows by path (or by id and file name); an image-level student also finds out whi
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterable
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.distributed import autocast
 from pipeline.errors import ImageError
 from pipeline.manifest import Manifest
 from teacher_cache.store import Store
@@ -147,12 +147,6 @@ class RetrievalEvaluation:
         return self.scores
 
 
-def _autocast(device: str):
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def _embed_images(student, manifest: Manifest, rows: np.ndarray, device: str, batch_size: int, workers: int,
                   on_bad_image: str, names: RowNames | None, uni: bool
@@ -162,7 +156,7 @@ def _embed_images(student, manifest: Manifest, rows: np.ndarray, device: str, ba
     loader = DataLoader(ManifestImageRows(manifest, student.preprocess_val, rows, names), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_rows)
     read, parts, bad = [], [], {}
-    with _autocast(device):
+    with autocast(device):
         for batch_rows, images, failures in loader:
             for failure in failures:
                 if on_bad_image == "fail":
@@ -195,7 +189,7 @@ def evaluate_retrieval(student, manifest: Manifest, device: str, batch_size: int
         sub, kept_images, kept_captions = without_images(manifest, skip)
         if not len(kept_images):
             raise ValueError(f"{manifest.source}: no readable image left to evaluate ({len(skip)} skipped)")
-        with _autocast(device):
+        with autocast(device):
             scores = student.similarity(regions.features, regions.captions, device, regions.image_chunk,
                                         regions.caption_chunk, progress, kept_images, kept_captions)
         rows = sub.caption_image_rows()
@@ -218,7 +212,7 @@ def evaluate_retrieval(student, manifest: Manifest, device: str, batch_size: int
         raise ValueError(f"{manifest.source}: no readable image left to evaluate ({len(skip)} skipped)")
     encode_img = student.encode_images_uni if uni else student.encode_images
     encode_txt = student.encode_texts_uni if uni else student.encode_texts
-    with _autocast(device):
+    with autocast(device):
         if feats is not None:
             image_index = torch.as_tensor(kept_images, device=img_f.device)
             image_emb = torch.cat([encode_img(img_f[image_index[i:i + batch_size]]).float()

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.manifest import Manifest
 from pipeline.shards import ShardLayout
-from train.data import ManifestImages, load_split
+from train.data import load_split
 from train.model import TrainedModel
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -180,8 +180,7 @@ def _embed_images(model: TrainedModel, collection: Collection, progress: bool) -
     """The collection's image embeddings, and the collection they are of (a folder's unreadable files left out)."""
     if collection.manifest is not None:
         # through the manifest, as training and cusa-eval read its images
-        emb = model.embedder.image_dataset(lambda preprocess: ManifestImages(collection.manifest, preprocess),
-                                           "cross", progress)
+        emb = model.embedder.manifest_images(collection.manifest, embedding="cross", progress=progress)
         return np.ascontiguousarray(emb.numpy(), dtype=np.float32), collection
     emb, _, errors = model.embedder.images_skipping_unreadable(collection.image_paths, "cross", progress)
     if errors:

@@ -12,7 +12,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed
+from pipeline.distributed import DistContext, autocast, init_distributed, resolve_device, shutdown_distributed
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
 from train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
@@ -73,12 +72,6 @@ def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = N
         return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
                               dropout=frozen_opts["dropout"])
     return OpenClipStudent.from_spec(spec, weights_from_checkpoint=weights_from_checkpoint)
-
-
-def _autocast(device: str):
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -343,7 +336,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         for step, (b, (x_img, x_txt), (t_ii, t_tt)) in enumerate(zip(batches, inputs, blocks), start=skip):
             t0 = time.perf_counter()
             image_ids = torch.as_tensor(pairs.image_rows[b], device=device)
-            with _autocast(device):
+            with autocast(device):
                 emb = model(x_img, x_txt)
             if region:  # the student scored the batch's pairs itself
                 terms = loss_fn.forward_similarity(emb["sims"], emb["image_uni"], emb["text_uni"], image_ids, t_ii,
