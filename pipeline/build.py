@@ -192,10 +192,10 @@ def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: En
     return StoreLayout(
         fingerprint=manifest.fingerprint(),
         split_fingerprints=split_fps,
-        image_ids=[im.image_id for im in manifest.images],
-        image_paths=[im.path for im in manifest.images],
-        image_splits=[im.split for im in manifest.images],
-        captions=teacher_captions([c.text for c in manifest.captions])[0],
+        image_ids=manifest.images.ids().tolist(),
+        image_paths=manifest.images.paths().tolist(),
+        image_splits=manifest.images.splits().tolist(),
+        captions=teacher_captions(manifest.caption_texts())[0],
         caption_image_rows=manifest.caption_image_rows(),
         teachers={"image": image_encoder.identity(), "text": text_encoder.identity()},
         dims={"images": int(image_encoder.dim), "texts": int(text_encoder.dim)},
@@ -269,7 +269,7 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
             )
             batches = iter(loader)
         else:
-            ids = [im.image_id for im in manifest.images]
+            ids = manifest.images.ids()
             batches = (
                 (rows, None, {}) for rows in _chunk_batches(store, "images", chunks, cfg.batch_size)
             )
@@ -288,7 +288,7 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
                 good = [r for r in rows if r not in errors]
                 if good:
                     emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids(
-                        [ids[r] for r in good], paths=[manifest.images[r].path for r in good])
+                        [ids[r] for r in good], paths=[manifest.images.path(r) for r in good])
                     out[np.asarray(good) - start] = normalize_rows(emb, "image")
                 filled += len(rows)
                 bar.update(len(rows))
@@ -304,7 +304,7 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
         return
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
     with tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True) as bar:
-        texts = teacher_captions([c.text for c in manifest.captions])[0]
+        texts = teacher_captions(manifest.caption_texts())[0]
         # embeddings kept in caption order (precomputed, no keys) are looked up by row rather than by text
         by_row = getattr(encoder, "by_row", False)
         for c in chunks:
@@ -419,7 +419,7 @@ def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encode
     if cfg.neighbors > 0:
         for modality in MODALITIES:
             neighbors[modality] = _build_neighbors(store, modality, cfg.neighbors, cfg.index, show, faults)
-    texts, cleaned = teacher_captions([c.text for c in manifest.captions])
+    texts, cleaned = teacher_captions(manifest.caption_texts())
     summary = BuildSummary(
         store=str(store.path), counts=store.counts, dims=store.dims, teachers=store.teachers,
         fingerprint=store.fingerprint, complete=True,
@@ -471,7 +471,7 @@ def build_store(cfg: BuildConfig, image_encoder: Encoder | None = None,
         text_encoder = text_encoder or build_encoder(cfg.text_teacher, "text", device=device)
         check = getattr(text_encoder, "check_captions", None)
         if check is not None:  # embeddings made elsewhere must cover these captions: said before anything is written
-            check(teacher_captions([c.text for c in manifest.captions])[0],
+            check(teacher_captions(manifest.caption_texts())[0],
                   f"{cfg.annotations} (split {cfg.split})")
         layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows)
         show = cfg.progress and ctx.is_main

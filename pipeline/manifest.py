@@ -1,178 +1,50 @@
-"""Dataset annotation files read into one canonical `Manifest`.
-
-A manifest fixes the row order of images and captions; every later artifact (the teacher store, the
-neighbor table, training batches) is indexed by these rows, and its fingerprint ties them together.
+"""Every dataset source read into one canonical `Manifest`: the format dispatch above the readers.
 
 Supported inputs:
 - ``karpathy``: the Karpathy split files ``dataset_coco.json`` / ``dataset_flickr30k.json``;
 - ``caption-json``: a list of ``{"image", "caption", "image_id"?, "split"?}`` entries (ALBEF style);
 - ``csv``: CSV/TSV with an image column and a caption column (one row per caption);
-- ``webdataset``: tar shards (a brace pattern, ``::``-joined patterns, a ``.tar`` or a list file), read by
-  ``pipeline.shards``.
+- ``webdataset``: tar shards (a brace pattern, ``::``-joined patterns, a ``.tar``, a list file, or a CLIP_benchmark
+  webdataset folder), see ``pipeline.shards``.
 
-Ids, paths and split labels name files and join rows: one containing a control character or an invalid code point
-(a lone surrogate) is refused. Captions are kept as written (the build normalises what its teacher reads).
+The readers are ``pipeline.annotations`` and ``pipeline.shard_scan``; the rows they produce are columns
+(``pipeline.manifest_table``, whose types this module re-exports) and are kept in the manifest index
+(``pipeline.manifest_index``), so a second command on an unchanged source opens it without reading it again.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import os
-import posixpath
-import re
-import unicodedata
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Sequence
 
-import numpy as np
-
+from pipeline.annotations import FORMATS as ANNOTATION_FORMATS
+from pipeline.annotations import (CSV_SUFFIXES, json_format, load_json, read_annotations, split_from_filename,
+                                  unknown_extension, unusable_characters)
 from pipeline.errors import ManifestError
+from pipeline.manifest_index import FileStat, IndexPlaces, ShardToRead, open_annotation_file, open_shards
+from pipeline.manifest_table import (FINGERPRINT_VERSION, Block, CaptionRecord, CaptionTable, ImageRecord, ImageTable,
+                                     Manifest, ShardMember)
+from pipeline.shards import ShardLayout, is_shard_source, parse_shard_source, scan_rules
 
-if TYPE_CHECKING:
-    from pipeline.shards import ShardLayout
+__all__ = ["FORMATS", "FINGERPRINT_VERSION", "Block", "CaptionRecord", "CaptionTable", "ImageRecord", "ImageTable",
+           "Manifest", "ShardMember", "detect_format", "read_manifest", "split_from_filename", "unusable_characters"]
 
-FORMATS = ("karpathy", "caption-json", "csv", "webdataset")
-_CSV_SUFFIXES = (".csv", ".tsv", ".txt")
-# Bumped if the serialization below changes: old stores then refuse to match instead of matching wrongly.
-_FINGERPRINT_VERSION = "cusa-manifest-v1"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class ShardMember:
-    """Where the bytes of an image held in a tar shard are: the shard's path, the sample key, the member's name, and
-    its data offset and size in the shard (from the shard's index). ``missing`` says why a sample has no image."""
-
-    shard: str
-    key: str
-    name: str
-    offset: int
-    size: int
-    missing: str = ""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image: its id, its path as written in the annotation file, and its split label.
-
-    An image inside a webdataset shard has ``path`` ``SHARD_NAME/MEMBER`` and ``member`` telling where its bytes are;
-    ``member`` is not part of the fingerprint (the shard's folder may move).
-    """
-
-    image_id: str
-    path: str
-    split: str
-    member: ShardMember | None = None
-
-
-@dataclass(frozen=True)
-class CaptionRecord:
-    """One caption and the row (index into ``Manifest.images``) of the image it describes; ``shard``: the shard
-    whose sample held it (webdataset sources)."""
-
-    text: str
-    image_row: int
-    shard: str | None = None
-
-
-@dataclass
-class Manifest:
-    """Images and captions in a fixed row order, plus where they came from."""
-
-    images: list[ImageRecord]
-    captions: list[CaptionRecord]
-    source: str
-    image_root: str
-    format: str
-    # samples of a shard source left out while reading (no caption, truncated tar, ...): {shard, key, split, reason}
-    skipped_samples: list[dict] = field(default_factory=list)
-
-    def fingerprint(self) -> str:
-        """sha256 hex of the ids, paths, splits, caption texts and caption image rows (not of the source path)."""
-        digest = hashlib.sha256(_FINGERPRINT_VERSION.encode())
-        # One canonical JSON document per section: key order, separators and escaping are fixed, so the
-        # hash is identical across processes, platforms and Python versions.
-        images = [[r.image_id, r.path, r.split] for r in self.images]
-        captions = [[c.text, c.image_row] for c in self.captions]
-        for section in (images, captions):
-            digest.update(b"\n")
-            # ASCII escapes keep the bytes defined even for lone surrogates that JSON input may contain.
-            digest.update(json.dumps(section, ensure_ascii=True, separators=(",", ":")).encode("ascii"))
-        return digest.hexdigest()
-
-    def splits(self) -> list[str]:
-        """Distinct split labels, in order of first appearance among the images."""
-        return list(dict.fromkeys(r.split for r in self.images))
-
-    def select_split(self, split: str) -> Manifest:
-        """The images of one split (order kept) and their captions, rows renumbered; "all" is the whole manifest.
-
-        A file without split labels is a single split, so any request returns the whole manifest.
-        """
-        present = self.splits()
-        if split == "all" or present == [""]:
-            return self
-        keep = [row for row, r in enumerate(self.images) if r.split == split]
-        if not keep:
-            listed = ", ".join(s if s else "(unlabelled)" for s in present)
-            raise ManifestError(f"{self.source}: no images in split {split!r}; splits present: {listed}")
-        new_row = {old: new for new, old in enumerate(keep)}
-        captions = [replace(c, image_row=new_row[c.image_row]) for c in self.captions if c.image_row in new_row]
-        return Manifest(
-            images=[self.images[row] for row in keep],
-            captions=captions,
-            source=self.source,
-            image_root=self.image_root,
-            format=self.format,
-            skipped_samples=[s for s in self.skipped_samples if s.get("split") == split],
-        )
-
-    def image_path(self, row: int) -> Path:
-        """Filesystem path of image ``row``: absolute paths as written, others under ``image_root``. Images held in
-        shards have none: read any image with ``pipeline.images.open_image(manifest, row)``."""
-        path = Path(self.images[row].path)
-        return path if path.is_absolute() else Path(self.image_root) / path
-
-    def caption_image_rows(self) -> np.ndarray:
-        """int64 [N_captions]: the image row of each caption."""
-        return np.fromiter((c.image_row for c in self.captions), dtype=np.int64, count=len(self.captions))
-
-    def image_rows_of_split(self, split: str) -> np.ndarray:
-        """int64 rows of the images labelled ``split``; every row for "all" or a file without split labels."""
-        if split == "all" or self.splits() == [""]:
-            return np.arange(len(self.images), dtype=np.int64)
-        return np.array([row for row, r in enumerate(self.images) if r.split == split], dtype=np.int64)
-
-    def image_ids(self) -> list[str]:
-        """Image ids in row order."""
-        return [r.image_id for r in self.images]
-
-    def caption_texts(self) -> list[str]:
-        """Caption texts in row order."""
-        return [c.text for c in self.captions]
+FORMATS = (*ANNOTATION_FORMATS, "webdataset")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """Format name of an annotation file, from its extension and (for JSON) its top-level type; "webdataset" for a
-    shard source (a ``.tar``, a brace pattern of them, ``::``-joined patterns or a list of shards)."""
-    from pipeline.shards import is_shard_source
-
+    shard source (a ``.tar``, a brace pattern of them, ``::``-joined patterns, a list of shards or a CLIP_benchmark
+    folder)."""
     if is_shard_source(path):
         return "webdataset"
     path = Path(path)
     if path.suffix.lower() == ".json":
-        return _json_format(path, _load_json(path))
-    if path.suffix.lower() in _CSV_SUFFIXES:
+        return json_format(path, load_json(path))
+    if path.suffix.lower() in CSV_SUFFIXES:
         return "csv"
-    raise ManifestError(
-        f"{path}: cannot tell the annotation format from the extension {path.suffix or '(none)'!r}; "
-        f"use .json or .csv/.tsv/.txt, or pass a format ({', '.join(FORMATS)})"
-    )
+    raise unknown_extension(path)
 
 
 def read_manifest(
@@ -183,7 +55,12 @@ def read_manifest(
     caption_column: str = "caption",
     id_column: str | None = None,
     split_column: str | None = "split",
-    shard_layout: "ShardLayout | None" = None,
+    shard_layout: ShardLayout | None = None,
+    *,
+    manifest_cache: str | os.PathLike[str] | None = None,
+    indexes: Sequence[str | os.PathLike[str]] = (),
+    workers: int = 0,
+    progress: bool = False,
 ) -> Manifest:
     """Read an annotation file (or a webdataset shard source) into a Manifest; raises ManifestError (one line, naming
     file and entry, or shard and key) on bad input.
@@ -191,301 +68,31 @@ def read_manifest(
     ``image_root`` defaults to the annotation file's folder. The CSV options name the columns; the split
     column is used only when the file has it. ``shard_layout`` says which members of a shard sample hold its image,
     captions and id (see ``pipeline.shards``); ``image_root`` does not apply to shards.
+
+    The rows are kept in the manifest index (``manifest_cache``, see ``pipeline.manifest_index``; ``indexes``:
+    read-only copies tried first, such as a store's); ``workers`` > 1 scans shards in that many processes.
     """
     if format not in ("auto", *FORMATS):
         raise ManifestError(f"{path}: unknown annotation format {format!r}; choose auto, {', '.join(FORMATS)}")
-    if format == "webdataset" or format == "auto" and _names_shards(path):
-        from pipeline.shards import read_shard_manifest
-
-        return read_shard_manifest(path, shard_layout)
+    places = IndexPlaces.resolve(manifest_cache, indexes)
+    if format == "webdataset" or format == "auto" and is_shard_source(path):
+        return _read_shards(str(path).strip(), shard_layout or ShardLayout(), places, workers, progress)
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: annotation file not found")
-    builder = _Builder(path)
-    data: Any = None
-    if format == "auto":
-        if path.suffix.lower() == ".json":
-            data = _load_json(path)
-            format = _json_format(path, data)
-        else:
-            format = detect_format(path)
-    if format == "karpathy":
-        _read_karpathy(path, _load_json(path) if data is None else data, builder)
-    elif format == "caption-json":
-        _read_caption_json(path, _load_json(path) if data is None else data, builder)
-    else:
-        _read_csv(path, builder, image_column, caption_column, id_column, split_column)
-    root = Path(image_root) if image_root is not None else path.parent
-    return builder.finish(str(root), format)
+    if format == "auto" and path.suffix.lower() not in (".json", *CSV_SUFFIXES):
+        raise unknown_extension(path)
+    root = str(Path(image_root) if image_root is not None else path.parent)
+    options = {"format": format, "image_column": image_column, "caption_column": caption_column,
+               "id_column": id_column, "split_column": split_column}
+
+    def read() -> Manifest:
+        return read_annotations(path, format, root, image_column, caption_column, id_column, split_column)
+
+    return open_annotation_file(path, options, root, read, places)
 
 
-def _names_shards(path: str | os.PathLike[str]) -> bool:
-    from pipeline.shards import is_shard_source
-
-    return is_shard_source(path)
-
-
-class _Builder:
-    """Collects (image, caption) pairs, merging repeated images into one row and checking consistency."""
-
-    def __init__(self, source: Path):
-        self.source = source
-        self.images: list[ImageRecord] = []
-        self.captions: list[CaptionRecord] = []
-        self.row_of_key: dict[str, int] = {}
-        self.where: list[str] = []  # where each image first appeared, for conflict messages
-        self.has_caption: list[bool] = []
-
-    def add_image(self, where: str, image_id: str | None, image_path: str, split: str) -> int:
-        """Row of the image, creating it on first sight; ``where`` names the entry for error messages."""
-        for name, value in (("image id", image_id), ("image path", image_path), ("split", split)):
-            _refuse_odd_characters(self.source, where, name, value)
-        _check_path(self.source, where, image_path)
-        key = f"id:{image_id}" if image_id is not None else f"path:{image_path}"
-        record = ImageRecord(image_id if image_id is not None else image_path, image_path, split)
-        row = self.row_of_key.get(key)
-        if row is None:
-            row = len(self.images)
-            self.row_of_key[key] = row
-            self.images.append(record)
-            self.where.append(where)
-            self.has_caption.append(False)
-            return row
-        seen = self.images[row]
-        if seen.path != record.path:
-            raise ManifestError(
-                f"{self.source}: {where}: image id {record.image_id!r} has path {record.path!r} "
-                f"but {self.where[row]} gave it path {seen.path!r}"
-            )
-        if seen.split != record.split:
-            raise ManifestError(
-                f"{self.source}: {where}: image {record.image_id!r} is in split {record.split!r} "
-                f"but {self.where[row]} put it in split {seen.split!r}"
-            )
-        return row
-
-    def add_caption(self, where: str, row: int, text: Any) -> None:
-        if not isinstance(text, str):
-            raise ManifestError(f"{self.source}: {where}: caption must be a string, got {type(text).__name__}")
-        text = text.strip()
-        if not _CONTROL.sub("", text).strip():
-            odd = " (only control characters)" if text else ""
-            raise ManifestError(f"{self.source}: {where}: caption is empty{odd}")
-        self.captions.append(CaptionRecord(text, row))
-        self.has_caption[row] = True
-
-    def finish(self, image_root: str, format: str) -> Manifest:
-        if not self.images:
-            raise ManifestError(f"{self.source}: no images in the annotation file")
-        for row, ok in enumerate(self.has_caption):
-            if not ok:
-                image_id = self.images[row].image_id
-                raise ManifestError(f"{self.source}: {self.where[row]}: image {image_id!r} has no captions")
-        return Manifest(self.images, self.captions, str(self.source), image_root, format)
-
-
-def _refuse_odd_characters(source: Path, where: str, name: str, value: str | None) -> None:
-    """Ids, paths and split labels name files and join rows: a control character or a lone surrogate in one is a
-    broken annotation file, not something to guess a repair for."""
-    if value is None:
-        return
-    odd = unusable_characters(value)
-    if odd:
-        raise ManifestError(f"{source}: {where}: {name} {value!r} contains {odd}")
-
-
-def unusable_characters(value: str) -> str:
-    """"the invalid character U+0007 (BELL)" when ``value`` holds a control character or a lone surrogate, else ""."""
-    bad = _CONTROL.search(value) or _SURROGATE.search(value)
-    if not bad:
-        return ""
-    char = bad.group()
-    label = unicodedata.name(char, "") if not _SURROGATE.match(char) else "lone surrogate"
-    return f"the invalid character U+{ord(char):04X}{f' ({label})' if label else ''}"
-
-
-def _id_value(source: Path, where: str, name: str, value: Any) -> str | None:
-    """An image id as text: strings and integers are ids; other JSON types are a mistake in the file."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ManifestError(f"{source}: {where}: field {name!r} must be a string or an integer, "
-                            f"got {type(value).__name__} {value!r:.60}")
-    text = str(value)
-    if not text.strip():
-        raise ManifestError(f"{source}: {where}: field {name!r} is empty")
-    return text
-
-
-def _check_path(source: Path, where: str, image_path: str) -> None:
-    """Refuse relative paths that climb out of the image root: an annotation file must not reach elsewhere."""
-    if os.path.isabs(image_path):
-        return
-    normalised = posixpath.normpath(image_path.replace("\\", "/"))
-    if normalised == ".." or normalised.startswith("../"):
-        raise ManifestError(f"{source}: {where}: image path {image_path!r} escapes the image root via '..'")
-
-
-def _read_text(path: Path) -> str:
-    """An annotation file's text (UTF-8, BOM tolerated); a one-line ManifestError otherwise."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read annotation file ({e.strerror or e})") from None
-
-
-def _load_json(path: Path) -> Any:
-    text = _read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def _json_format(path: Path, data: Any) -> str:
-    if isinstance(data, dict) and "images" in data:
-        return "karpathy"
-    if isinstance(data, list):
-        return "caption-json"
-    kind = "an object without an 'images' key" if isinstance(data, dict) else f"a {type(data).__name__}"
-    raise ManifestError(
-        f"{path}: top level is {kind}; expected a Karpathy split object {{'images': [...]}} or a list of captions"
-    )
-
-
-def _text_field(source: Path, where: str, entry: dict[str, Any], name: str) -> str:
-    value = entry.get(name)
-    if value is None:
-        raise ManifestError(f"{source}: {where}: missing field {name!r}")
-    if not isinstance(value, str) or not value.strip():
-        raise ManifestError(f"{source}: {where}: field {name!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _read_karpathy(path: Path, data: Any, builder: _Builder) -> None:
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list):
-        raise ManifestError(f"{path}: expected a Karpathy split object whose 'images' is a list")
-    for index, entry in enumerate(images):
-        where = f"images[{index}]"
-        if not isinstance(entry, dict):
-            raise ManifestError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
-        filename = _text_field(path, where, entry, "filename")
-        folder = entry.get("filepath")
-        image_path = f"{folder}/{filename}" if isinstance(folder, str) and folder else filename
-        if entry.get("cocoid") is not None:
-            image_id = _id_value(path, where, "cocoid", entry["cocoid"])
-        elif entry.get("imgid") is not None:
-            image_id = _id_value(path, where, "imgid", entry["imgid"])
-        else:
-            image_id = filename
-        split = entry.get("split", "")
-        if not isinstance(split, str):
-            raise ManifestError(f"{path}: {where}: field 'split' must be a string, got {split!r}")
-        # Karpathy's "restval" images are COCO val2014 images that the standard protocol trains on.
-        split = "train" if split == "restval" else split
-        sentences = entry.get("sentences")
-        if sentences is None:
-            raise ManifestError(f"{path}: {where}: missing field 'sentences'")
-        if not isinstance(sentences, list):
-            raise ManifestError(f"{path}: {where}: field 'sentences' must be a list")
-        row = builder.add_image(where, image_id, image_path, split)
-        for k, sentence in enumerate(sentences):
-            if not isinstance(sentence, dict) or "raw" not in sentence:
-                raise ManifestError(f"{path}: {where}.sentences[{k}]: missing field 'raw'")
-            builder.add_caption(f"{where}.sentences[{k}]", row, sentence["raw"])
-
-
-_SPLIT_WORDS = {
-    "train": "train", "training": "train", "restval": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
-}
-
-
-def split_from_filename(path: str | os.PathLike[str]) -> str:
-    """Split named by a file's stem (``coco_karpathy_test.json`` -> "test"); "" when none or ambiguous."""
-    words = re.split(r"[^a-z]+", Path(path).stem.lower())
-    found = {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
-    return found.pop() if len(found) == 1 else ""
-
-
-def _read_caption_json(path: Path, data: Any, builder: _Builder) -> None:
-    if not isinstance(data, list):
-        raise ManifestError(f"{path}: top level must be a list of caption entries, got {type(data).__name__}")
-    default_split = split_from_filename(path)
-    for index, entry in enumerate(data):
-        where = f"entry {index}"
-        if not isinstance(entry, dict):
-            raise ManifestError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
-        field_name = "image" if "image" in entry else "image_path" if "image_path" in entry else None
-        if field_name is None:
-            raise ManifestError(f"{path}: {where}: missing field 'image' (or 'image_path')")
-        image_path = _text_field(path, where, entry, field_name)
-        image_id = _id_value(path, where, "image_id", entry.get("image_id"))
-        split = entry.get("split", default_split)
-        if not isinstance(split, str):
-            raise ManifestError(f"{path}: {where}: field 'split' must be a string, got {split!r}")
-        split = "train" if split == "restval" else split
-        if "caption" not in entry:
-            raise ManifestError(f"{path}: {where}: missing field 'caption'")
-        captions = entry["caption"]
-        if isinstance(captions, list):
-            if not captions:
-                raise ManifestError(f"{path}: {where}: field 'caption' is an empty list")
-        else:
-            captions = [captions]
-        row = builder.add_image(where, image_id, image_path, split)
-        for k, text in enumerate(captions):
-            builder.add_caption(where if len(captions) == 1 else f"{where}.caption[{k}]", row, text)
-
-
-def _read_csv(
-    path: Path,
-    builder: _Builder,
-    image_column: str,
-    caption_column: str,
-    id_column: str | None,
-    split_column: str | None,
-) -> None:
-    text = _read_text(path)
-    suffix = path.suffix.lower()
-    if suffix == ".tsv":
-        delimiter = "\t"
-    elif suffix == ".csv":
-        delimiter = ","
-    else:
-        try:
-            delimiter = csv.Sniffer().sniff(text[:65536], delimiters=",\t;|").delimiter
-        except csv.Error:
-            raise ManifestError(f"{path}: cannot tell the column delimiter; use a .csv or .tsv extension") from None
-    # newline="" keeps line breaks inside quoted captions intact, as the csv module requires.
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = reader.fieldnames or []
-    if not columns:
-        raise ManifestError(f"{path}: empty file, expected a header row")
-    wanted = [image_column, caption_column] + ([id_column] if id_column else [])
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise ManifestError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-            f"columns present: {', '.join(map(repr, columns))}"
-        )
-    use_split = split_column is not None and split_column in columns
-    default_split = split_from_filename(path)
-    for record in reader:
-        where = f"line {reader.line_num}"
-        image_path = record.get(image_column)
-        if image_path is None or not image_path.strip():
-            raise ManifestError(f"{path}: {where}: column {image_column!r} is empty")
-        image_id = None
-        if id_column:
-            image_id = (record.get(id_column) or "").strip()
-            if not image_id:
-                raise ManifestError(f"{path}: {where}: column {id_column!r} is empty")
-        split = (record.get(split_column) or "").strip() if use_split else default_split
-        split = "train" if split == "restval" else split
-        row = builder.add_image(where, image_id, image_path.strip(), split)
-        builder.add_caption(where, row, record.get(caption_column) or "")
+def _read_shards(source: str, layout: ShardLayout, places: IndexPlaces, workers: int, progress: bool) -> Manifest:
+    shards = [ShardToRead(FileStat.of(shard), pattern.split, scan_rules(layout, pattern.escaped_newlines))
+              for pattern in parse_shard_source(source) for shard in pattern.shards]
+    return open_shards(shards, source, places, workers, progress)

@@ -1,4 +1,4 @@
-"""Webdataset shards read into the canonical `Manifest`, without extracting them.
+"""Webdataset shard sources: which shards a source names, how a sample is laid out, and reading a member.
 
 A source names tar shards as open_clip's ``--train-data`` and webdataset spell them:
 
@@ -6,17 +6,15 @@ A source names tar shards as open_clip's ``--train-data`` and webdataset spell t
 - several patterns joined with ``::``;
 - a single ``.tar``;
 - a text file listing one shard (or pattern) per line; relative lines are relative to the list's folder, blank lines
-  and ``#`` comments are ignored.
+  and ``#`` comments are ignored;
+- a folder in CLIP_benchmark's webdataset layout: ``ROOT/dataset_type.txt`` and, per split, ``ROOT/SPLIT/nshards.txt``
+  with shards ``ROOT/SPLIT/0.tar`` … ``N-1.tar``; each split folder is one pattern labelled with its name, and a
+  caption member holds one caption a line, a line break inside a caption written as a literal ``\\n``.
 
-A sample is the members of a shard that share a key (webdataset's rule: the member name up to the first dot of its
-base name; consecutive members with the same key form one sample; ``__*__`` metadata members are ignored). Its
-image is the first member present among ``ShardLayout.image_key`` (default jpg, jpeg, png, webp); its captions are
-the non-empty lines of the ``txt`` member, or the list of strings under a field of the ``json`` member
-(``caption_key="json:FIELD"``). The image id is the sample key, or with ``id_field`` a field of the ``json`` member:
-samples with the same id are then one image, as img2dataset writes a repeated image once per caption.
-
-Rows follow shard order, then sample order inside a shard, so the samples of one shard are one contiguous range of
-image rows and of caption rows (:func:`shard_row_ranges`), the unit a shuffled-shard epoch order can visit.
+How a shard's samples become rows is :mod:`pipeline.shard_scan`; the rows of a source are cached by
+:mod:`pipeline.manifest_index`. Rows follow shard order, then sample order inside a shard, so the samples of one shard
+are one contiguous range of image rows and of caption rows (:func:`shard_row_ranges`), the unit a shuffled-shard
+epoch order can visit.
 
 One pattern is one split: its label is the split word (train, val, test and their synonyms) in the pattern's file
 name, else in the name of the folder holding it, else none ("", which serves any split request). The manifest
@@ -24,9 +22,8 @@ fingerprint covers each image's ``SHARD_NAME/MEMBER`` (the shard's *file name*, 
 can move without invalidating its stores, while renaming a shard or re-encoding an image does), its id and split,
 and every caption.
 
-The shard index (member names, offsets and sizes) is read once, when the manifest is read, with wids' indexed tar
-reader; only the caption and json members are read then. Every later image read is one seek and one read of the
-member's bytes (:func:`read_member`), so DataLoader workers and torchrun ranks read just the rows they are given.
+Every image read is one seek and one read of the member's bytes (:func:`read_member`), so DataLoader workers and
+torchrun ranks read just the rows they are given.
 
 Bad samples do not stop the reading: a sample without a caption, with an unreadable caption or id, or cut off by a
 truncated tar is left out and listed in ``Manifest.skipped_samples`` (shard, key, reason), which the build refuses
@@ -36,27 +33,26 @@ missing image file), so it is a bad image for the build.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.annotations import split_from_filename
 from pipeline.errors import ImageError, ManifestError
-from pipeline.manifest import (CaptionRecord, ImageRecord, Manifest, ShardMember, split_from_filename,
-                               unusable_characters)
+from pipeline.manifest_table import Manifest, shard_file_name
+from pipeline.shard_scan import FORMAT, ScanRules, describe_skipped  # noqa: F401 (re-exported names)
 
-FORMAT = "webdataset"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_CAPTION_KEY = "txt"
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default: metadata members, never sample members
 _COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _SHARD_LIST_SUFFIXES = (".txt", ".lst")
+_ENV_VAR = re.compile(r"\$\{(\w+)\}")
+CLIP_BENCHMARK_TYPE = "dataset_type.txt"
+CLIP_BENCHMARK_NSHARDS = "nshards.txt"
 _REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*:(//|[^/\\])", re.IGNORECASE)  # http://, s3://, pipe:, gs://, ...
 
 
@@ -99,6 +95,7 @@ class ShardPattern:
     text: str
     shards: tuple[str, ...]
     split: str
+    escaped_newlines: bool = False  # CLIP_benchmark's captions: a literal "\\n" is a line break inside a caption
 
 
 @dataclass(frozen=True)
@@ -122,6 +119,8 @@ def is_shard_source(source: str | os.PathLike[str]) -> bool:
     if text.lower().endswith((".tar", *_COMPRESSED)):
         return True
     path = Path(text)
+    if path.is_dir():
+        return (path / CLIP_BENCHMARK_TYPE).is_file() or (path / CLIP_BENCHMARK_NSHARDS).is_file()
     return path.suffix.lower() in _SHARD_LIST_SUFFIXES and path.is_file() and _lists_shards(path)
 
 
@@ -151,7 +150,7 @@ def parse_shard_source(source: str | os.PathLike[str]) -> list[ShardPattern]:
         part = part.strip()
         if not part:
             raise ManifestError(f"{text}: empty pattern between '::' separators")
-        patterns.append(_parse_pattern(part))
+        patterns.extend(_parse_part(part))
     seen: dict[str, str] = {}
     for pattern in patterns:
         for shard in pattern.shards:
@@ -161,6 +160,44 @@ def parse_shard_source(source: str | os.PathLike[str]) -> list[ShardPattern]:
                                     "appear once in a source")
             seen[key] = pattern.text
     return patterns
+
+
+def _parse_part(part: str) -> list[ShardPattern]:
+    path = Path(part)
+    if path.is_dir() and (path / CLIP_BENCHMARK_TYPE).is_file():
+        return clip_benchmark_patterns(path)
+    if path.is_dir() and (path / CLIP_BENCHMARK_NSHARDS).is_file():
+        return [_clip_benchmark_split(path)]
+    return [_parse_pattern(part)]
+
+
+def clip_benchmark_patterns(root: Path) -> list[ShardPattern]:
+    """One pattern per split folder of a CLIP_benchmark webdataset folder (``dataset_type.txt``: retrieval)."""
+    try:
+        kind = (root / CLIP_BENCHMARK_TYPE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{root / CLIP_BENCHMARK_TYPE}: cannot read it ({exc})") from None
+    if kind != "retrieval":
+        raise ManifestError(f"{root}: a CLIP_benchmark dataset of type {kind!r}; only retrieval datasets (image "
+                            "and captions) can be read")
+    splits = sorted(p for p in root.iterdir() if p.is_dir() and (p / CLIP_BENCHMARK_NSHARDS).is_file())
+    if not splits:
+        raise ManifestError(f"{root}: no split folder with a {CLIP_BENCHMARK_NSHARDS} (e.g. {root}/test/"
+                            f"{CLIP_BENCHMARK_NSHARDS})")
+    return [_clip_benchmark_split(p) for p in splits]
+
+
+def _clip_benchmark_split(folder: Path) -> ShardPattern:
+    try:
+        n = int((folder / CLIP_BENCHMARK_NSHARDS).read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(f"{folder / CLIP_BENCHMARK_NSHARDS}: expected a number of shards ({exc})") from None
+    if n <= 0:
+        raise ManifestError(f"{folder / CLIP_BENCHMARK_NSHARDS}: names {n} shards")
+    shards = tuple(str(folder / f"{i}.tar") for i in range(n))
+    for shard in shards:
+        _check_shard(str(folder), shard)
+    return ShardPattern(str(folder), shards, folder.name, escaped_newlines=True)
 
 
 def _parse_pattern(part: str) -> ShardPattern:
@@ -188,11 +225,21 @@ def _parse_pattern(part: str) -> ShardPattern:
 
 
 def _expand(pattern: str) -> list[str]:
-    # webdataset's own expansion (the one open_clip's --train-data goes through): ${VAR} from WDS_VAR, then braces
-    from webdataset.shardlists import expand_urls
+    """A pattern's shards as webdataset (and so open_clip's ``--train-data``) expands it: ``${VAR}`` from the
+    environment variable ``WDS_VAR`` (repeatedly), then braces: ``{000..127}`` ranges and ``{a,b}`` lists."""
+    from braceexpand import braceexpand  # webdataset's own brace expansion, without importing webdataset (torch)
 
+    for _ in range(10):
+        missing = [m.group(1) for m in _ENV_VAR.finditer(pattern) if f"WDS_{m.group(1)}" not in os.environ]
+        if missing:
+            raise ManifestError(f"{pattern}: cannot expand the shard pattern (environment variable WDS_{missing[0]} "
+                                "is not set)")
+        expanded = _ENV_VAR.sub(lambda m: os.environ[f"WDS_{m.group(1)}"], pattern)
+        if expanded == pattern:
+            break
+        pattern = expanded
     try:
-        return [s for s in expand_urls(pattern) if s]
+        return [s for s in braceexpand(pattern) if s]
     except Exception as exc:  # an unbalanced brace and the like
         raise ManifestError(f"{pattern}: cannot expand the shard pattern ({exc})") from None
 
@@ -219,74 +266,13 @@ def _check_shard(pattern: str, shard: str) -> None:
 
 def shard_name(shard: str) -> str:
     """The name a shard has in image paths and so in the manifest fingerprint: its file name."""
-    return os.path.basename(shard)
+    return shard_file_name(shard)
 
 
-# ---------------------------------------------------------------------------------------------- one shard
-@dataclass
-class ShardIndex:
-    """Regular-file members of one shard in archive order, and what (if anything) is wrong with the archive."""
-
-    shard: str
-    names: list[str]
-    offsets: np.ndarray  # int64 byte offset of each member's data
-    sizes: np.ndarray  # int64 member sizes
-    file_size: int
-    damage: str = ""  # "" for a sound archive; else why the index stops early (truncated, corrupt, not a tar)
-
-
-@functools.lru_cache(maxsize=1)
-def _indexing_reader():
-    """wids' tar indexer, made to keep the members it read before a damaged part instead of losing them all."""
-    from wids.wids_tar import TarFileReader
-
-    class PartialTarIndex(TarFileReader):
-        damage = ""
-
-        def _create_tar_index(self):
-            try:
-                super()._create_tar_index()
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                # the members before the damage stay listed in self.fnames / self.index
-                self.damage = str(exc) or type(exc).__name__
-
-    return PartialTarIndex
-
-
-def read_shard_index(shard: str) -> ShardIndex:
-    """Index one shard with wids (no index file is written next to it). A shard that is not a tar at all, is empty
-    or is compressed is a ManifestError; a damaged one keeps the members before the damage, with ``damage`` set."""
-    size = os.path.getsize(shard)
-    if size == 0:
-        raise ManifestError(f"{shard}: empty file, not a tar shard")
-    try:
-        reader = _indexing_reader()(shard, index_file=None, verbose=False)
-    except tarfile.ReadError as exc:
-        raise ManifestError(f"{shard}: not a tar archive ({exc})") from None
-    except OSError as exc:
-        raise ManifestError(f"{shard}: cannot read the shard ({exc.strerror or exc})") from None
-    try:
-        if getattr(reader.tar_file, "fileobj", None) is not None and \
-                type(reader.tar_file.fileobj).__name__ not in ("BufferedReader", "FileIO"):
-            raise ManifestError(f"{shard}: a compressed tar; members are read in place, so decompress the shards "
-                                "into plain .tar files")
-        names = list(reader.fnames)
-        index = np.asarray(reader.index, dtype=np.int64).reshape(-1, 2)
-        damage = reader.damage
-    finally:
-        reader.close()
-    if not names and damage:
-        raise ManifestError(f"{shard}: not a readable tar archive ({damage})")
-    offsets, sizes = index[:, 0].copy(), index[:, 1].copy()
-    cut = np.flatnonzero(offsets + sizes > size)
-    if len(cut):
-        first = int(cut[0])
-        damage = damage or "unexpected end of data"
-        damage = f"truncated tar: ends inside member {names[first]!r} ({damage})"
-        names, offsets, sizes = names[:first + 1], offsets[:first + 1], sizes[:first + 1]
-    elif damage:
-        damage = f"truncated or corrupt tar after member {names[-1]!r} ({damage})"
-    return ShardIndex(shard, names, offsets, sizes, size, damage)
+def scan_rules(layout: ShardLayout, escaped_newlines: bool = False) -> ScanRules:
+    """What :func:`pipeline.shard_scan.scan_shard` needs of a layout."""
+    return ScanRules(layout.image_extensions, layout.caption_key.lower().lstrip("."), layout.caption_json_field,
+                     layout.id_field, escaped_newlines)
 
 
 def read_member(shard: str, offset: int, size: int) -> bytes:
@@ -303,200 +289,31 @@ def read_member(shard: str, offset: int, size: int) -> bytes:
     return data
 
 
-@dataclass
-class _Sample:
-    key: str
-    members: dict[str, int]  # lower-cased extension -> position in the shard index
-    names: dict[str, str]  # lower-cased extension -> member name as stored
-    problem: str = ""
-
-
-def _samples(index: ShardIndex) -> list[_Sample]:
-    """Members grouped into samples as webdataset groups them: consecutive members with the same key."""
-    from webdataset.tariterators import base_plus_ext
-
-    samples: list[_Sample] = []
-    for position, name in enumerate(index.names):
-        if _SKIP_META.match(name) or (name.startswith("__") and name.endswith("__") and "/" not in name):
-            continue
-        key, ext = base_plus_ext(name)
-        if key is None:
-            continue  # no extension: not part of any sample (webdataset skips these too)
-        ext = ext.lower()
-        if not samples or samples[-1].key != key:
-            samples.append(_Sample(key, {}, {}))
-        sample = samples[-1]
-        if ext in sample.members:
-            sample.problem = sample.problem or f"two members named {name!r} in one sample"
-            continue
-        sample.members[ext] = position
-        sample.names[ext] = name
-    return samples
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-def read_shard_manifest(source: str | os.PathLike[str], layout: ShardLayout | None = None) -> Manifest:
-    """Read a shard source into a Manifest (format "webdataset"); see the module docstring for the rules."""
-    layout = layout or ShardLayout()
-    text = str(source).strip()
-    patterns = parse_shard_source(text)
-    builder = _ShardManifestBuilder(text, layout)
-    for pattern in patterns:
-        for shard in pattern.shards:
-            builder.add_shard(shard, pattern.split)
-    return builder.finish()
-
-
-class _ShardManifestBuilder:
-    def __init__(self, source: str, layout: ShardLayout):
-        self.source = source
-        self.layout = layout
-        self.images: list[ImageRecord] = []
-        self.captions: list[CaptionRecord] = []
-        self.skipped: list[dict] = []
-        self.row_of_id: dict[str, int] = {}
-        self.first_seen: list[str] = []  # "shard key" of each image row, for conflict messages
-
-    def add_shard(self, shard: str, split: str) -> None:
-        index = read_shard_index(shard)
-        samples = _samples(index)
-        if not samples and not index.damage:
-            self.skipped.append({"shard": shard, "key": "", "split": split,
-                                 "reason": "no samples in the shard (no member named KEY.EXT)"})
-            return
-        with open(shard, "rb") as fh:
-            for i, sample in enumerate(samples):
-                cut = bool(index.damage) and i == len(samples) - 1  # its later members may be missing
-                problem = sample.problem or (index.damage if cut else "")
-                captions, image_id = [], sample.key
-                if not problem:
-                    problem, captions, image_id = self._read_text_members(fh, index, sample)
-                if problem:
-                    self.skipped.append({"shard": shard, "key": sample.key, "split": split, "reason": problem})
-                    continue
-                self._add(shard, split, sample, index, captions, image_id)
-        if index.damage and not samples:
-            self.skipped.append({"shard": shard, "key": "", "split": split, "reason": index.damage})
-
-    def _read_text_members(self, fh, index: ShardIndex, sample: _Sample) -> tuple[str, list[str], str]:
-        """(problem, captions, image id) of a sample; problem is "" when it can be a row."""
-        layout = self.layout
-        wants_json = layout.caption_json_field is not None or layout.id_field is not None
-        meta: Any = None
-        if wants_json:
-            if "json" not in sample.members:
-                return f"no json member (members: {', '.join(sorted(sample.names.values()))})", [], ""
-            try:
-                meta = json.loads(_member_bytes(fh, index, sample.members["json"]).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                return f"{sample.names['json']}: not valid UTF-8 JSON ({exc})", [], ""
-            if not isinstance(meta, dict):
-                return f"{sample.names['json']}: expected a JSON object, got {type(meta).__name__}", [], ""
-        field = layout.caption_json_field
-        if field is not None:
-            value = meta.get(field)
-            if value is None:
-                return f"{sample.names['json']}: no field {field!r}", [], ""
-            values = [value] if isinstance(value, str) else value
-            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-                return f"{sample.names['json']}: field {field!r} must be a string or a list of strings", [], ""
-            captions = [v.strip() for v in values]
-            where = f"{sample.names['json']} field {field!r}"
-        else:
-            ext = layout.caption_key.lower().lstrip(".")
-            if ext not in sample.members:
-                present = ", ".join(sorted(sample.names.values()))
-                return f"no caption member {sample.key}.{ext} (members: {present})", [], ""
-            try:
-                text = _member_bytes(fh, index, sample.members[ext]).decode("utf-8-sig")
-            except UnicodeDecodeError as exc:
-                return f"{sample.names[ext]}: not UTF-8 text (byte {exc.start})", [], ""
-            captions = [line.strip() for line in re.split(r"\r\n|\n|\r", text)]  # line breaks only
-            where = sample.names[ext]
-        captions = [c for c in captions if _has_text(c)]
-        if not captions:
-            return f"{where}: holds no caption", [], ""
-        image_id = sample.key
-        if layout.id_field is not None:
-            value = meta.get(layout.id_field)
-            if value is None or isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-                got = "missing" if value is None else f"{value!r:.40}"
-                return (f"{sample.names['json']}: field {layout.id_field!r} must be a non-empty string or an "
-                        f"integer, got {got}"), [], ""
-            image_id = str(value)
-        for name, value in (("sample key", sample.key), ("image id", image_id)):
-            odd = unusable_characters(value)
-            if odd:
-                return f"{name} {value!r} contains {odd}", [], ""
-        return "", captions, image_id
-
-    def _add(self, shard: str, split: str, sample: _Sample, index: ShardIndex, captions: list[str],
-             image_id: str) -> None:
-        member = self._image_member(shard, sample, index)
-        path = f"{shard_name(shard)}/{member.name or sample.key}"
-        row = self.row_of_id.get(image_id) if self.layout.id_field is not None else None
-        if row is None:
-            row = len(self.images)
-            self.images.append(ImageRecord(image_id, path, split, member))
-            self.first_seen.append(f"{shard} sample {sample.key!r}")
-            if self.layout.id_field is not None:
-                self.row_of_id[image_id] = row
-        else:
-            seen = self.images[row]
-            if seen.split != split:
-                raise ManifestError(f"{shard}: sample {sample.key!r}: image id {image_id!r} is in split {split!r} "
-                                    f"but {self.first_seen[row]} put it in split {seen.split!r}")
-            if seen.member is not None and seen.member.missing and not member.missing:
-                self.images[row] = ImageRecord(image_id, path, split, member)  # the first sample that has the image
-        self.captions.extend(CaptionRecord(text, row, shard) for text in captions)
-
-    def _image_member(self, shard: str, sample: _Sample, index: ShardIndex) -> ShardMember:
-        for ext in self.layout.image_extensions:
-            if ext in sample.members:
-                position = sample.members[ext]
-                return ShardMember(shard, sample.key, sample.names[ext], int(index.offsets[position]),
-                                   int(index.sizes[position]))
-        wanted = ", ".join(f".{e}" for e in self.layout.image_extensions)
-        present = ", ".join(sorted(sample.names.values()))
-        return ShardMember(shard, sample.key, "", -1, 0,
-                           missing=f"no image member ({wanted}; choose with --image-key); members: {present}")
-
-    def finish(self) -> Manifest:
-        if not self.images:
-            first = f"; the first left out: {describe_skipped(self.skipped[0])}" if self.skipped else ""
-            raise ManifestError(f"{self.source}: no usable samples in the shards{first}")
-        return Manifest(self.images, self.captions, self.source, "", FORMAT, skipped_samples=self.skipped)
-
-
-def describe_skipped(record: dict) -> str:
-    """One line naming a left-out sample: "SHARD: sample 'KEY': REASON" (or "SHARD: REASON" for a whole shard)."""
-    sample = f"sample {record['key']!r}: " if record.get("key") else ""
-    return f"{record['shard']}: {sample}{record['reason']}"
-
-
-def _member_bytes(fh, index: ShardIndex, position: int) -> bytes:
-    fh.seek(int(index.offsets[position]))
-    return fh.read(int(index.sizes[position]))
-
-
-def _has_text(caption: str) -> bool:
-    return bool(re.sub(r"[\x00-\x1f\x7f-\x9f]", "", caption).strip())
-
-
 def shard_row_ranges(manifest: Manifest) -> list[ShardRows]:
     """The image and caption rows of each shard of a shard manifest, in row order: each is one contiguous range.
 
     A shard's image range holds the images its samples introduced and its caption range every caption its samples
     hold (with ``id_field``, a sample repeating an image of an earlier shard adds captions only)."""
     spans: dict[str, list[int]] = {}
-    for row, record in enumerate(manifest.images):
-        if record.member is not None:
-            span = spans.setdefault(record.member.shard, [row, row + 1, -1, -1])
-            span[1] = row + 1
-    for row, caption in enumerate(manifest.captions):
-        if caption.shard is not None:
-            span = spans.setdefault(caption.shard, [0, 0, row, row + 1])
+    members = manifest.images.shards
+    if members is not None:
+        for code, first, last in _runs(members.shard):
+            spans.setdefault(members.shards[code], [first, last + 1, -1, -1])[1] = last + 1
+    captions = manifest.captions
+    if captions.shard_codes is not None:
+        for code, first, last in _runs(captions.shard_codes):
+            span = spans.setdefault(captions.shards[code], [0, 0, first, last + 1])
             if span[2] < 0:
-                span[2] = row
-            span[3] = row + 1
+                span[2] = first
+            span[3] = last + 1
     return [ShardRows(shard, a, b, max(c, 0), max(d, 0)) for shard, (a, b, c, d) in spans.items()]
+
+
+def _runs(codes: np.ndarray) -> list[tuple[int, int, int]]:
+    """(code, first row, last row) of each code, in order of first appearance."""
+    if not len(codes):
+        return []
+    values, first = np.unique(codes, return_index=True)
+    last = len(codes) - 1 - np.unique(codes[::-1], return_index=True)[1]
+    order = np.argsort(first)
+    return [(int(values[i]), int(first[i]), int(last[i])) for i in order]

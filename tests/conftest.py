@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# manifest indexes (and other caches) of this run, never the user's: inherited by every command a test starts
+_CACHE_DIR = tempfile.mkdtemp(prefix="cusa-test-cache-")
+os.environ["CUSA_CACHE_DIR"] = _CACHE_DIR
 
 from demo_constants import DEMO_CHUNK_ROWS, DEMO_IMAGES, DEMO_NEIGHBORS, DEMO_SAMPLES_PER_SHARD
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_addoption(parser):

@@ -16,7 +16,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import shards as shards_module
+from pipeline import shard_scan as shard_scan_module
 from pipeline.cli import main
 from pipeline.errors import ImageError, ManifestError
 from pipeline.images import load_image, open_image
@@ -142,7 +142,7 @@ def test_image_reads_after_the_manifest_never_index_a_shard_again(demo_shards, m
     def no_scan(shard):
         raise AssertionError(f"{shard} indexed again")
 
-    monkeypatch.setattr(shards_module, "read_shard_index", no_scan)
+    monkeypatch.setattr(shard_scan_module, "scan_tar", no_scan)
     assert all(open_image(m, row).size == (96, 96) for row in reversed(range(len(m.images))))
 
 

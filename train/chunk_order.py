@@ -72,13 +72,8 @@ def pair_units(pairs: TrainingPairs, image_store, text_store) -> ChunkUnits:
 
 def shard_of_pair(pairs: TrainingPairs) -> np.ndarray | None:
     """The shard (numbered in shard order) of each training pair when the data are webdataset shards, else None."""
-    captions = pairs.manifest.captions
-    if not captions or captions[0].shard is None:
-        return None
-    number: dict[str, int] = {}
-    of_caption = np.fromiter((number.setdefault(c.shard, len(number)) for c in captions), dtype=np.int64,
-                             count=len(captions))
-    return of_caption[pairs.caption_rows]
+    of_caption = pairs.manifest.shard_of_caption()
+    return None if of_caption is None else of_caption[pairs.caption_rows]
 
 
 def row_units(image_rows: np.ndarray, caption_rows: np.ndarray, image_store, text_store,

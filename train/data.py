@@ -102,8 +102,9 @@ def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:
             raise StoreMismatch(f"{store.path}: row counts differ from {manifest.source}", field="counts")
         img_map[str(store.path)] = image_rows
         cap_map[str(store.path)] = caption_rows
-        bad = {int(s["row"]) for s in store.skipped_images}
-        skipped |= {i for i, r in enumerate(image_rows) if int(r) in bad}
+        bad = [int(s["row"]) for s in store.skipped_images]
+        if bad:
+            skipped |= set(np.flatnonzero(np.isin(image_rows, bad)).tolist())
     all_image_rows = manifest.caption_image_rows()
     keep = ~np.isin(all_image_rows, list(skipped)) if skipped else np.ones(len(all_image_rows), dtype=bool)
     dropped = [{"caption_row": int(j), "image_row": int(all_image_rows[j])} for j in np.flatnonzero(~keep)]
@@ -170,7 +171,7 @@ class PairImages(Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.image_rows[i])
-        text = self.manifest.captions[int(self.caption_rows[i])].text
+        text = self.manifest.captions.text(int(self.caption_rows[i]))
         if self.sample_seed is None:
             return read_image(self.manifest, row, self.preprocess, self.names), text
         with torch.random.fork_rng(devices=[]):  # the process's own random state is left as it was

@@ -11,7 +11,6 @@ rows by path (or by id and file name); an image-level student also finds out whi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterable
@@ -71,14 +70,10 @@ def skipped_by_stores(manifest: Manifest, stores: Iterable[Store]) -> dict[int, 
 def without_images(manifest: Manifest, rows: Iterable[int]) -> tuple[Manifest, np.ndarray, np.ndarray]:
     """``manifest`` less the images ``rows`` and their captions (rows renumbered), with the kept image rows and
     kept caption rows of the original."""
-    drop = set(int(r) for r in rows)
-    kept_images = np.array([r for r in range(len(manifest.images)) if r not in drop], dtype=np.int64)
-    new_row = {int(old): new for new, old in enumerate(kept_images)}
-    kept_captions = np.array([j for j, c in enumerate(manifest.captions) if c.image_row in new_row], dtype=np.int64)
-    sub = dataclasses.replace(manifest, images=[manifest.images[r] for r in kept_images],
-                              captions=[dataclasses.replace(manifest.captions[j],
-                                                            image_row=new_row[manifest.captions[j].image_row])
-                                        for j in kept_captions])
+    keep = np.ones(len(manifest.images), dtype=bool)
+    keep[np.asarray(list(rows), dtype=np.int64)] = False
+    kept_images = np.flatnonzero(keep).astype(np.int64)
+    sub, kept_captions = manifest.subset(kept_images)
     return sub, kept_images, kept_captions
 
 

@@ -45,7 +45,7 @@ class Rankings:
 @torch.no_grad()
 def rank_split(images: np.ndarray, texts: np.ndarray, caption_image_rows: np.ndarray) -> Rankings:
     img, txt = torch.from_numpy(images), torch.from_numpy(texts)
-    rows = torch.from_numpy(np.asarray(caption_image_rows, dtype=np.int64))
+    rows = torch.tensor(np.asarray(caption_image_rows, dtype=np.int64))
     k_img, k_txt = min(TOP, len(img)), min(TOP, len(txt))
     t_top, t_scores, t_rank = [], [], []
     for lo in range(0, len(txt), _CHUNK):

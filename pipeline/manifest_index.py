@@ -1,0 +1,416 @@
+"""The manifest index: a dataset source's rows written once as memory-mapped Arrow files, reused while the source is
+unchanged, so a command opens millions of samples in seconds and the ranks of one node share the pages.
+
+Where: ``--manifest-cache DIR``, else ``$CUSA_CACHE_DIR/manifests``, else ``$XDG_CACHE_HOME/cusa/manifests``
+(``~/.cache/cusa/manifests``); never next to the data, so a read-only source works. ``cusa-cache build`` also keeps a
+copy inside the store it writes (``STORE/manifest/``), which later commands given that store use as it is.
+
+Layout: ``CACHE/FAMILY/current`` names the complete version, ``CACHE/FAMILY/VERSION/`` holds ``meta.json`` and the
+columns (``samples.arrow`` + ``captions.arrow`` for shards, ``images.arrow`` + ``captions.arrow`` for an annotation
+file). FAMILY hashes what was read (the files' real paths and the reading options). A version is written under a
+temporary name and renamed into place whole, then ``current`` is replaced atomically: a killed write is never read,
+and two processes indexing at once each leave a complete version (a lock makes the second wait and reuse the first's).
+
+An entry (a shard, or the annotation file) is reused when its name, size and modification time (ns) are the ones
+recorded and it had not been modified for 2 s when it was indexed (a change within the same clock tick as the
+indexing could otherwise go unseen). A source whose shards changed scans again only the changed, added or renamed
+shards; the other shards' rows are copied from the previous version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from pipeline.columns import StringColumn
+from pipeline.manifest_table import Block, CaptionTable, ImageTable, Manifest, narrow_codes
+from pipeline.shard_scan import ScanRules, ShardEntry, ShardScan, SourceScan, assemble, combine, scan_shard
+
+INDEX_VERSION = 1
+STORE_INDEX_DIR = "manifest"
+CACHE_ENV = "CUSA_CACHE_DIR"
+_TRUST_SLACK_NS = 2_000_000_000
+_CURRENT = "current"
+_META = "meta.json"
+_OLD_VERSION_S = 600  # versions other than the current one are removed once this old (readers may still map them)
+
+
+def default_cache_dir() -> Path:
+    """Where manifest indexes go without ``--manifest-cache``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "manifests"
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / "Library" / "Caches" if sys.platform == "darwin"
+                                                else Path.home() / ".cache")
+    return Path(base) / "cusa" / "manifests"
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What decides whether an entry is still valid: the file's name, size and modification time."""
+
+    path: str
+    name: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str) -> "FileStat":
+        st = os.stat(path)
+        return cls(path, os.path.basename(path), st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class IndexPlaces:
+    """Where to look for an index (``extra``: read-only copies, e.g. inside a store, tried first) and where to
+    write one (``cache``; None: nowhere, the manifest is read every time)."""
+
+    cache: Path | None
+    extra: tuple[Path, ...] = ()
+
+    @classmethod
+    def resolve(cls, manifest_cache: str | os.PathLike | None, extra: Sequence[str | os.PathLike] = ()
+                ) -> "IndexPlaces":
+        cache = Path(manifest_cache) if manifest_cache else default_cache_dir()
+        return cls(cache, tuple(Path(p) for p in extra))
+
+
+# ---------------------------------------------------------------------------------------------- versions on disk
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _write_table(path: Path, columns: dict[str, pa.Array | np.ndarray]) -> None:
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c) for c in columns.values()]
+    batch = pa.record_batch(arrays, names=list(columns))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _read_table(path: Path) -> dict[str, pa.Array]:
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    batch = reader.get_batch(0)
+    return {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
+
+
+def _numbers(array: pa.Array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=True)
+
+
+def _load_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / _META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("index_version") == INDEX_VERSION else None
+
+
+def _current_version(family: Path) -> Path | None:
+    try:
+        name = (family / _CURRENT).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    folder = family / name
+    return folder if name and (folder / _META).is_file() else None
+
+
+@contextlib.contextmanager
+def _family_lock(family: Path) -> Iterator[None]:
+    """One indexer per family at a time (others wait, then find its version); no lock where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: two writers still each leave a complete version
+        yield
+        return
+    fh = open(family / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _publish(family: Path, write: Callable[[Path], None]) -> Path:
+    """Write a version with ``write(folder)`` under a temporary name, rename it into place, point ``current`` at it."""
+    name = f"v-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    tmp = family / f".tmp-{name}"
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        os.replace(tmp, family / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = family / f".tmp-current-{uuid.uuid4().hex[:8]}"
+    pointer.write_text(name + "\n", encoding="utf-8")
+    os.replace(pointer, family / _CURRENT)
+    _remove_old_versions(family, keep=name)
+    return family / name
+
+
+def _remove_old_versions(family: Path, keep: str) -> None:
+    now = time.time()
+    for child in family.iterdir():
+        if child.name in (keep, _CURRENT, ".lock"):
+            continue
+        try:
+            old = now - child.stat().st_mtime > (_OLD_VERSION_S if child.name.startswith("v-") else 3600)
+        except OSError:
+            continue
+        if old:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def _trusted(entry: dict, stat: FileStat) -> bool:
+    return (entry.get("name") == stat.name and entry.get("size") == stat.size and entry.get("mtime_ns") ==
+            stat.mtime_ns and stat.mtime_ns + _TRUST_SLACK_NS <= int(entry.get("indexed_at_ns", 0)))
+
+
+def _writable(cache: Path | None) -> bool:
+    if cache is None:
+        return False
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return os.access(cache, os.W_OK)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- shard sources
+@dataclass(frozen=True)
+class ShardToRead:
+    """One shard of a source, as the index keys it."""
+
+    stat: FileStat
+    split: str
+    rules: ScanRules
+
+    def key(self) -> tuple:
+        return (self.stat.name, self.stat.size, self.stat.mtime_ns, self.split, self.rules.escaped_newlines)
+
+
+def _entry_key(entry: dict) -> tuple:
+    return (entry["name"], entry["size"], entry["mtime_ns"], entry["split"], entry.get("escaped", False))
+
+
+def _options(rules: Sequence[ScanRules]) -> dict:
+    r = rules[0]
+    return {"image_extensions": list(r.image_extensions), "caption_key": r.caption_key,
+            "caption_json_field": r.caption_json_field, "id_field": r.id_field}
+
+
+def open_shards(shards: Sequence[ShardToRead], source: str, places: IndexPlaces, workers: int = 0,
+                progress: bool = False) -> Manifest:
+    """The manifest of a shard source, from its index when one matches, else scanning what changed."""
+    options = _options([s.rules for s in shards])
+    id_field = options["id_field"]
+    for folder in places.extra:
+        meta = _load_meta(folder)
+        if meta and meta.get("kind") == "shards" and meta.get("options") == options and \
+                _all_reusable(meta["entries"], shards):
+            return _open_shard_version(folder, meta, shards, source, id_field)
+    family_key = _digest({"kind": "shards", "options": options, "shards": [os.path.realpath(s.stat.path)
+                                                                           for s in shards]})
+    if not _writable(places.cache):
+        return assemble(combine(_scan_all(shards, list(range(len(shards))), workers, progress)), source, id_field)
+    family = places.cache / family_key
+    family.mkdir(parents=True, exist_ok=True)
+    folder = _current_version(family)
+    meta = _load_meta(folder) if folder else None
+    if meta and _all_reusable(meta["entries"], shards):
+        return _open_shard_version(folder, meta, shards, source, id_field)
+    with _family_lock(family):
+        folder = _current_version(family)  # another process may have written it while this one waited
+        meta = _load_meta(folder) if folder else None
+        if meta and _all_reusable(meta["entries"], shards):
+            return _open_shard_version(folder, meta, shards, source, id_field)
+        old = _load_source_scan(folder, meta) if meta else None
+        by_key = {_entry_key(e): k for k, e in enumerate(meta["entries"])} if meta else {}
+        scans: list[ShardScan | None] = [None] * len(shards)
+        todo = []
+        for i, shard in enumerate(shards):
+            k = by_key.get(shard.key())
+            if old is not None and k is not None and _trusted(meta["entries"][k], shard.stat):
+                scans[i] = old.shard_scan(k)
+            else:
+                todo.append(i)
+        started = time.time_ns()
+        for i, scan in zip(todo, _scan_all(shards, todo, workers, progress)):
+            scans[i] = scan
+        scan = combine(scans)
+        manifest = assemble(scan, source, id_field)  # refuses a source without usable samples before writing
+        fingerprints = _fingerprints(manifest)
+        rescanned = set(todo)
+        indexed = [started if i in rescanned else meta["entries"][by_key[shards[i].key()]]["indexed_at_ns"]
+                   for i in range(len(shards))]
+        folder = _publish(family, lambda tmp: _write_shard_version(tmp, scan, shards, options, indexed, fingerprints,
+                                                                   source))
+        return _open_shard_version(folder, _load_meta(folder), shards, source, id_field)
+
+
+def _all_reusable(entries: list[dict], shards: Sequence[ShardToRead]) -> bool:
+    return len(entries) == len(shards) and all(
+        _entry_key(e) == s.key() and _trusted(e, s.stat) for e, s in zip(entries, shards))
+
+
+def _scan_job(args: tuple[str, str, ScanRules]) -> ShardScan:
+    return scan_shard(*args)
+
+
+def _scan_all(shards: Sequence[ShardToRead], todo: list[int], workers: int, progress: bool) -> list[ShardScan]:
+    jobs = [(shards[i].stat.path, shards[i].split, shards[i].rules) for i in todo]
+    out: list[ShardScan] = []
+    with tqdm(total=len(jobs), desc="indexing shards", unit="shard", disable=not progress or not jobs,
+              dynamic_ncols=True, leave=False) as bar:
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("fork")) as pool:
+                for scan in pool.map(_scan_job, jobs, chunksize=1):
+                    out.append(scan)
+                    bar.update(1)
+        else:
+            for job in jobs:
+                out.append(_scan_job(job))
+                bar.update(1)
+    return out
+
+
+def _fingerprints(manifest: Manifest) -> dict[str, str]:
+    out = {"": manifest.fingerprint()}
+    for split in manifest.splits():
+        if split:
+            out[split] = manifest.select_split(split).fingerprint()
+    return out
+
+
+def _write_shard_version(folder: Path, scan: SourceScan, shards: Sequence[ShardToRead], options: dict,
+                         indexed_at: list[int], fingerprints: dict[str, str], source: str) -> None:
+    samples = {"key": scan.keys.array, "ext": scan.ext.astype(np.uint16), "offset": scan.offset, "size": scan.size}
+    if scan.ids is not None:
+        samples["id"] = scan.ids.array
+    _write_table(folder / "samples.arrow", samples)
+    _write_table(folder / "captions.arrow", {"text": scan.texts.array, "sample": scan.caption_sample})
+    entries = [{"name": s.stat.name, "path": s.stat.path, "size": s.stat.size, "mtime_ns": s.stat.mtime_ns,
+                "indexed_at_ns": int(t), "split": s.split, "escaped": s.rules.escaped_newlines,
+                "samples": list(e.samples), "captions": list(e.captions), "digest": e.digest, "skipped": e.skipped,
+                "missing": {str(k): v for k, v in e.missing.items()}}
+               for s, e, t in zip(shards, scan.entries, indexed_at)]
+    meta = {"index_version": INDEX_VERSION, "kind": "shards", "options": options, "source": source,
+            "ext_table": scan.ext_table, "with_ids": scan.ids is not None, "entries": entries,
+            "counts": {"samples": len(scan.offset), "captions": len(scan.caption_sample)},
+            "fingerprints": fingerprints}
+    (folder / _META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+
+
+def _load_source_scan(folder: Path, meta: dict, shards: Sequence[ShardToRead] | None = None) -> SourceScan:
+    samples = _read_table(folder / "samples.arrow")
+    captions = _read_table(folder / "captions.arrow")
+    paths = [s.stat.path for s in shards] if shards is not None else [e["path"] for e in meta["entries"]]
+    entries = [ShardEntry(path, e["split"], tuple(e["samples"]), tuple(e["captions"]), e["digest"], e["skipped"],
+                          {int(k): v for k, v in e["missing"].items()})
+               for path, e in zip(paths, meta["entries"])]
+    ext = _numbers(samples["ext"])
+    return SourceScan(entries, StringColumn(samples["key"]), narrow_codes(ext, len(meta["ext_table"])),
+                      meta["ext_table"], _numbers(samples["offset"]), _numbers(samples["size"]),
+                      StringColumn(samples["id"]) if "id" in samples else None, StringColumn(captions["text"]),
+                      _numbers(captions["sample"]))
+
+
+def _open_shard_version(folder: Path, meta: dict, shards: Sequence[ShardToRead], source: str,
+                        id_field: str | None) -> Manifest:
+    scan = _load_source_scan(folder, meta, shards)
+    for entry, shard in zip(scan.entries, shards):  # skipped samples name the shard where it is now
+        entry.skipped = [{**s, "shard": shard.stat.path} for s in entry.skipped]
+    manifest = assemble(scan, source, id_field, meta.get("fingerprints"))
+    manifest.index_path = folder
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- annotation files
+def open_annotation_file(path: Path, options: dict, image_root: str, read: Callable[[], Manifest],
+                         places: IndexPlaces) -> Manifest:
+    """The manifest of an annotation file, from its index when one matches, else ``read()`` and index it."""
+    stat = FileStat.of(str(path))
+    for folder in places.extra:
+        meta = _load_meta(folder)
+        if meta and meta.get("kind") == "annotations" and meta.get("options") == options and \
+                _trusted(meta["entries"][0], stat):
+            return _open_annotation_version(folder, meta, str(path), image_root)
+    if not _writable(places.cache):
+        return read()
+    family = places.cache / _digest({"kind": "annotations", "options": options, "file": os.path.realpath(path)})
+    family.mkdir(parents=True, exist_ok=True)
+    folder = _current_version(family)
+    meta = _load_meta(folder) if folder else None
+    if meta and _trusted(meta["entries"][0], stat):
+        return _open_annotation_version(folder, meta, str(path), image_root)
+    started = time.time_ns()
+    manifest = read()
+    fingerprints = _fingerprints(manifest)
+    with _family_lock(family):
+        folder = _publish(family, lambda tmp: _write_annotation_version(tmp, manifest, stat, started, options,
+                                                                        fingerprints))
+    return _open_annotation_version(folder, _load_meta(folder), str(path), image_root)
+
+
+def _write_annotation_version(folder: Path, manifest: Manifest, stat: FileStat, indexed_at: int, options: dict,
+                              fingerprints: dict[str, str]) -> None:
+    images = manifest.images
+    columns = {"path": images.paths_written.array, "split": images.split_codes.astype(np.uint16)}
+    if images.ids_written is not None:
+        columns["id"] = images.ids_written.array
+    _write_table(folder / "images.arrow", columns)
+    _write_table(folder / "captions.arrow", {"text": manifest.captions.texts.array,
+                                              "image_row": manifest.captions.image_rows})
+    meta = {"index_version": INDEX_VERSION, "kind": "annotations", "options": options, "format": manifest.format,
+            "entries": [{"name": stat.name, "path": stat.path, "size": stat.size, "mtime_ns": stat.mtime_ns,
+                         "indexed_at_ns": indexed_at}],
+            "split_labels": images.split_labels, "block_digest": manifest.blocks[0].digest,
+            "counts": {"images": len(images), "captions": len(manifest.captions)}, "fingerprints": fingerprints}
+    (folder / _META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+
+
+def _open_annotation_version(folder: Path, meta: dict, source: str, image_root: str) -> Manifest:
+    images = _read_table(folder / "images.arrow")
+    captions = _read_table(folder / "captions.arrow")
+    labels = meta["split_labels"]
+    table = ImageTable(narrow_codes(_numbers(images["split"]), len(labels)), labels,
+                       paths=StringColumn(images["path"]), ids=StringColumn(images["id"]) if "id" in images else None)
+    texts, rows = StringColumn(captions["text"]), _numbers(captions["image_row"])
+    block = Block(0, len(table), 0, len(rows), meta.get("block_digest", ""))
+    manifest = Manifest(table, CaptionTable(texts, rows), source, image_root, meta["format"], blocks=[block],
+                        fingerprints=meta.get("fingerprints"))
+    manifest.index_path = folder
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- a store's copy
+def keep_copy(manifest: Manifest, store_path: str | os.PathLike) -> bool:
+    """Copy the index version behind ``manifest`` into ``STORE/manifest/`` (replacing an older copy); False when the
+    manifest was not opened from an index (nothing to copy)."""
+    folder = getattr(manifest, "index_path", None)
+    if folder is None or not Path(folder).is_dir():
+        return False
+    dest = Path(store_path) / STORE_INDEX_DIR
+    tmp = Path(store_path) / f".tmp-{STORE_INDEX_DIR}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(folder, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return True
