@@ -34,7 +34,8 @@ from pipeline.distributed import DistContext, init_distributed, resolve_device, 
 from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, Encoder, build_encoder
 from pipeline.errors import CusaError, ImageError
 from pipeline.images import open_image
-from pipeline.manifest import Manifest, read_manifest
+from pipeline.manifest import FINGERPRINT_VERSION, Manifest, read_manifest
+from pipeline.manifest_index import keep_copy
 from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout, describe_skipped
 from teacher_cache.errors import StoreError
 from teacher_cache.neighbors import build_neighbor_table, save_index
@@ -110,6 +111,7 @@ class BuildConfig:
     image_key: str | None = None  # webdataset shards: image member extension(s) [default: jpg;jpeg;png;webp]
     caption_key: str = DEFAULT_CAPTION_KEY  # webdataset shards: caption member extension, or json:FIELD
     id_field: str | None = None  # webdataset shards: json field holding the image id [default: the sample key]
+    manifest_cache: str | None = None  # where the source's manifest index goes [default: see pipeline.manifest_index]
 
     def shard_layout(self) -> ShardLayout:
         return ShardLayout(self.image_key, self.caption_key, self.id_field)
@@ -186,11 +188,14 @@ def caption_notes(encoder: Encoder, texts: list[str], cleaned_rows: list[int]) -
     return notes
 
 
-def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: Encoder, chunk_rows: int) -> StoreLayout:
-    """What the store records about a manifest and its teachers (no embeddings yet)."""
-    split_fps = {s: manifest.select_split(s).fingerprint() for s in manifest.splits() if s}
+def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: Encoder, chunk_rows: int,
+                    fingerprint_format: int = FINGERPRINT_VERSION) -> StoreLayout:
+    """What the store records about a manifest and its teachers (no embeddings yet); ``fingerprint_format`` 1 only to
+    resume a build begun before fingerprint format 2."""
+    split_fps = {s: manifest.select_split(s).fingerprint(fingerprint_format) for s in manifest.splits() if s}
     return StoreLayout(
-        fingerprint=manifest.fingerprint(),
+        fingerprint=manifest.fingerprint(fingerprint_format),
+        fingerprint_format=fingerprint_format,
         split_fingerprints=split_fps,
         image_ids=manifest.images.ids().tolist(),
         image_paths=manifest.images.paths().tolist(),
@@ -357,13 +362,26 @@ def _build_neighbors(store: Store, modality: str, k: int, factory: str, show: bo
     return {"modality": modality, "k": k_eff, **info}
 
 
-def _refuse_other_manifest(out: str, manifest: Manifest) -> None:
-    """Refuse a store built from another manifest before loading any teacher (which can take minutes)."""
+def _refuse_other_manifest(out: str, manifest: Manifest) -> int:
+    """Refuse a store built from another manifest before loading any teacher (which can take minutes); the
+    fingerprint format the build goes on with (1 for a build of this manifest begun before format 2)."""
     try:
         existing = Store.open(out)
     except StoreError:
-        return  # nothing there yet, a half-created store, or another format: create_or_resume decides
+        return FINGERPRINT_VERSION  # nothing there yet, a half-created store, or another format: create_or_resume decides
+    if existing.fingerprint_format < 2 and existing.fingerprint == manifest.fingerprint(1):
+        return 1
     existing.check_fingerprint(manifest.fingerprint())
+    return FINGERPRINT_VERSION
+
+
+def _keep_manifest_index(source: Manifest, out: str) -> None:
+    """A copy of the source's manifest index inside the finished store, so commands given the store open the data
+    without reading it (an accelerator only: a failed copy leaves the store as it is)."""
+    try:
+        keep_copy(source, out)
+    except OSError as exc:
+        print(f"note: {out}: the manifest index was not kept in the store ({exc.strerror or exc})", file=sys.stderr)
 
 
 def _reopen_finished(store: Store, cfg: BuildConfig) -> None:
@@ -448,18 +466,18 @@ def build_store(cfg: BuildConfig, image_encoder: Encoder | None = None,
     if cfg.neighbors < 0:
         raise CusaError(f"--neighbors must be ≥ 0, got {cfg.neighbors}")
     t_start = time.perf_counter()
-    manifest = read_manifest(
+    source = read_manifest(
         cfg.annotations, format=cfg.format, image_root=cfg.image_root, image_column=cfg.csv_image_column,
         caption_column=cfg.csv_caption_column, id_column=cfg.csv_id_column, shard_layout=cfg.shard_layout(),
-    ).select_split(cfg.split)
+        manifest_cache=cfg.manifest_cache, workers=cfg.workers, progress=cfg.progress)
+    manifest = source.select_split(cfg.split)
     if not manifest.images:
         raise CusaError(f"{cfg.annotations}: no images in split {cfg.split!r}")
     if manifest.skipped_samples and cfg.on_bad_image == "fail":
         more = f" ({len(manifest.skipped_samples) - 1} more bad samples)" if len(manifest.skipped_samples) > 1 else ""
         raise CusaError(f"{describe_skipped(manifest.skipped_samples[0])}{more}; fix the shard or use "
                         "--on-bad-image skip to leave such samples out")
-    if not cfg.overwrite:
-        _refuse_other_manifest(cfg.out, manifest)
+    fingerprint_format = _refuse_other_manifest(cfg.out, manifest) if not cfg.overwrite else FINGERPRINT_VERSION
     faults = FaultInjector.from_env()
     ctx = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     lock = BuildLock(Path(cfg.out))
@@ -473,10 +491,12 @@ def build_store(cfg: BuildConfig, image_encoder: Encoder | None = None,
         if check is not None:  # embeddings made elsewhere must cover these captions: said before anything is written
             check(teacher_captions(manifest.caption_texts())[0],
                   f"{cfg.annotations} (split {cfg.split})")
-        layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows)
+        layout = manifest_layout(manifest, image_encoder, text_encoder, cfg.chunk_rows, fingerprint_format)
         show = cfg.progress and ctx.is_main
         try:
             summary = _run(cfg, manifest, layout, image_encoder, text_encoder, ctx, show, faults)
+            if ctx.is_main:
+                _keep_manifest_index(source, cfg.out)
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(cfg.out) else ""
             raise CusaError(

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
 from pipeline.errors import CusaError
 from teacher_cache.errors import StoreError
 
@@ -65,7 +65,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("annotations", type=click.Path(dir_okay=False))
+@click.argument("annotations", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store folder to create or resume.")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES),
               help="auto detects webdataset shards from a .tar, a brace pattern, '::'-joined patterns or a list file.")
@@ -90,6 +90,7 @@ def main() -> None:
 @click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
 @click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
 @shard_layout_options()
+@manifest_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher, batch_size, workers, device, k,
@@ -301,6 +302,36 @@ def _row_neighbors(store, modality: str, row: int, k: int):
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.option("--data", "annotations", required=True, type=click.Path(),
+              help="The annotations (or shards) the store was built from.")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
+@click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
+@click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
+@click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@shard_layout_options()
+@manifest_cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@user_errors
+def upgrade(store_path, annotations, fmt, image_column, caption_column, id_column, image_key, caption_key, id_field,
+            as_json):
+    """Bring a store built by an earlier cusa up to the current fingerprint format, without running a teacher (the
+    rows are the same; only how the dataset is fingerprinted changed), and keep the data's manifest index in it."""
+    from pipeline.manifest import read_manifest
+    from pipeline.shards import ShardLayout
+    from pipeline.store_upgrade import upgrade_store
+
+    source = read_manifest(annotations, format=fmt, image_column=image_column, caption_column=caption_column,
+                           id_column=id_column, shard_layout=ShardLayout(image_key, caption_key or "txt", id_field),
+                           progress=True)
+    result = upgrade_store(store_path, source)
+    human = (f"{store_path}: fingerprints rewritten in format {result['fingerprint_format']} (built from "
+             f"{annotations}, split {result['split']})" if result["upgraded"] else
+             f"{store_path}: already in fingerprint format {result['fingerprint_format']}; nothing to do")
+    emit(result, as_json, human)
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def verify(store_path, as_json):
@@ -323,7 +354,7 @@ def verify(store_path, as_json):
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--data", "annotations", required=True, type=click.Path(dir_okay=False),
+@click.option("--data", "annotations", required=True, type=click.Path(),
               help="The annotations (or shards) the store was built from (or one of their splits, with --split).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Report folder [default: STORE-report next to the store, STORE-report-SPLIT for one split].")
@@ -334,6 +365,7 @@ def verify(store_path, as_json):
               help="Example queries shown per modality.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-pair baselines.")
 @shard_layout_options()
+@manifest_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json.")
 @user_errors
 def report(store_path, annotations, out, fmt, image_root, split, examples, seed, image_key, caption_key, id_field,
@@ -395,6 +427,7 @@ def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
 @click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Rows per stored chunk (the unit of resumption and of streamed reads).")
 @click.option("--overwrite", is_flag=True, help="Replace a store built from other data or embeddings.")
+@manifest_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def import_clip_retrieval_cmd(folder, out, annotations, id_column, split_column, split_label, model, k, factory,

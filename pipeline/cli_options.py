@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from pipeline.manifest import FORMATS
+from pipeline.manifest_index import MANIFEST_CACHE_ENV
 
 FORMAT_CHOICES = ("auto", *FORMATS)
 
@@ -28,3 +31,19 @@ def shard_layout_options(defaults_from_run: bool = False):
         return fn
 
     return decorate
+
+
+def manifest_cache_option(fn):
+    """``--manifest-cache DIR``: where the manifest index of the data this command reads is kept (also from
+    ``$CUSA_MANIFEST_CACHE``). It applies to everything the command starts (torchrun ranks, DataLoader workers,
+    the feature builds of a frozen student), so it travels as that environment variable."""
+
+    def remember(ctx, param, value):
+        if value:
+            os.environ[MANIFEST_CACHE_ENV] = str(value)
+        return value
+
+    return click.option("--manifest-cache", type=click.Path(file_okay=False), default=None, expose_value=False,
+                        callback=remember, is_eager=True, envvar=MANIFEST_CACHE_ENV,
+                        help="Where the manifest index of the data is kept, so that later commands open it in "
+                             "seconds [default: $CUSA_CACHE_DIR/manifests, else ~/.cache/cusa/manifests].")(fn)

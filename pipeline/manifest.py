@@ -78,6 +78,9 @@ def read_manifest(
     if format == "webdataset" or format == "auto" and is_shard_source(path):
         return _read_shards(str(path).strip(), shard_layout or ShardLayout(), places, workers, progress)
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: a folder, not an annotation file, shards or a CLIP_benchmark webdataset folder "
+                            "(which holds dataset_type.txt)")
     if not path.is_file():
         raise ManifestError(f"{path}: annotation file not found")
     if format == "auto" and path.suffix.lower() not in (".json", *CSV_SUFFIXES):

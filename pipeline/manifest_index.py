@@ -1,7 +1,7 @@
 """The manifest index: a dataset source's rows written once as memory-mapped Arrow files, reused while the source is
 unchanged, so a command opens millions of samples in seconds and the ranks of one node share the pages.
 
-Where: ``--manifest-cache DIR``, else ``$CUSA_CACHE_DIR/manifests``, else ``$XDG_CACHE_HOME/cusa/manifests``
+Where: ``--manifest-cache DIR`` (``$CUSA_MANIFEST_CACHE``), else ``$CUSA_CACHE_DIR/manifests``, else ``$XDG_CACHE_HOME/cusa/manifests``
 (``~/.cache/cusa/manifests``); never next to the data, so a read-only source works. ``cusa-cache build`` also keeps a
 copy inside the store it writes (``STORE/manifest/``), which later commands given that store use as it is.
 
@@ -44,6 +44,7 @@ from pipeline.shard_scan import ScanRules, ShardEntry, ShardScan, SourceScan, as
 INDEX_VERSION = 1
 STORE_INDEX_DIR = "manifest"
 CACHE_ENV = "CUSA_CACHE_DIR"
+MANIFEST_CACHE_ENV = "CUSA_MANIFEST_CACHE"
 _TRUST_SLACK_NS = 2_000_000_000
 _CURRENT = "current"
 _META = "meta.json"
@@ -51,7 +52,10 @@ _OLD_VERSION_S = 600  # versions other than the current one are removed once thi
 
 
 def default_cache_dir() -> Path:
-    """Where manifest indexes go without ``--manifest-cache``."""
+    """Where manifest indexes go: ``$CUSA_MANIFEST_CACHE`` (what ``--manifest-cache`` sets), else
+    ``$CUSA_CACHE_DIR/manifests``, else the platform's cache folder."""
+    if os.environ.get(MANIFEST_CACHE_ENV):
+        return Path(os.environ[MANIFEST_CACHE_ENV])
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]) / "manifests"
     base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / "Library" / "Caches" if sys.platform == "darwin"
@@ -226,8 +230,10 @@ def open_shards(shards: Sequence[ShardToRead], source: str, places: IndexPlaces,
         if meta and meta.get("kind") == "shards" and meta.get("options") == options and \
                 _all_reusable(meta["entries"], shards):
             return _open_shard_version(folder, meta, shards, source, id_field)
-    family_key = _digest({"kind": "shards", "options": options, "shards": [os.path.realpath(s.stat.path)
-                                                                           for s in shards]})
+    # a family per source (its shards' real paths), named after its options first: the families of other sources
+    # read the same way are where a shard seen before (added to this source, or renamed) is found again
+    prefix = _digest({"kind": "shards", "options": options})[:16]
+    family_key = f"{prefix}-{_digest([os.path.realpath(s.stat.path) for s in shards])[:16]}"
     if not _writable(places.cache):
         return assemble(combine(_scan_all(shards, list(range(len(shards))), workers, progress)), source, id_field)
     family = places.cache / family_key
@@ -241,28 +247,62 @@ def open_shards(shards: Sequence[ShardToRead], source: str, places: IndexPlaces,
         meta = _load_meta(folder) if folder else None
         if meta and _all_reusable(meta["entries"], shards):
             return _open_shard_version(folder, meta, shards, source, id_field)
-        old = _load_source_scan(folder, meta) if meta else None
-        by_key = {_entry_key(e): k for k, e in enumerate(meta["entries"])} if meta else {}
+        known = _ShardsSeen(places.cache, prefix, family)
         scans: list[ShardScan | None] = [None] * len(shards)
+        indexed = [time.time_ns()] * len(shards)
         todo = []
         for i, shard in enumerate(shards):
-            k = by_key.get(shard.key())
-            if old is not None and k is not None and _trusted(meta["entries"][k], shard.stat):
-                scans[i] = old.shard_scan(k)
-            else:
+            found = known.find(shard)
+            if found is None:
                 todo.append(i)
-        started = time.time_ns()
+            else:
+                scans[i], indexed[i] = found
         for i, scan in zip(todo, _scan_all(shards, todo, workers, progress)):
             scans[i] = scan
         scan = combine(scans)
         manifest = assemble(scan, source, id_field)  # refuses a source without usable samples before writing
         fingerprints = _fingerprints(manifest)
-        rescanned = set(todo)
-        indexed = [started if i in rescanned else meta["entries"][by_key[shards[i].key()]]["indexed_at_ns"]
-                   for i in range(len(shards))]
         folder = _publish(family, lambda tmp: _write_shard_version(tmp, scan, shards, options, indexed, fingerprints,
                                                                    source))
         return _open_shard_version(folder, _load_meta(folder), shards, source, id_field)
+
+
+class _ShardsSeen:
+    """Shards indexed before, by their key: in this family's current version first, then in the current versions of
+    the other families read with the same options (most recent first)."""
+
+    _MAX_FAMILIES = 32
+
+    def __init__(self, cache: Path, prefix: str, family: Path):
+        others = sorted((f for f in cache.glob(f"{prefix}-*") if f != family and f.is_dir()),
+                        key=lambda f: -(f / _CURRENT).stat().st_mtime if (f / _CURRENT).exists() else 0)
+        self.families = [family] + others[:self._MAX_FAMILIES]
+        self.loaded: list[tuple[dict, SourceScan | None, dict[tuple, int]]] = []
+
+    def _versions(self) -> Iterator[tuple[dict, Path]]:
+        for f in self.families:
+            folder = _current_version(f)
+            meta = _load_meta(folder) if folder else None
+            if meta:
+                yield meta, folder
+
+    def find(self, shard: ShardToRead) -> tuple[ShardScan, int] | None:
+        """The shard's scan as indexed before and when it was indexed, if it is unchanged since."""
+        if not self.loaded:
+            for meta, folder in self._versions():
+                by_key = {_entry_key(e): k for k, e in enumerate(meta["entries"])}
+                self.loaded.append((meta, folder, by_key))
+        for i, (meta, folder, by_key) in enumerate(self.loaded):
+            k = by_key.get(shard.key())
+            if k is None or not _trusted(meta["entries"][k], shard.stat):
+                continue
+            if not isinstance(folder, SourceScan):
+                folder = _load_source_scan(folder, meta)
+                self.loaded[i] = (meta, folder, by_key)
+            scan = folder.shard_scan(k)
+            scan.shard = shard.stat.path
+            return scan, int(meta["entries"][k]["indexed_at_ns"])
+        return None
 
 
 def _all_reusable(entries: list[dict], shards: Sequence[ShardToRead]) -> bool:

@@ -224,7 +224,7 @@ def build_report(store_path: str | Path, annotations: str | Path, out: str | Pat
     store = Store.open(store_path, require_complete=True)
     manifest = read_manifest(annotations, format=fmt, image_root=image_root,
                              shard_layout=shard_layout).select_split(split)
-    image_rows, caption_rows = store.rows_for(manifest.fingerprint(), f"annotations {annotations}")
+    image_rows, caption_rows = store.rows_of(manifest, f"annotations {annotations}")
     out_dir = Path(out) if out is not None else default_report_dir(store.path, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -36,6 +36,7 @@ DEFAULT_CHUNK_ROWS = 2048
 _PROGRESS_DIR = "_progress"
 _FAISS_DIR = "faiss"
 _LOCK_FILE = "_build.lock"
+_MANIFEST_DIR = "manifest"  # a copy of the source's manifest index (pipeline.manifest_index): not store data
 # Attributes that say what the rows are; their digests, recorded when a build finishes, expose later edits.
 DIGESTED_ATTRS = ("format_version", "fingerprint", "split_fingerprints", "teachers", "counts", "dims", "chunk_rows",
                   "checksums", "skipped_images", "neighbors", "files", "caption_notes")
@@ -83,6 +84,7 @@ class StoreLayout:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     source: str = ""
     skipped_samples: list[dict] = field(default_factory=list)  # shard samples left out of the rows: {shard, key, reason}
+    fingerprint_format: int = 2  # how the dataset's fingerprints were computed (1: before per-shard digests)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -196,7 +198,7 @@ class Store:
         ):
             arr = group.create_array(name, shape=(len(values),), dtype=str, chunks=(max(len(values), 1),))
             if values:
-                arr[:] = np.asarray(values, dtype=str)
+                arr[:] = np.array(values, dtype=object)  # variable-width: no copy padded to the longest
         rows = group.create_array("texts/image_row", shape=(n_txt,), dtype="int64", chunks=(max(n_txt, 1),))
         if n_txt:
             rows[:] = np.asarray(layout.caption_image_rows, dtype=np.int64)
@@ -209,6 +211,7 @@ class Store:
             "format_version": FORMAT_VERSION,
             "fingerprint": layout.fingerprint,
             "split_fingerprints": layout.split_fingerprints,
+            "fingerprint_format": layout.fingerprint_format,
             "teachers": layout.teachers,
             "counts": layout.counts,
             "dims": layout.dims,
@@ -287,6 +290,25 @@ class Store:
                 "resume with the same value or pass --overwrite",
                 field="chunk_rows",
             )
+
+    @property
+    def fingerprint_format(self) -> int:
+        """How this store's dataset fingerprints were computed: 2, or 1 for stores built before per-shard digests."""
+        return int(self._group.attrs.get("fingerprint_format", 1))
+
+    def rows_of(self, manifest, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+        """Store rows (images, captions) of ``manifest`` (anything with ``fingerprint(version)``), as
+        :meth:`rows_for`; a store with format-1 fingerprints is matched by the manifest's format-1 fingerprint (a
+        pass over its rows: ``cusa-cache upgrade`` rewrites the store's so later commands skip it)."""
+        try:
+            return self.rows_for(manifest.fingerprint(), what)
+        except StoreMismatch:
+            if self.fingerprint_format >= 2:
+                raise
+            legacy = manifest.fingerprint(1)
+            if legacy != self.fingerprint and legacy not in self.split_fingerprints.values():
+                raise
+            return self.rows_for(legacy, what)
 
     def rows_for(self, fingerprint: str, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
         """Store rows (images, captions) of the dataset with ``fingerprint``: the whole store or one split.
@@ -494,6 +516,24 @@ class Store:
         attrs["complete"] = True
         self._group.attrs.put(attrs)  # one atomic replace of zarr.json: the mark and what it vouches for together
 
+    def rewrite_fingerprints(self, fingerprint: str, split_fingerprints: dict[str, str], fingerprint_format: int
+                             ) -> None:
+        """Record the dataset's fingerprints in another format (same rows, no embedding touched), with the attribute
+        digests that vouch for them, in one atomic update of the root document."""
+        if not self.complete:
+            raise StoreError(f"{self.path}: the store is incomplete; finish its build before upgrading it")
+        if set(split_fingerprints) != set(self.split_fingerprints):
+            raise StoreError(f"{self.path}: splits {sorted(split_fingerprints)} are not the store's "
+                             f"{sorted(self.split_fingerprints)}")
+        group = zarr.open_group(str(self.path), mode="r+")
+        attrs = dict(group.attrs)
+        attrs.update({"fingerprint": fingerprint, "split_fingerprints": split_fingerprints,
+                      "fingerprint_format": int(fingerprint_format)})
+        if _DIGESTS in attrs:
+            attrs[_DIGESTS] = {key: attrs_digest(attrs.get(key)) for key in DIGESTED_ATTRS}
+        group.attrs.put(attrs)
+        self._group = zarr.open_group(str(self.path), mode="r")
+
     def changed_since_written(self) -> list[str]:
         """Finished parts whose bytes no longer match the checksum taken when they were written: embedding chunks
         ("images chunk 3") and neighbor tables ("neighbors images"). Reads every finished chunk."""
@@ -546,7 +586,8 @@ class Store:
         files = {}
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
-            if not p.is_file() or rel == "zarr.json" or rel.startswith(f"{_PROGRESS_DIR}/") or rel == _LOCK_FILE:
+            if not p.is_file() or rel == "zarr.json" or rel.startswith((f"{_PROGRESS_DIR}/", f"{_MANIFEST_DIR}/")) \
+                    or rel == _LOCK_FILE:
                 continue
             if _is_temporary(p.name):
                 p.unlink(missing_ok=True)

@@ -94,7 +94,7 @@ def test_grid_regions_are_computed_once_per_split_and_reused_by_every_later_run(
     assert region_runs["sgr"][1]["backbone_passes"] == 2
     assert region_runs["saf"][1]["backbone_passes"] == 0
     manifest = load_split(str(demo_dir / "train.json"), "train")
-    regions = grid_regions(str(demo_dir / "train.json"), "train", manifest.fingerprint(), "efficientnet-lite0",
+    regions = grid_regions(str(demo_dir / "train.json"), "train", manifest, "efficientnet-lite0",
                            default_feature_cache(str(demo_cache)), progress=False, workers=0, device="cpu")
     assert not regions.computed and len(regions) == 42
     block = regions.take([0, 5])
@@ -107,7 +107,7 @@ def student_scores(run: Path, demo_dir: Path, split: str = "test") -> tuple[np.n
     """A region run's best checkpoint scoring every test pair in one batch, by hand (no chunking, no evaluator)."""
     student, cfg, _ = load_trained_student(run / "best.pt", "cpu")
     manifest = load_split(str(demo_dir / f"{split}.json"), split)
-    regions = grid_regions(str(demo_dir / f"{split}.json"), split, manifest.fingerprint(), "efficientnet-lite0",
+    regions = grid_regions(str(demo_dir / f"{split}.json"), split, manifest, "efficientnet-lite0",
                            default_feature_cache(cfg.cache), progress=False, workers=0, device="cpu")
     tokens = CaptionTokens(manifest.caption_texts(), student.vocab, cfg.region.max_words)
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_a_dual_encoder_and_a_region_student_ensemble_through_their_similarity_m
 
     student, cfg, _ = load_trained_student(frozen / "last.pt", "cpu")
     manifest = load_split(str(demo_dir / "test.json"), "test")
-    fs = frozen_features(str(demo_dir / "test.json"), "test", manifest.fingerprint(), "efficientnet-lite0",
+    fs = frozen_features(str(demo_dir / "test.json"), "test", manifest, "efficientnet-lite0",
                          "minilm-l6", default_feature_cache(cfg.cache), progress=False, workers=0, device="cpu")
     with torch.no_grad():
         cosine = (student.encode_images(torch.from_numpy(fs.images)) @ student.encode_texts(
@@ -201,7 +201,7 @@ def test_uni_modal_evaluations_use_the_region_students_uni_embeddings(region_run
     embedder = StudentEmbedder.from_checkpoint(run / "best.pt", "cpu")
     student = embedder.student
     manifest = load_split(str(demo_dir / "test.json"), "test")
-    regions = grid_regions(str(demo_dir / "test.json"), "test", manifest.fingerprint(), "efficientnet-lite0",
+    regions = grid_regions(str(demo_dir / "test.json"), "test", manifest, "efficientnet-lite0",
                            default_feature_cache(embedder.config.cache), progress=False, workers=0, device="cpu")
     with torch.no_grad():
         direct = embedder.images([manifest.image_path(r) for r in range(9)], "uni")

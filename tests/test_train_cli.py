@@ -37,7 +37,7 @@ def val_store(demo_dir: Path, demo_cache: Path) -> Path:
     """A real store built from other data: the demo val split, embedded by the same two encoders (the frozen
     student's validation features, which every validated run computes once)."""
     manifest = load_split(str(demo_dir / "val.json"), "val")
-    fs = frozen_features(str(demo_dir / "val.json"), "val", manifest.fingerprint(), *FROZEN_SPECS,
+    fs = frozen_features(str(demo_dir / "val.json"), "val", manifest, *FROZEN_SPECS,
                          default_feature_cache(str(demo_cache)), progress=False, workers=0, device="cpu")
     return Path(fs.store)
 
@@ -190,7 +190,7 @@ def test_eval_recalls_equal_a_numpy_ranking_of_the_students_test_embeddings(eval
     student, cfg, _ = load_trained_student(out / "best.pt", "cpu")
     manifest = load_split(str(demo_dir / "test.json"), "test")
     # the test split's backbone features, computed by cusa-eval into the run's feature cache
-    fs = frozen_features(str(demo_dir / "test.json"), "test", manifest.fingerprint(), *FROZEN_SPECS,
+    fs = frozen_features(str(demo_dir / "test.json"), "test", manifest, *FROZEN_SPECS,
                          default_feature_cache(cfg.cache), progress=False, workers=0, device="cpu")
     assert not fs.computed
     with torch.no_grad():

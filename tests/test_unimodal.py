@@ -277,7 +277,7 @@ def test_frozen_backbone_features_of_image_files_equal_the_cached_split_features
 
     student, _, _ = load_trained_student(frozen_run / "best.pt", "cpu")
     manifest = load_split(str(demo_dir / "test.json"), "test")
-    fs = frozen_features(str(demo_dir / "test.json"), "test", manifest.fingerprint(), "efficientnet-lite0",
+    fs = frozen_features(str(demo_dir / "test.json"), "test", manifest, "efficientnet-lite0",
                          "minilm-l6", default_feature_cache(str(demo_cache)), progress=False, workers=0,
                          device="cpu")
     embedder = StudentEmbedder(student, "frozen:efficientnet-lite0+minilm-l6", "cpu")

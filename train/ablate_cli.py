@@ -7,7 +7,7 @@ import os
 import click
 
 from pipeline.cli import emit, user_errors
-from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
 from train.config import PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,8 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training annotations.")
-@click.option("--eval-data", required=True, type=click.Path(dir_okay=False), help="Annotations to test on.")
+@click.option("--data", required=True, type=click.Path(), help="Training annotations.")
+@click.option("--eval-data", required=True, type=click.Path(), help="Annotations to test on.")
 @click.option("--eval-split", default="test", show_default=True)
 @click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache shared by all runs.")
 @click.option("--student", default=None, help="Student spec (default frozen:efficientnet-lite0+minilm-l6).")
@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
                    "--grid csa.rate=0.05,0.1,0.2 (repeatable; settings are the cartesian product).")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", default="ablations/run", show_default=True, type=click.Path(file_okay=False))
-@click.option("--val-data", default=None, type=click.Path(dir_okay=False))
+@click.option("--val-data", default=None, type=click.Path())
 @click.option("--preset", default="paper", show_default=True, type=click.Choice(sorted(PRESETS)))
 @click.option("--epochs", default=None, type=click.IntRange(min=1))
 @click.option("--batch-size", default=None, type=click.IntRange(min=2))
@@ -44,6 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
+@manifest_cache_option
 @click.option("--overwrite", is_flag=True,
               help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "
                    "instead of refusing.")

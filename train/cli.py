@@ -7,7 +7,7 @@ import os
 import click
 
 from pipeline.cli import emit, user_errors
-from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
 from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", default=None, type=click.Path(dir_okay=False),
+@click.option("--data", default=None, type=click.Path(),
               help="Training annotations, or webdataset shards ('train-{000000..000127}.tar', '::'-joined patterns, "
                    "a .tar, or a list file); required, except with --resume (the run's own).")
 @click.option("--cache", default=None, type=click.Path(file_okay=False),
@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
               "frozen:efficientnet-lite0+minilm-l6), open_clip:ARCH[:CHECKPOINT], or a region student "
               "sgr:REGIONS / saf:REGIONS with REGIONS grid:IMAGE_SPEC or precomp:DIR.")
-@click.option("--val-data", default=None, type=click.Path(dir_okay=False),
+@click.option("--val-data", default=None, type=click.Path(),
               help="Validation annotations: the best epoch is chosen on these, never on test.")
 @click.option("--preset", default=None, type=click.Choice(sorted(PRESETS)),
               help="Named settings [default: paper; with --resume: the run's].")
@@ -65,6 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
+@manifest_cache_option
 @click.option("--save-every-steps", default=None, type=click.IntRange(min=0), metavar="N",
               help="Also write last.pt every N optimizer steps, mid-epoch; --resume continues from that step "
                    "[default: 0, epoch ends only].")
@@ -110,12 +111,13 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(exists=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
+@click.option("--data", required=True, type=click.Path(),
               help="Annotations or webdataset shards to evaluate on.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data [default: the run's setting].")
 @shard_layout_options(defaults_from_run=True)
+@manifest_cache_option
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -12,15 +13,19 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.errors import ImageError
 from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.manifest_index import STORE_INDEX_DIR
 from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from teacher_cache.errors import StoreMismatch
 from teacher_cache.store import Store
 
 
 def load_split(path: str, split: str, fmt: str = "auto", image_root: str | None = None,
-               shard_layout: ShardLayout | None = None) -> Manifest:
-    """The rows of one split of an annotation file or shard source (a source without split labels is one split)."""
-    return read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout).select_split(split)
+               shard_layout: ShardLayout | None = None, indexes: Sequence[Path] = (), workers: int = 0,
+               progress: bool = False) -> Manifest:
+    """The rows of one split of an annotation file or shard source (a source without split labels is one split);
+    ``indexes``: manifest index copies to try first (those kept in the stores at hand)."""
+    return read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout, indexes=indexes,
+                         workers=workers, progress=progress).select_split(split)
 
 
 def shard_layout_of(cfg) -> ShardLayout:
@@ -28,16 +33,24 @@ def shard_layout_of(cfg) -> ShardLayout:
     return ShardLayout(cfg.image_key, cfg.caption_key or DEFAULT_CAPTION_KEY, cfg.id_field)
 
 
-def load_config_split(cfg, path: str, split: str) -> Manifest:
-    """One split of ``path`` read the way a training config says (format, image root, shard layout)."""
-    return load_split(path, split, cfg.format, cfg.image_root, shard_layout_of(cfg))
+def store_indexes(cfg) -> list[Path]:
+    """The manifest index copies kept in a training config's stores (``STORE/manifest``; see pipeline.manifest_index)."""
+    return [Path(p) / STORE_INDEX_DIR for p in (cfg.cache, cfg.image_cache, cfg.text_cache) if p]
+
+
+def load_config_split(cfg, path: str, split: str, progress: bool = False) -> Manifest:
+    """One split of ``path`` read the way a training config says (format, image root, shard layout), opened from the
+    manifest index of its stores when they hold the same data."""
+    return load_split(path, split, cfg.format, cfg.image_root, shard_layout_of(cfg), store_indexes(cfg), cfg.workers,
+                      progress)
 
 
 def load_split_rows(path: str, split: str, fmt: str = "auto", image_root: str | None = None,
-                    shard_layout: ShardLayout | None = None) -> tuple[Manifest, np.ndarray]:
+                    shard_layout: ShardLayout | None = None, indexes: Sequence[Path] = ()
+                    ) -> tuple[Manifest, np.ndarray]:
     """One split of an annotation file or shard source and, for each of its images, the image's row in the whole
     source."""
-    manifest = read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout)
+    manifest = read_manifest(path, format=fmt, image_root=image_root, shard_layout=shard_layout, indexes=indexes)
     return manifest.select_split(split), manifest.image_rows_of_split(split)
 
 
@@ -92,12 +105,11 @@ class TrainingPairs:
 
 def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:
     """Map the manifest onto each store's rows; refuse stores that were built from other data."""
-    fp = manifest.fingerprint()
     img_map: dict[str, np.ndarray] = {}
     cap_map: dict[str, np.ndarray] = {}
     skipped: set[int] = set()
     for store in stores:
-        image_rows, caption_rows = store.rows_for(fp, f"training data {manifest.source}")
+        image_rows, caption_rows = store.rows_of(manifest, f"training data {manifest.source}")
         if len(image_rows) != len(manifest.images) or len(caption_rows) != len(manifest.captions):
             raise StoreMismatch(f"{store.path}: row counts differ from {manifest.source}", field="counts")
         img_map[str(store.path)] = image_rows

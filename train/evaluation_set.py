@@ -23,7 +23,7 @@ from pipeline.distributed import autocast
 from pipeline.errors import ImageError
 from pipeline.manifest import Manifest
 from teacher_cache.store import Store
-from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows, shard_layout_of
+from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows, shard_layout_of, store_indexes
 from train.evaluate import evaluate_embeddings, evaluate_similarity, retrieval_metrics, similarity_retrieval_metrics
 from train.features import run_frozen_features, skip_reason
 from train.regions import RegionData, region_data
@@ -95,12 +95,13 @@ def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], de
     list as skipped and, for a frozen student, its backbone features (from a store that holds them, or computed
     once into the feature cache; an image a store already skipped is skipped there too); for a region student, its
     regions and the captions' tokens by its vocabulary ``vocab``."""
-    manifest, file_rows = load_split_rows(annotations, split, cfg.format, cfg.image_root, shard_layout_of(cfg))
+    manifest, file_rows = load_split_rows(annotations, split, cfg.format, cfg.image_root, shard_layout_of(cfg),
+                                          store_indexes(cfg))
     known = skipped_by_stores(manifest, stores)
     names = RowNames(file_rows, str(annotations))
     for store in stores:
         try:
-            names = RowNames(store.rows_for(manifest.fingerprint())[0], f"store {store.path}")
+            names = RowNames(store.rows_of(manifest)[0], f"store {store.path}")
             break
         except Exception:  # a store of other data: name the annotation file's rows
             continue
@@ -112,7 +113,7 @@ def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], de
             known.setdefault(row, reason)
         passes = int(regions.features.computed)
     elif kind == "frozen":
-        fs = run_frozen_features(cfg, annotations, split, manifest.fingerprint(), stores, device, progress,
+        fs = run_frozen_features(cfg, annotations, split, manifest, stores, device, progress,
                                  "skip" if known else on_bad_image)
         for row, reason in fs.skipped.items():
             known.setdefault(row, reason)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.manifest import Manifest
 from pipeline.shards import ShardLayout
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
@@ -61,13 +62,13 @@ def store_skipped_rows(store: Store, image_rows: np.ndarray) -> dict[int, str]:
     return {i: bad[int(r)] for i, r in enumerate(image_rows) if int(r) in bad}
 
 
-def _from_store(store: Store, fingerprint: str, computed: bool) -> FeatureSet:
-    image_rows, caption_rows = store.rows_for(fingerprint, "dataset")
+def _from_store(store: Store, manifest: Manifest, computed: bool) -> FeatureSet:
+    image_rows, caption_rows = store.rows_of(manifest, "dataset")
     return FeatureSet(store.load("images")[image_rows], store.load("texts")[caption_rows], str(store.path), computed,
                       store_skipped_rows(store, image_rows))
 
 
-def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
+def frozen_features(annotations: str, split: str, manifest: Manifest, image_spec: str, text_spec: str,
                     feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
                     reuse: list[Store] | None = None, device: str = "auto", progress: bool = True,
                     workers: int = 2, shard_layout: ShardLayout | None = None, on_bad_image: str = "fail"
@@ -81,30 +82,31 @@ def frozen_features(annotations: str, split: str, fingerprint: str, image_spec: 
     for store in reuse or []:
         if store.complete and _specs_match(store, image_spec, text_spec):
             try:
-                return _from_store(store, fingerprint, computed=False)
+                return _from_store(store, manifest, computed=False)
             except Exception:
                 continue
-    store, computed = feature_store(annotations, split, fingerprint, image_spec, text_spec, feature_cache, fmt=fmt,
+    store, computed = feature_store(annotations, split, manifest, image_spec, text_spec, feature_cache, fmt=fmt,
                                     image_root=image_root, device=device, progress=progress, workers=workers,
                                     shard_layout=shard_layout, on_bad_image=on_bad_image)
-    return _from_store(store, fingerprint, computed=computed)
+    return _from_store(store, manifest, computed=computed)
 
 
-def feature_store(annotations: str, split: str, fingerprint: str, image_spec: str, text_spec: str,
+def feature_store(annotations: str, split: str, manifest: Manifest, image_spec: str, text_spec: str,
                   feature_cache: str | Path, *, fmt: str = "auto", image_root: str | None = None,
                   device: str = "auto", progress: bool = True, workers: int = 2,
                   shard_layout: ShardLayout | None = None, on_bad_image: str = "fail",
                   chunk_rows: int = 4096) -> tuple[Store, bool]:
     """The complete store of the two encoders' features of a dataset in ``feature_cache``, built now unless an
     earlier run built it; returns (store, whether this call computed it)."""
-    path = feature_store_path(feature_cache, fingerprint, image_spec, text_spec)
-    if (path / "zarr.json").is_file():
-        try:
-            store = Store.open(path)
-        except StoreError:
-            store = None  # another rank is creating it right now: join its build below
-        if store is not None and store.complete and _specs_match(store, image_spec, text_spec):
-            return store, False
+    path = feature_store_path(feature_cache, manifest.fingerprint(), image_spec, text_spec)
+    for candidate in (path, *_earlier_format_paths(feature_cache, manifest, image_spec, text_spec, path)):
+        if (candidate / "zarr.json").is_file():
+            try:
+                store = Store.open(candidate)
+            except StoreError:
+                store = None  # another rank is creating it right now: join its build below
+            if store is not None and store.complete and _specs_match(store, image_spec, text_spec):
+                return store, False
     # deferred import: only this path runs backbones (the registry's encoders)
     from pipeline.build import BuildConfig, build_store
 
@@ -123,7 +125,17 @@ def feature_store(annotations: str, split: str, fingerprint: str, image_spec: st
     return Store.open(path, require_complete=True), True
 
 
-def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, stores: list[Store], device: str,
+def _earlier_format_paths(feature_cache: str | Path, manifest: Manifest, image_spec: str, text_spec: str,
+                          path: Path) -> list[Path]:
+    """Where a feature store built before fingerprint format 2 would be (looked for only when the cache holds stores
+    of these encoders other than ``path``: the format-1 fingerprint is a pass over every row)."""
+    tag = path.name.rsplit("-", 1)[1]
+    if not any(p != path for p in Path(feature_cache).glob(f"*-{tag}")):
+        return []
+    return [feature_store_path(feature_cache, manifest.fingerprint(1), image_spec, text_spec)]
+
+
+def run_frozen_features(cfg, annotations: str, split: str, manifest: Manifest, stores: list[Store], device: str,
                         progress: bool, on_bad_image: str = "fail") -> FeatureSet:
     """The features of a dataset for the frozen student of a run's TrainConfig ``cfg``, in its feature cache."""
     from train.data import shard_layout_of
@@ -132,7 +144,7 @@ def run_frozen_features(cfg, annotations: str, split: str, fingerprint: str, sto
     # computing features draws from torch's global RNG (a DataLoader seeds its workers from it): isolated, so a run
     # trains alike (dropout) whether its features were cached already or are computed now
     with torch.random.fork_rng(devices=[]):
-        return frozen_features(annotations, split, fingerprint, spec.image_spec, spec.text_spec,
+        return frozen_features(annotations, split, manifest, spec.image_spec, spec.text_spec,
                                cfg.frozen.feature_cache or default_feature_cache(cfg.cache), fmt=cfg.format,
                                image_root=cfg.image_root, reuse=stores, device=device, progress=progress,
                                workers=cfg.workers, shard_layout=shard_layout_of(cfg), on_bad_image=on_bad_image)

@@ -59,12 +59,12 @@ def region_features(student: str, annotations: str, split: str, manifest: Manife
     source, body = parse_student_spec(student).region_source
     if source == "precomp":
         return precomp_regions(body, split, manifest)
-    return grid_regions(annotations, split, manifest.fingerprint(), body, feature_cache, fmt=fmt,
+    return grid_regions(annotations, split, manifest, body, feature_cache, fmt=fmt,
                         image_root=image_root, device=device, progress=progress, workers=workers,
                         shard_layout=shard_layout, on_bad_image=on_bad_image)
 
 
-def grid_regions(annotations: str, split: str, fingerprint: str, image_spec: str, feature_cache: str | Path, *,
+def grid_regions(annotations: str, split: str, manifest: Manifest, image_spec: str, feature_cache: str | Path, *,
                  fmt: str = "auto", image_root: str | None = None, device: str = "auto", progress: bool = True,
                  workers: int = 2, shard_layout=None, on_bad_image: str = "fail") -> RegionFeatures:
     """Grid regions of every image, from the feature cache (built now when no earlier run built it; with
@@ -72,12 +72,12 @@ def grid_regions(annotations: str, split: str, fingerprint: str, image_spec: str
     from pipeline.grid import GRID_PREFIX, NO_TEXT, region_shape
     from train.features import feature_store, store_skipped_rows
 
-    store, computed = feature_store(annotations, split, fingerprint, GRID_PREFIX + image_spec, NO_TEXT,
+    store, computed = feature_store(annotations, split, manifest, GRID_PREFIX + image_spec, NO_TEXT,
                                     feature_cache, fmt=fmt, image_root=image_root, device=device, progress=progress,
                                     workers=workers, shard_layout=shard_layout, on_bad_image=on_bad_image,
                                     chunk_rows=GRID_CHUNK_ROWS)
     n_regions, region_dim = region_shape(store.teachers["image"])
-    image_rows, _ = store.rows_for(fingerprint, "dataset")
+    image_rows, _ = store.rows_of(manifest, "dataset")
     rows = np.asarray(store.array("images")[:], dtype=np.float16)
     if len(image_rows) != rows.shape[0]:
         rows = rows[image_rows]

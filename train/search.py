@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.manifest import Manifest
-from pipeline.shards import ShardLayout
+from pipeline.shards import ShardLayout, is_shard_source
 from train.data import load_split
 from train.model import TrainedModel
 
@@ -65,7 +65,7 @@ def read_collection(source: str | os.PathLike, split: str = "all", fmt: str = "a
                     image_root: str | None = None, shard_layout: ShardLayout | None = None) -> Collection:
     """An image folder, or one split ("all": every image) of an annotation file or shard source."""
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and not is_shard_source(path):  # (a CLIP_benchmark webdataset folder is a shard source)
         return _image_folder(path)
     manifest = load_split(str(source), split, fmt, image_root, shard_layout)
     digest = hashlib.sha256(_ANNOTATION_FINGERPRINT_VERSION.encode())

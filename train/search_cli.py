@@ -8,6 +8,7 @@ import shutil
 import click
 
 from pipeline.cli import emit, user_errors
+from pipeline.cli_options import manifest_cache_option
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
               help="FAISS index_factory string for the collection, e.g. Flat, IVF1024,Flat, HNSW32.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Where collection embeddings are cached [default: search-cache/ in the run folder].")
+@manifest_cache_option
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),

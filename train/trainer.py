@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     seed_everything(cfg.seed + ctx.rank)
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
-    manifest = load_config_split(cfg, cfg.data, cfg.split)
+    manifest = load_config_split(cfg, cfg.data, cfg.split, progress=show)
     cache = Store.open(cfg.cache, require_complete=True)
     image_store = Store.open(cfg.image_cache, require_complete=True) if cfg.image_cache else cache
     text_store = Store.open(cfg.text_cache, require_complete=True) if cfg.text_cache else cache
@@ -145,7 +145,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
     backbone_passes = 0
     if spec.kind == "frozen":
         # images the cache skipped are skipped by the backbones too; pairs of any image they cannot read are dropped
-        fs = run_frozen_features(cfg, cfg.data, cfg.split, manifest.fingerprint(), [cache], cfg.device, show,
+        fs = run_frozen_features(cfg, cfg.data, cfg.split, manifest, [cache], cfg.device, show,
                                  "skip" if pairs.dropped else cfg.on_bad_image)
         pairs = drop_images(pairs, fs.skipped)
         backbone_passes += int(fs.computed)
