@@ -99,7 +99,7 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
     'data/train-{000000..000127}.tar', '::'-joined patterns, a .tar or a list file) with the teachers into the
     store --out."""
     from pipeline.build import BuildConfig, build_store
-    from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+    from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
     cfg = BuildConfig(
         annotations=annotations, out=out, format=fmt, image_root=image_root, split=split,
@@ -231,7 +231,7 @@ def neighbors(store_path, image, caption, query, k, as_json):
         ids, sims = _row_neighbors(store, modality, row, k)
         query_d = {"caption_row": row, "caption": store.captions[row]}
     else:
-        from pipeline.encoders import build_encoder
+        from pipeline.teachers.registry import build_encoder
 
         modality = "texts"
         encoder = build_encoder(store.teachers["text"]["spec"], "text")
