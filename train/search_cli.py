@@ -7,10 +7,7 @@ import shutil
 
 import click
 
-from pipeline.cli import emit, user_errors
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pipeline.console import emit, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
