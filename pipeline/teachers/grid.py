@@ -3,12 +3,11 @@ image-only store.
 
 Region-based students (SGR, SAF) read a set of region vectors per image. Their original input is 36 bottom-up
 detector regions; ``grid:IMAGE_SPEC`` uses the cells of a registry backbone's last feature map instead (the registry
-builds the backbone and hands it here), e.g.
-``grid:efficientnet-lite0``: 224 px in, a 7×7 map of 1280 channels out, so 49 regions × 1280. They are computed by
-the ordinary build job into an ordinary store, one row per image holding the R regions region-major
-(``[R × D]`` flattened), so that resuming, checksums and verification work unchanged. The store scales each row to
-unit norm as it does every row: readers multiply by √R, which makes the mean squared region norm 1 and keeps the
-regions' relative magnitudes.
+builds the backbone and hands it here), e.g. ``grid:efficientnet-lite0``: 224 px in, a 7×7 map of 1280 channels
+out, so 49 regions × 1280. They are computed by the ordinary build job into an ordinary store, one row per image
+holding the R regions region-major (``[R × D]`` flattened), so that resuming, checksums and verification work
+unchanged. The store scales each row to unit norm as it does every row: readers multiply by √R, which makes the mean
+squared region norm 1 and keeps the regions' relative magnitudes.
 
 ``none`` is the text side of such a store: one constant value per caption, so that nothing is computed for captions
 (region students read words, not caption features).
