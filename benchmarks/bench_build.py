@@ -47,9 +47,9 @@ from _common import machine, machine_line, median, rotated, spread  # noqa: E402
 import pipeline.build as build_module  # noqa: E402
 from pipeline.build import BuildConfig, build_store  # noqa: E402
 from pipeline.demo_data import write_demo_dataset  # noqa: E402
-from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.manifest import read_manifest  # noqa: E402
+from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder  # noqa: E402
 
 TARGET_IMAGE_RATIO = 0.85
 

@@ -34,10 +34,10 @@ from _common import machine, machine_line, median, rotated, scratch_folder, spre
 from bench_build import StageCpu, cpu_seconds, make_jpeg_dataset  # noqa: E402
 
 from pipeline.build import BuildConfig, build_store  # noqa: E402
-from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder  # noqa: E402
 from pipeline.images import open_image  # noqa: E402
 from pipeline.manifest import read_manifest  # noqa: E402
 from pipeline.shard_writer import write_manifest_shards  # noqa: E402
+from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder  # noqa: E402
 
 TARGET_RATIO = 0.9
 

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(r))
         return r
 
-    from pipeline.encoders import build_encoder  # stage-1 code: only the live-teacher variants need it
+    from pipeline.teachers.registry import build_encoder  # stage-1 code: only the live-teacher variants need it
 
     info = machine()
     print(machine_line(info), flush=True)

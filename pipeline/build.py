@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -30,13 +29,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline.captions import teacher_captions
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed, split_evenly
-from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, Encoder, build_encoder
 from pipeline.errors import CusaError, ImageError
 from pipeline.images import open_image
 from pipeline.manifest import FINGERPRINT_VERSION, Manifest, read_manifest
 from pipeline.manifest_index import keep_copy
-from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout, describe_skipped
+from pipeline.shard_scan import describe_skipped
+from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
+from pipeline.teachers.base import Encoder
+from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder
 from teacher_cache.errors import StoreError
 from teacher_cache.neighbors import build_neighbor_table, save_index
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
@@ -47,10 +49,6 @@ FAULT_STAGES = ("store_ready", "image_batch", "image_chunk_data", "image_chunk_w
                 "text_chunk_data", "text_chunk_written", "texts_done", "neighbors_images", "neighbors_texts",
                 "before_finalize", "after_finalize")
 FAULT_ACTIONS = ("kill", "enospc", "stall")
-# control characters other than tab and line breaks (which tokenizers read as spaces), and lone surrogates (which
-# neither tokenizers nor the store's UTF-8 strings accept)
-_CAPTION_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class FaultInjector:
@@ -148,18 +146,6 @@ class BuildSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def teacher_captions(texts: list[str]) -> tuple[list[str], list[int]]:
-    """Captions as the text teacher reads them and the store keeps them: control characters (other than tab and line
-    breaks) become spaces, lone surrogates U+FFFD, and the ends are trimmed. Also returns the rows that changed."""
-    out, changed = [], []
-    for row, text in enumerate(texts):
-        clean = _SURROGATE.sub("\ufffd", _CAPTION_CONTROL.sub(" ", text)).strip()
-        if clean != text:
-            changed.append(row)
-        out.append(clean)
-    return out, changed
 
 
 def caption_notes(encoder: Encoder, texts: list[str], cleaned_rows: list[int]) -> dict:

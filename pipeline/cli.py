@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -12,51 +11,8 @@ import click
 import numpy as np
 
 from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
+from pipeline.console import emit, human_bytes, user_errors
 from pipeline.errors import CusaError
-from teacher_cache.errors import StoreError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # teachers resolve from local files unless a user opts in
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def user_errors(fn):
-    """Turn every error caused by user input into a one-line click error (exit 1, no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (CusaError, StoreError, ValueError) as exc:
-            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        except OSError as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
-
-    return wrapper
-
-
-def emit(payload: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(payload, indent=2, default=_json_default) if as_json else human)
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,7 +56,7 @@ def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher,
     'data/train-{000000..000127}.tar', '::'-joined patterns, a .tar or a list file) with the teachers into the
     store --out."""
     from pipeline.build import BuildConfig, build_store
-    from pipeline.encoders import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+    from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
     cfg = BuildConfig(
         annotations=annotations, out=out, format=fmt, image_root=image_root, split=split,
@@ -232,7 +188,7 @@ def neighbors(store_path, image, caption, query, k, as_json):
         ids, sims = _row_neighbors(store, modality, row, k)
         query_d = {"caption_row": row, "caption": store.captions[row]}
     else:
-        from pipeline.encoders import build_encoder
+        from pipeline.teachers.registry import build_encoder
 
         modality = "texts"
         encoder = build_encoder(store.teachers["text"]["spec"], "text")

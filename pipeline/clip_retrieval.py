@@ -17,7 +17,6 @@ Training then takes ``--data`` the annotation file and ``--cache`` the store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.build import BuildConfig, BuildSummary, build_store
-from pipeline.encoders import PrecomputedEncoder, file_sha256
 from pipeline.errors import CusaError
 from pipeline.feature_files import read_plain_matrix
-from pipeline.precomputed import PrecomputedTextEncoder
+from pipeline.teachers.hashing import files_sha256
+from pipeline.teachers.precomputed import PrecomputedEncoder
+from pipeline.teachers.precomputed_text import PrecomputedTextEncoder
 from teacher_cache.store import DEFAULT_CHUNK_ROWS
 
 _PART = re.compile(r"^(?:img_emb|text_emb|metadata)_(.+)\.(?:npy|parquet)$")
@@ -193,7 +193,7 @@ def import_clip_retrieval(cfg: ClipRetrievalImport) -> tuple[BuildSummary, Path]
     files = [p for part in parts for p in (part.image_emb, part.text_emb, part.metadata)]
 
     def weights() -> str:
-        return "sha256:" + hashlib.sha256("".join(file_sha256(p) for p in files).encode()).hexdigest()
+        return f"sha256:{files_sha256(files)}"
 
     extra = {"model": cfg.model} if cfg.model else {}
     image_encoder = PrecomputedEncoder(spec, _FirstSampleRows(), list(first_sample), str(folder / "img_emb"),

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import CusaError, one_line as _one_line
+from pipeline.teachers.hashing import file_sha256
 
 PICKLE_REFUSE = "refuse"
 PICKLE_NUMPY_ONLY = "numpy-only"
@@ -318,8 +319,6 @@ def import_features(source: Path, out: Path, *, ids_path: Path | None = None, tr
                     overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Convert a feature file (above all the authors' pickled dict) into the plain .npz ``precomputed:`` reads
     without pickle. Returns a summary: rows, dim, the source's format and the spec to use."""
-    from pipeline.encoders import file_sha256
-
     source, out = Path(source), Path(out)
     if out.suffix != ".npz":
         raise FeatureFileError(f"{out}: --out must name an .npz file")

@@ -44,7 +44,7 @@ import numpy as np
 from pipeline.annotations import split_from_filename
 from pipeline.errors import ImageError, ManifestError
 from pipeline.manifest_table import Manifest, shard_file_name
-from pipeline.shard_scan import FORMAT, ScanRules, describe_skipped  # noqa: F401 (re-exported names)
+from pipeline.shard_scan import ScanRules
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_CAPTION_KEY = "txt"

@@ -16,16 +16,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.encoders import (
-    DEFAULT_IMAGE_TEACHER,
-    DEFAULT_TEXT_TEACHER,
-    Encoder,
-    build_encoder,
-    build_lite_model,
-    file_sha256,
-    map_lite_state_dict,
-)
 from pipeline.errors import EncoderError
+from pipeline.teachers.base import Encoder
+from pipeline.teachers.efficientnet_lite import build_lite_model, map_lite_state_dict
+from pipeline.teachers.hashing import file_sha256
+from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder
 
 GRACE_HOPPER = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
 

@@ -16,9 +16,10 @@ import zarr
 from click.testing import CliRunner
 
 from helpers_train import invoke_json, one_torch_thread
-from pipeline.build import BuildConfig, build_store, teacher_captions
+from pipeline.build import BuildConfig, build_store
+from pipeline.captions import teacher_captions
 from pipeline.cli import main as cache_main
-from pipeline.encoders import build_encoder
+from pipeline.teachers.registry import build_encoder
 from pipeline.errors import EncoderError
 from pipeline.manifest import read_manifest
 from teacher_cache.store import Store

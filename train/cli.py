@@ -6,12 +6,9 @@ import os
 
 import click
 
-from pipeline.cli import emit, user_errors
 from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
+from pipeline.console import emit, user_errors
 from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -119,7 +119,7 @@ class StudentEmbedder:
     def _backbone(self, modality: str):
         """The frozen student's backbone for one modality, built once (deferred import: only this path runs one)."""
         if modality not in self._backbones:
-            from pipeline.encoders import build_encoder
+            from pipeline.teachers.registry import build_encoder
 
             if self.region:
                 source, body = self.spec.region_source
@@ -158,8 +158,8 @@ class StudentEmbedder:
                              f"{side} embedding; use the uni-modal one")
 
     def _regions(self, features: np.ndarray) -> torch.Tensor:
-        """Grid regions [n, R, D] of a batch, rounded as the region store keeps them (pipeline/grid.py)."""
-        from pipeline.grid import region_shape
+        """Grid regions [n, R, D] of a batch, rounded as the region store keeps them (pipeline/teachers/grid.py)."""
+        from pipeline.teachers.grid import region_shape
 
         n_regions, region_dim = region_shape(self._backbone("image").identity())
         rows = _store_precision(features)
@@ -232,7 +232,7 @@ class StudentEmbedder:
                 raise ValueError(f"text {i}: expected a string, got {type(text).__name__}")
         frozen = self.spec.kind == "frozen"
         if frozen:
-            from pipeline.build import teacher_captions
+            from pipeline.captions import teacher_captions
 
             sentences = teacher_captions(sentences)[0]  # what the backbone read when the features were cached
         step = batch_size or self.batch_size

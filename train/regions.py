@@ -1,8 +1,8 @@
 """Region features of a dataset for region-based students (SGR, SAF), from one of two sources:
 
-- ``grid:IMAGE_SPEC`` — the cells of a backbone's last feature map (``pipeline/grid.py``), computed once per dataset
-  and backbone by the stage-1 build job into a store in the feature cache (like a frozen student's features), and
-  read back by every later run and by evaluation;
+- ``grid:IMAGE_SPEC`` — the cells of a backbone's last feature map (``pipeline/teachers/grid.py``), computed once per
+  dataset and backbone by the stage-1 build job into a store in the feature cache (like a frozen student's
+  features), and read back by every later run and by evaluation;
 - ``precomp:DIR`` — the SCAN/SGRAF release layout: ``DIR/{split}_ims.npy`` [N, 36, 2048] bottom-up features (one
   row per image, memory-mapped) and ``DIR/{split}_caps.txt`` (five captions an image, in order). The rows carry no
   image ids, so the captions are what ties them to the manifest: their count and every caption must match the
@@ -69,7 +69,7 @@ def grid_regions(annotations: str, split: str, manifest: Manifest, image_spec: s
                  workers: int = 2, shard_layout=None, on_bad_image: str = "fail") -> RegionFeatures:
     """Grid regions of every image, from the feature cache (built now when no earlier run built it; with
     ``on_bad_image="skip"`` an unreadable image is an all-zero row, listed in ``skipped``)."""
-    from pipeline.grid import GRID_PREFIX, NO_TEXT, region_shape
+    from pipeline.teachers.grid import GRID_PREFIX, NO_TEXT, region_shape
     from train.features import feature_store, store_skipped_rows
 
     store, computed = feature_store(annotations, split, manifest, GRID_PREFIX + image_spec, NO_TEXT,
@@ -81,7 +81,8 @@ def grid_regions(annotations: str, split: str, manifest: Manifest, image_spec: s
     rows = np.asarray(store.array("images")[:], dtype=np.float16)
     if len(image_rows) != rows.shape[0]:
         rows = rows[image_rows]
-    # the store scales each row to unit norm; √R gives the regions a mean squared norm of 1 (pipeline/grid.py)
+    # the store scales each row to unit norm; √R gives the regions a mean squared norm of 1
+    # (pipeline/teachers/grid.py)
     return RegionFeatures(rows, n_regions, region_dim, math.sqrt(n_regions), str(store.path), computed,
                           store_skipped_rows(store, image_rows))
 

@@ -7,11 +7,8 @@ import shutil
 
 import click
 
-from pipeline.cli import emit, user_errors
 from pipeline.cli_options import manifest_cache_option
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pipeline.console import emit, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

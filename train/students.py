@@ -11,7 +11,8 @@ Two kinds, named by one spec string:
 - "open_clip:ARCH[:CHECKPOINT]" — `OpenClipStudent`, full fine-tuning of an open_clip model as in the paper; the
   heads sit on CLIP's projected embeddings. CHECKPOINT is an open_clip pretrained tag or a local file; without
   it the model is randomly initialised. ARCH may also be open_clip's "local-dir:/path" (a folder holding
-  open_clip_config.json and optionally weights).
+  open_clip_config.json and optionally weights) or "hf-hub:ORG/REPO[:TAG]", read as the open_clip teachers read
+  them (pipeline/model_names.py).
 
 Every embedding is returned L2-normalised in float32. This module never imports a teacher.
 """
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import pickle_refusal
+from pipeline.model_names import SCHEMAS as MODEL_SCHEMAS, parse_model_name
 
 DEFAULT_STUDENT = "frozen:efficientnet-lite0+minilm-l6"
 EMBEDDING_KEYS: tuple[str, ...] = ("image_cross", "text_cross", "image_uni", "text_uni")
@@ -37,8 +39,6 @@ _SPEC_HELP = ("expected 'frozen:IMAGE_SPEC+TEXT_SPEC', 'open_clip:ARCH[:CHECKPOI
               "(REGIONS: grid:IMAGE_SPEC or precomp:DIR)")
 REGION_KINDS: tuple[str, ...] = ("sgr", "saf")  # region-based students (train/region_students.py)
 REGION_SOURCES: tuple[str, ...] = ("grid", "precomp")
-# open_clip's own model-name schemas: the rest of the string is the model source, not ARCH:CHECKPOINT.
-_OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
 
 
 @dataclass(frozen=True)
@@ -83,15 +83,11 @@ def parse_student_spec(spec: str) -> StudentSpec:
                              "as 'frozen:IMAGE_SPEC+TEXT_SPEC' (e.g. 'frozen:efficientnet-lite0+minilm-l6')")
         return StudentSpec(kind="frozen", image_spec=image_spec, text_spec=text_spec)
     if kind in ("open_clip", "open-clip", "openclip"):
-        if rest.startswith(_OPEN_CLIP_SCHEMAS):
-            arch, pretrained = rest, ""
-        else:
-            arch, _, pretrained = rest.partition(":")
-        arch, pretrained = arch.strip(), pretrained.strip()
-        if not arch or arch in _OPEN_CLIP_SCHEMAS:
+        name = parse_model_name(rest)
+        if not name.names_a_model:
             raise ValueError(f"student spec {spec!r}: missing the architecture, as 'open_clip:ARCH[:CHECKPOINT]' "
                              "(e.g. 'open_clip:ViT-B-32:openai')")
-        return StudentSpec(kind="open_clip", arch=arch, pretrained=pretrained or None)
+        return StudentSpec(kind="open_clip", arch=name.model, pretrained=name.weights)
     if kind in REGION_KINDS:
         source, _, body = rest.partition(":")
         source, body = source.strip(), body.strip()
@@ -233,7 +229,7 @@ class OpenClipStudent(_TwoHeadStudent):
 
         self.arch, self.pretrained = arch, pretrained
         label = f"open_clip:{arch}" + (f":{pretrained}" if pretrained else "")
-        if not arch.startswith(_OPEN_CLIP_SCHEMAS) and arch.replace("/", "-") not in open_clip.list_models():
+        if not arch.startswith(MODEL_SCHEMAS) and arch.replace("/", "-") not in open_clip.list_models():
             raise ValueError(f"{label}: unknown open_clip architecture {arch!r} "
                              "(open_clip.list_models() lists them, e.g. 'ViT-B-32')")
         try:

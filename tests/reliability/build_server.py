@@ -47,7 +47,7 @@ tqdm_std.tqdm.monitor_interval = 0
 
 import pipeline.build as build_module  # noqa: E402
 from pipeline.cli import main  # noqa: E402
-from pipeline.encoders import build_encoder  # noqa: E402
+from pipeline.teachers.registry import build_encoder  # noqa: E402
 
 _teachers: dict = {}
 

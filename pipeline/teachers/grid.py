@@ -2,12 +2,12 @@
 image-only store.
 
 Region-based students (SGR, SAF) read a set of region vectors per image. Their original input is 36 bottom-up
-detector regions; ``grid:IMAGE_SPEC`` uses the cells of a registry backbone's last feature map instead, e.g.
-``grid:efficientnet-lite0``: 224 px in, a 7×7 map of 1280 channels out, so 49 regions × 1280. They are computed by
-the ordinary build job into an ordinary store, one row per image holding the R regions region-major
-(``[R × D]`` flattened), so that resuming, checksums and verification work unchanged. The store scales each row to
-unit norm as it does every row: readers multiply by √R, which makes the mean squared region norm 1 and keeps the
-regions' relative magnitudes.
+detector regions; ``grid:IMAGE_SPEC`` uses the cells of a registry backbone's last feature map instead (the registry
+builds the backbone and hands it here), e.g. ``grid:efficientnet-lite0``: 224 px in, a 7×7 map of 1280 channels
+out, so 49 regions × 1280. They are computed by the ordinary build job into an ordinary store, one row per image
+holding the R regions region-major (``[R × D]`` flattened), so that resuming, checksums and verification work
+unchanged. The store scales each row to unit norm as it does every row: readers multiply by √R, which makes the mean
+squared region norm 1 and keeps the regions' relative magnitudes.
 
 ``none`` is the text side of such a store: one constant value per caption, so that nothing is computed for captions
 (region students read words, not caption features).
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import EncoderError
+from pipeline.teachers.base import Encoder, TorchImageEncoder
 
 GRID_PREFIX = "grid:"
 NO_TEXT = "none"
@@ -45,26 +46,28 @@ def _feature_map(model: torch.nn.Module, spec: str):
     return regions
 
 
-def build_grid_encoder(spec: str, device: torch.device):
-    """``grid:IMAGE_SPEC``: the last feature map of the image encoder IMAGE_SPEC as regions, flattened to one row of
-    R × D values per image. Its identity records ``regions`` and ``region_dim``."""
-    from pipeline.encoders import TorchImageEncoder, build_encoder
-
-    inner_spec = spec[len(GRID_PREFIX):].strip()
+def grid_backbone_spec(body: str, spec: str) -> str:
+    """The IMAGE_SPEC of ``grid:IMAGE_SPEC`` (``body``), refused before anything is built when its kind has no
+    feature map to read."""
+    inner_spec = body.strip()
     if not inner_spec or inner_spec.startswith((GRID_PREFIX, "precomputed:", "open_clip:")):
         raise EncoderError(f"encoder spec {spec!r}: grid regions need an EfficientNet-Lite or timm image backbone, "
                            "e.g. 'grid:efficientnet-lite0' or 'grid:timm:resnet50:/path/weights.pth'")
-    inner = build_encoder(inner_spec, "image", device=str(device))
-    if not isinstance(inner, TorchImageEncoder):
-        raise EncoderError(f"encoder spec {spec!r}: {inner_spec!r} has no feature map to read regions from")
-    regions = _feature_map(inner.model, spec)
+    return inner_spec
+
+
+def grid_encoder(spec: str, backbone: Encoder, device: torch.device) -> TorchImageEncoder:
+    """``grid:IMAGE_SPEC``: the last feature map of ``backbone`` (the registry's encoder for IMAGE_SPEC) as regions,
+    flattened to one row of R × D values per image. Its identity records ``regions`` and ``region_dim``."""
+    if not isinstance(backbone, TorchImageEncoder):
+        raise EncoderError(f"encoder spec {spec!r}: {backbone.spec!r} has no feature map to read regions from")
+    regions = _feature_map(backbone.model, spec)
     with torch.inference_mode():
-        probe = regions(torch.zeros((1, *inner.input_size), device=device))
+        probe = regions(torch.zeros((1, *backbone.input_size), device=device))
     n_regions, region_dim = int(probe.shape[1]), int(probe.shape[2])
-    encoder = TorchImageEncoder(spec, inner.model, lambda x: regions(x).flatten(1), inner.preprocess,
-                                inner.input_size, device, lambda: inner.identity()["weights"])
-    encoder._extra = {"regions": n_regions, "region_dim": region_dim, "backbone": inner_spec}
-    return encoder
+    return TorchImageEncoder(spec, backbone.model, lambda x: regions(x).flatten(1), backbone.preprocess,
+                             backbone.input_size, device, lambda: backbone.identity()["weights"],
+                             extra={"regions": n_regions, "region_dim": region_dim, "backbone": backbone.spec})
 
 
 def region_shape(identity: dict) -> tuple[int, int]:

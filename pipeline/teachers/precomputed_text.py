@@ -16,17 +16,19 @@ store built from other embeddings is refused rather than mixed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.encoders import _EncoderBase, file_sha256, precomputed_paths
+from pipeline.captions import teacher_captions
 from pipeline.errors import EncoderError
 from pipeline.errors import one_line as _one_line
 from pipeline.feature_files import FeatureFileError, read_plain_matrix, sibling_file
+from pipeline.teachers.base import EncoderBase, SpecRequest
+from pipeline.teachers.hashing import files_sha256
+from pipeline.teachers.precomputed import precomputed_paths
 
 KEYS_SUFFIXES = (".keys.txt", ".keys.json")
 
@@ -55,12 +57,10 @@ def _read_keys(path: Path) -> list[str]:
 
 
 def _as_teacher_reads(texts: Sequence[str]) -> list[str]:
-    from pipeline.build import teacher_captions  # the build's own normalisation of caption texts
-
-    return teacher_captions(list(texts))[0]
+    return teacher_captions(list(texts))[0]  # the build's own normalisation of caption texts
 
 
-class PrecomputedTextEncoder(_EncoderBase):
+class PrecomputedTextEncoder(EncoderBase):
     """Caption embeddings looked up by caption row (manifest order) or by caption text (a keys file)."""
 
     def __init__(self, spec: str, features: np.ndarray, keys: list[str] | None, source: str, weights,
@@ -123,8 +123,9 @@ class PrecomputedTextEncoder(_EncoderBase):
         return np.asarray(self._features[np.asarray(rows)], dtype=np.float32)
 
 
-def build_precomputed_text(spec: str, body: str) -> PrecomputedTextEncoder:
+def build_precomputed_text(request: SpecRequest) -> PrecomputedTextEncoder:
     """The encoder ``precomputed:FEATURES.npy[:KEYS]`` names for captions (see the module docstring)."""
+    spec, body = request.spec, request.body
     features_path, keys_path = precomputed_paths(body)
     if keys_path is not None and not keys_path.is_file():
         raise EncoderError(f"{keys_path}: caption keys file not found (spec {spec!r})")
@@ -136,6 +137,6 @@ def build_precomputed_text(spec: str, body: str) -> PrecomputedTextEncoder:
     hashed = [features_path] + ([keys_path] if keys_path is not None else [])
 
     def weights() -> str:
-        return "sha256:" + hashlib.sha256("".join(file_sha256(p) for p in hashed).encode()).hexdigest()
+        return f"sha256:{files_sha256(hashed)}"
 
     return PrecomputedTextEncoder(spec, features, keys, str(features_path), weights)
