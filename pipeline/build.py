@@ -22,14 +22,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline.captions import teacher_captions
+from pipeline.captions import TeacherCaptions, teacher_captions
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed, split_evenly
 from pipeline.errors import CusaError, ImageError
 from pipeline.images import open_image
@@ -148,7 +148,7 @@ class BuildSummary:
         return asdict(self)
 
 
-def caption_notes(encoder: Encoder, texts: list[str], cleaned_rows: list[int]) -> dict:
+def caption_notes(encoder: Encoder, texts: Sequence[str], cleaned_rows: list[int]) -> dict:
     """What happened to the caption texts on their way into the teacher: rows whose odd characters were replaced,
     and rows longer than the teacher reads (it truncates them), when its tokenizer can tell."""
     notes: dict = {"cleaned": len(cleaned_rows), "cleaned_rows": cleaned_rows[:20]}
@@ -183,10 +183,10 @@ def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: En
         fingerprint=manifest.fingerprint(fingerprint_format),
         fingerprint_format=fingerprint_format,
         split_fingerprints=split_fps,
-        image_ids=manifest.images.ids().tolist(),
-        image_paths=manifest.images.paths().tolist(),
-        image_splits=manifest.images.splits().tolist(),
-        captions=teacher_captions(manifest.caption_texts())[0],
+        image_ids=manifest.images.ids(),
+        image_paths=manifest.images.paths(),
+        image_splits=manifest.images.splits(),
+        captions=TeacherCaptions(manifest.captions.texts),
         caption_image_rows=manifest.caption_image_rows(),
         teachers={"image": image_encoder.identity(), "text": text_encoder.identity()},
         dims={"images": int(image_encoder.dim), "texts": int(text_encoder.dim)},
@@ -295,7 +295,7 @@ def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: lis
         return
     total = sum(store.chunk_range("texts", c)[1] - store.chunk_range("texts", c)[0] for c in chunks)
     with tqdm(total=total, desc="captions", unit="cap", disable=not show, dynamic_ncols=True) as bar:
-        texts = teacher_captions(manifest.caption_texts())[0]
+        texts = TeacherCaptions(manifest.captions.texts)
         # embeddings kept in caption order (precomputed, no keys) are looked up by row rather than by text
         by_row = getattr(encoder, "by_row", False)
         for c in chunks:
@@ -423,13 +423,13 @@ def _run(cfg: BuildConfig, manifest: Manifest, layout: StoreLayout, image_encode
     if cfg.neighbors > 0:
         for modality in MODALITIES:
             neighbors[modality] = _build_neighbors(store, modality, cfg.neighbors, cfg.index, show, faults)
-    texts, cleaned = teacher_captions(manifest.caption_texts())
+    texts = TeacherCaptions(manifest.captions.texts)
     summary = BuildSummary(
         store=str(store.path), counts=store.counts, dims=store.dims, teachers=store.teachers,
         fingerprint=store.fingerprint, complete=True,
         images={**asdict(stats["images"]), "rows_per_s": stats["images"].rows_per_s},
         texts={**asdict(stats["texts"]), "rows_per_s": stats["texts"].rows_per_s},
-        neighbors=neighbors, world_size=ctx.world_size, caption_notes=caption_notes(text_encoder, texts, cleaned),
+        neighbors=neighbors, world_size=ctx.world_size, caption_notes=caption_notes(text_encoder, texts, texts.cleaned_rows()),
     )
     faults.at("before_finalize")
     store.finalize({k: v for k, v in summary.to_dict().items() if k in ("images", "texts", "world_size")},

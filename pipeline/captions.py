@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 # control characters other than tab and line breaks (which tokenizers read as spaces), and lone surrogates (which
 # neither tokenizers nor the store's UTF-8 strings accept)
@@ -21,3 +22,26 @@ def teacher_captions(texts: list[str]) -> tuple[list[str], list[int]]:
             changed.append(row)
         out.append(clean)
     return out, changed
+
+
+class TeacherCaptions(Sequence[str]):
+    """The captions of a manifest column as the text teacher reads them, cleaned a slice at a time as they are asked
+    for: a build of millions of captions never holds them all as Python strings."""
+
+    def __init__(self, texts: Sequence[str]):
+        self._texts = texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return teacher_captions(self._texts[i])[0]
+        return teacher_captions([self._texts[i]])[0][0]
+
+    def cleaned_rows(self, step: int = 65536) -> list[int]:
+        """The rows whose text cleaning changed (one pass, a slice at a time)."""
+        rows: list[int] = []
+        for lo in range(0, len(self), step):
+            rows.extend(lo + r for r in teacher_captions(self._texts[lo:lo + step])[1])
+        return rows

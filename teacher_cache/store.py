@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -36,6 +36,7 @@ DEFAULT_CHUNK_ROWS = 2048
 _PROGRESS_DIR = "_progress"
 _FAISS_DIR = "faiss"
 _LOCK_FILE = "_build.lock"
+_STRING_CHUNK_ROWS = 1 << 16  # ids, paths, splits, captions: rows per chunk
 _MANIFEST_DIR = "manifest"  # a copy of the source's manifest index (pipeline.manifest_index): not store data
 # Attributes that say what the rows are; their digests, recorded when a build finishes, expose later edits.
 DIGESTED_ATTRS = ("format_version", "fingerprint", "split_fingerprints", "teachers", "counts", "dims", "chunk_rows",
@@ -74,10 +75,10 @@ class StoreLayout:
 
     fingerprint: str
     split_fingerprints: dict[str, str]
-    image_ids: list[str]
-    image_paths: list[str]
-    image_splits: list[str]
-    captions: list[str]
+    image_ids: Sequence[str]
+    image_paths: Sequence[str]
+    image_splits: Sequence[str]
+    captions: Sequence[str]
     caption_image_rows: np.ndarray
     teachers: dict[str, dict]  # {"image": identity, "text": identity}
     dims: dict[str, int]  # {"images": D_i, "texts": D_t}
@@ -196,9 +197,11 @@ class Store:
             ("images/split", layout.image_splits),
             ("texts/captions", layout.captions),
         ):
-            arr = group.create_array(name, shape=(len(values),), dtype=str, chunks=(max(len(values), 1),))
-            if values:
-                arr[:] = np.array(values, dtype=object)  # variable-width: no copy padded to the longest
+            n = len(values)
+            step = _STRING_CHUNK_ROWS
+            arr = group.create_array(name, shape=(n,), dtype=str, chunks=(max(min(n, step), 1),))
+            for lo in range(0, n, step):  # a slice at a time: the values may be a lazy column of millions
+                arr[lo:min(lo + step, n)] = np.array(values[lo:lo + step], dtype=object)
         rows = group.create_array("texts/image_row", shape=(n_txt,), dtype="int64", chunks=(max(n_txt, 1),))
         if n_txt:
             rows[:] = np.asarray(layout.caption_image_rows, dtype=np.int64)
