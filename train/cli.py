@@ -59,9 +59,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
               help="Caption soft labels from this store instead of --cache.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]),
               help="Batches of random pairs, or of teacher-neighbor groups from the cache [default: random].")
-@click.option("--report-to", default=None, metavar="none|tensorboard",
+@click.option("--report-to", default=None, metavar="none|tensorboard|wandb",
               help="Also write every value of metrics.jsonl as TensorBoard scalars in RUN/tensorboard "
-                   "(tensorboard --logdir RUN) [default: none].")
+                   "(tensorboard --logdir RUN), to a Weights & Biases run (pip install 'cusa[wandb]'; "
+                   "WANDB_MODE=offline works without a network), or both: tensorboard,wandb [default: none].")
+@click.option("--wandb-project", default=None, help="W&B project [default: WANDB_PROJECT, else cusa].")
+@click.option("--wandb-name", default=None, help="W&B run name [default: the --out folder's name].")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
@@ -72,16 +75,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
                config_file, overrides, split, val_split, workers, on_bad_image, image_cache, text_cache, sampler,
-               report_to, fmt, image_key, caption_key, id_field, save_every_steps, as_json):
+               report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, save_every_steps,
+               as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
+    from train.metrics_log import require_report_targets
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
              "split": split, "val_split": val_split, "workers": workers, "on_bad_image": on_bad_image,
              "image_cache": image_cache, "text_cache": text_cache, "sampler": sampler, "report_to": report_to,
-             "format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field,
-             "save_every_steps": save_every_steps}
+             "wandb_project": wandb_project, "wandb_name": wandb_name, "format": fmt, "image_key": image_key,
+             "caption_key": caption_key, "id_field": id_field, "save_every_steps": save_every_steps}
     if resume:
         from train.resume import resume_config
 
@@ -91,6 +96,7 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (only --resume takes it from the run folder).")
         cfg = build_config(preset or "paper", config_file, {**flags, "out": out}, list(overrides))
+    require_report_targets(cfg.report_to)
     summary = train(cfg, resume=resume, show_progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
