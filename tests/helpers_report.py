@@ -50,8 +50,8 @@ def wandb_offline(tmp_path, monkeypatch) -> Path:
 
 def wandb_runs(folder: Path) -> dict[str, dict]:
     """Every W&B run whose offline files lie under ``folder``: run id -> {"files": how many .wandb files (one per
-    process that logged to it and got as far as writing), "run": its run records (project, display_name, run_group, config), "history": its
-    history rows across the files, in W&B step order}."""
+    process that logged to it and got as far as writing), "run": its run records (project, display_name,
+    run_group, config), "history": its history rows across the files, in W&B step order}."""
     runs: dict[str, dict] = {}
     for path in sorted(folder.rglob("*.wandb")):
         proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],

@@ -15,32 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from helpers_report import assert_wandb_holds, wandb_offline, wandb_runs  # noqa: F401 (wandb_offline: a fixture)
-from helpers_train import invoke, invoke_json, one_torch_thread, read_jsonl, subprocess_env, train_args
+from helpers_train import (KILLED_IN_THIRD_EPOCH, invoke, invoke_json, one_torch_thread, read_jsonl, subprocess_env,
+                           train_args)
 from train.ablate_cli import ablate_main
 from train.cli import train_main
 from train.metrics_log import MetricsLogger
 
 MISSING = "Error: report_to wandb needs the wandb package, which is not installed: pip install 'cusa[wandb]'"
-
-# cusa-train that dies (SIGKILL) right after logging the first step of epoch 3: the W&B service of the process goes
-# with it, and what it had not written to its files yet is lost (epoch 2's records, which metrics.jsonl keeps)
-KILLED_IN_EPOCH_3 = """
-import os, signal, sys
-import torch
-torch.set_num_threads(1)
-from train.metrics_log import MetricsLogger
-from train.cli import train_main
-
-log = MetricsLogger.log
-
-def log_then_die(self, record):
-    log(self, record)
-    if record["kind"] == "step" and record["epoch"] == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-MetricsLogger.log = log_then_die
-train_main.main(sys.argv[1:], prog_name="cusa-train")
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +67,9 @@ def test_resumes_continue_the_same_wandb_run_and_after_a_kill_it_still_holds_eve
     first_id, run = only_run(wandb_offline)
     assert_wandb_holds(run["history"], read_jsonl(out / "metrics.jsonl"))  # before any resume
 
-    killed = subprocess.run([sys.executable, "-c", KILLED_IN_EPOCH_3, *args, "--resume", "--epochs", "3"],
+    # killed in epoch 3: the W&B service of the process goes with it, and what it had not written to its files yet
+    # (epoch 2's records, which metrics.jsonl keeps) is lost
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_THIRD_EPOCH, "1", *args, "--resume", "--epochs", "3"],
                             capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     summary = invoke_json(train_main, ["--out", out, "--resume", "--wandb-name", "renamed", "--json"])
