@@ -179,10 +179,10 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
             from train.evaluation_run import refuse_region_student
 
             refuse_region_student(checked, cross[0])  # before any work: the retrieval table would be lost otherwise
+    source_options = {"format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                          progress=not as_json, on_bad_image=on_bad_image,
-                          source_options={"format": fmt, "image_key": image_key, "caption_key": caption_key,
-                                          "id_field": id_field}, ensemble=ensemble)
+                          progress=not as_json, on_bad_image=on_bad_image, source_options=source_options,
+                          ensemble=ensemble)
     from train.evaluate import format_table
 
     table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
@@ -212,14 +212,15 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
         human += "\n" + extra_human
     if compare is not None or n_examples:
         human += "\n" + _compare_and_examples(result, run, data, split, device, batch_size, workers, compare,
-                                              n_examples, out_dir, seed, not as_json, on_bad_image)
+                                              n_examples, out_dir, seed, not as_json, on_bad_image, source_options)
     emit(result, as_json, human)
 
 
 def _compare_and_examples(result: dict, run: str, data: str, split: str, device: str, batch_size: int, workers: int,
                           compare: str | None, n_examples: int | None, out_dir: str | None, seed: int,
-                          progress: bool, on_bad_image: str = "fail") -> str:
-    """``--compare``: RUN_B's recalls and the gain (added to ``result``); ``--examples``: the example files."""
+                          progress: bool, on_bad_image: str = "fail", source_options: dict | None = None) -> str:
+    """``--compare``: RUN_B's recalls and the gain (added to ``result``); ``--examples``: the example files. Both
+    runs read ``data`` with the command's ``source_options`` (where given), as RUN itself was evaluated."""
     from train.evaluate import format_table, gain
     from train.evaluation_run import evaluate_run
 
@@ -229,7 +230,7 @@ def _compare_and_examples(result: dict, run: str, data: str, split: str, device:
         from train.search import run_labels
 
         other = evaluate_run(compare, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                             progress=progress, on_bad_image=on_bad_image)
+                             progress=progress, on_bad_image=on_bad_image, source_options=source_options)
         keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
         result["compare"] = other
         result["gain"] = gain(other, result)
@@ -243,6 +244,7 @@ def _compare_and_examples(result: dict, run: str, data: str, split: str, device:
 
         out = out_dir or str(resolve_checkpoint(run).parent / "examples")
         result["examples"] = write_examples(runs, data, split, n_examples, out, seed=seed, device=device,
-                                            batch_size=batch_size, workers=workers, progress=progress)
+                                            batch_size=batch_size, workers=workers, progress=progress,
+                                            source_options=source_options)
         human.append(f"examples  {result['examples']['png']}, {result['examples']['md']}")
     return "\n".join(human)
