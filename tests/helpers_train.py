@@ -32,6 +32,29 @@ TINY_CLIP = {
 }
 
 
+# `python -c KILLED_IN_THIRD_EPOCH THREADS ARGS...` runs train_main with ARGS on THREADS torch threads and SIGKILLs it
+# right after the first optimizer step of the third epoch has been logged: last.pt then holds epoch 2 and
+# metrics.jsonl already has a record of the lost epoch.
+KILLED_IN_THIRD_EPOCH = """
+import os, signal, sys
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from train.metrics_log import MetricsLogger
+from train.cli import train_main
+
+log = MetricsLogger.log
+
+def log_then_die(self, record):
+    log(self, record)
+    if record["kind"] == "step" and record["epoch"] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+MetricsLogger.log = log_then_die
+train_main.main(sys.argv[2:], prog_name="cusa-train")
+"""
+
+
+
 def train_args(demo_dir: Path, cache: Path, out: Path, *extra: str, epochs: int = 2, batch_size: int = 32,
                val: bool = False) -> list[str]:
     """Small, fast `cusa-train` arguments on the demo train split (lr 1e-3: visible progress in a few steps)."""

@@ -3,6 +3,7 @@ top-5 images, the ground truth framed) and its markdown with image→text exampl
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -86,7 +87,11 @@ def test_one_run_without_compare_and_the_default_folder(runs, demo_dir):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == (f"examples  {run / 'examples' / 'examples_t2i.png'}, "
                                                       f"{run / 'examples' / 'examples.md'}")
-    assert "| # | cusa |" in (run / "examples" / "examples.md").read_text()
+    md = run / "examples" / "examples.md"
+    assert "| # | cusa |" in md.read_text()
+    # image files are linked where they are, never copied
+    assert not (run / "examples" / "images").exists()
+    assert all((md.parent / link).is_file() for link in markdown_links(md))
 
 
 def test_rank_split_gives_the_recalls_of_the_evaluation_and_ties_do_not_count_against():
@@ -122,3 +127,58 @@ def test_choose_draws_other_queries_with_another_seed_and_the_same_with_the_same
     picks = [tuple(choose(5, 200, hit, top1, seed)[0]) for seed in (0, 0, 1, 2)]
     assert picks[0] == picks[1] and len(set(picks[1:])) == 3
     assert all(hit[0][r] and not hit[1][r] for p in picks for r in p)
+
+
+def markdown_links(md: Path) -> list[str]:
+    return re.findall(r"\]\(([^)]+)\)", md.read_text())
+
+
+def test_examples_on_shards_write_the_pictured_images_next_to_the_markdown_so_its_links_open(runs, demo_shards,
+                                                                                              tmp_path):
+    run, other = runs
+    out = tmp_path / "ex"
+    result = invoke_json(eval_main, [run, "--data", demo_shards["test"], "--device", "cpu", "--workers", "0",
+                                     "--examples", "3", "--compare", other, "--out", out, "--json"])
+    links = markdown_links(out / "examples.md")
+    pictured = [link for link in links if link != "examples_t2i.png"]
+    assert pictured and all(not Path(link).is_absolute() for link in pictured)
+    manifest = load_split(demo_shards["test"], "test")
+    by_id = {im.image_id: row for row, im in enumerate(manifest.images)}
+    written = sorted(p.relative_to(out).as_posix() for p in (out / "images").iterdir())
+    assert written == sorted(set(pictured)) == result["examples"]["image_files"]
+    for link in set(pictured):
+        # each file is the shard member's own bytes, named by its image id
+        image_id = Path(link).stem
+        member = manifest.images[by_id[image_id]].member
+        with open(member.shard, "rb") as f:
+            f.seek(member.offset)
+            assert (out / link).read_bytes() == f.read(member.size)
+
+
+def renamed_caption_member(pattern: str, out: Path, new: str) -> str:
+    """Copies of the shards of ``pattern`` whose caption members are called ``KEY.<new>`` instead of ``KEY.txt``."""
+    import tarfile
+
+    out.mkdir()
+    for path in sorted(Path(pattern).parent.glob("test-*.tar")):
+        with tarfile.open(path) as src, tarfile.open(out / Path(path).name, "w") as dst:
+            for info in src.getmembers():
+                data = src.extractfile(info).read()
+                if info.name.endswith(".txt"):
+                    info.name = info.name[:-len("txt")] + new
+                dst.addfile(info, io.BytesIO(data))
+    return str(out / Path(pattern).name)
+
+
+def test_compare_and_examples_read_the_data_with_the_commands_layout_options_for_both_runs(runs, demo_shards,
+                                                                                           tmp_path):
+    run, other = runs  # both trained on annotation files: their own settings read captions from KEY.txt
+    shards = renamed_caption_member(demo_shards["test"], tmp_path / "shards", "cap")
+    result = invoke_json(eval_main, [run, "--data", shards, "--caption-key", "cap", "--device", "cpu", "--workers",
+                                     "0", "--compare", other, "--examples", "2", "--out", tmp_path / "ex", "--json"])
+    alone = invoke_json(eval_main, [other, "--data", shards, "--caption-key", "cap", "--device", "cpu",
+                                    "--workers", "0", "--json"])
+    assert (result["compare"]["images"], result["compare"]["captions"]) == (result["images"], result["captions"])
+    assert result["captions"] == 5 * result["images"] > 0
+    assert result["compare"]["rsum"] == pytest.approx(alone["rsum"])
+    assert result["examples"]["recall_at_1"]["contrastive"]["t2i"] == pytest.approx(alone["t2i_r1"])

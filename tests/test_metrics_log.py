@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers_report import expected_events
 from helpers_train import invoke, invoke_json, one_torch_thread, read_jsonl, train_args
 from train.ablate import Setting, aggregate, results_markdown
 from train.ablate_cli import ablate_main
@@ -30,25 +31,6 @@ def read_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def expected_events(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """Every number of every record, by the tags the logger documents (independent of its code)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-
-    def walk(prefix: str, step: int, d: dict, skip: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}/{k}", step, v, "")
-            elif isinstance(v, (int, float)) and k not in ("kind", skip):
-                out.setdefault(f"{prefix}/{k}", []).append((step, float(v)))
-
-    for r in records:
-        if r["kind"] == "step":
-            walk("train", r["step"], r, "step")
-        else:
-            walk("epoch", r["epoch"], r, "epoch")
-    return out
 
 
 def assert_same(events: dict, expected: dict) -> None:
@@ -111,10 +93,10 @@ def test_scalars_name_nested_values_by_their_path_and_use_the_record_axis():
 
 
 def test_an_unknown_report_target_is_a_one_line_error(demo_dir, demo_cache, tmp_path):
-    result = invoke(train_main, train_args(demo_dir, demo_cache, tmp_path / "run", "--report-to", "wandb"))
+    result = invoke(train_main, train_args(demo_dir, demo_cache, tmp_path / "run", "--report-to", "mlflow"))
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: report_to: unknown target 'wandb' (known: none, tensorboard)"]
+        "Error: report_to: unknown target 'mlflow' (known: none, tensorboard, wandb)"]
 
 
 # ================================================================================================ cusa-ablate

@@ -16,7 +16,7 @@ import torch
 
 from helpers_train import (TEMPERATURE_RANGES, invoke, invoke_json, one_torch_thread, read_jsonl, run_script,
                            subprocess_env, train_args, without_timings)
-from helpers_train import assert_identical
+from helpers_train import KILLED_IN_THIRD_EPOCH, assert_identical
 from train.cli import train_main
 from train.config import TrainConfig, build_config
 
@@ -265,27 +265,6 @@ def test_streamed_soft_labels_train_exactly_like_in_memory_ones_and_sparse_ones_
 
 
 # ================================================================================================ resume
-# Run train_main in a fresh interpreter and SIGKILL it right after the first optimizer step of the third epoch has
-# been logged: last.pt then holds epoch 2 and metrics.jsonl already has a record of the lost epoch.
-KILLED_IN_THIRD_EPOCH = """
-import os, signal, sys
-import torch
-torch.set_num_threads(int(sys.argv[1]))
-from train.metrics_log import MetricsLogger
-from train.cli import train_main
-
-log = MetricsLogger.log
-
-def log_then_die(self, record):
-    log(self, record)
-    if record["kind"] == "step" and record["epoch"] == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-MetricsLogger.log = log_then_die
-train_main.main(sys.argv[2:], prog_name="cusa-train")
-"""
-
-
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit(demo_dir, demo_cache, tmp_path):
     threads = torch.get_num_threads()  # the killed process computes with as many threads as this one
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -20,6 +20,7 @@ from pipeline.manifest import read_manifest
 from teacher_cache.store import Store
 from train.cli import eval_main, train_main
 from train.evaluation_run import load_trained_student
+from train.search_cli import search_main
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -210,3 +211,40 @@ def test_eval_of_an_image_no_store_lists_fails_in_one_line_or_skips_it_on_reques
     result = invoke_json(eval_main, args + ["--on-bad-image", "skip"])
     assert result["skipped_images"] == 1 and (result["images"], result["captions"]) == (8, 40)
     assert result["skipped_image_details"][0]["path"] == rel
+
+
+def test_search_leaves_out_an_image_the_build_skipped_with_its_captions_and_lists_it(frozen_run, broken):
+    out, _ = frozen_run
+    data, cache, rel = broken
+    args = [out, "--collection", data / "all.json", "--split", "test", "--device", "cpu", "-k", "20", "--json"]
+    texts = invoke_json(search_main, [*args, "--query", "a red circle"])
+    col = texts["collection"]
+    assert (col["images"], col["captions"]) == (8, 40)
+    row = image_of(data, "test")[0]
+    assert [(s["path"], s["reason"]) for s in col["skipped"]] == [
+        (str(data / rel), f"skipped by the build of {cache} (store row {row}): truncated or corrupt image data "
+                          "(image file is truncated)")]
+    assert len(texts["queries"][0]["results"]) == 8
+    assert str(data / rel) not in {r["path"] for r in texts["queries"][0]["results"]}
+    # a query image: the captions of the readable images only; the second search reads the cached embeddings
+    query = data / image_of(data, "test", 1)[1]
+    captions = invoke_json(search_main, [*args, "--image", query])
+    assert captions["collection_cached"] and captions["collection"]["skipped"] == col["skipped"]
+    manifest = read_manifest(str(data / "all.json"))
+    gone = {c.text for c in manifest.captions if manifest.images[c.image_row].path == rel}
+    found = {r["caption"] for r in captions["queries"][0]["results"]}
+    assert len(found) == 20 and not found & gone
+
+
+def test_examples_leave_out_an_image_the_build_skipped(frozen_run, broken, tmp_path):
+    out, _ = frozen_run
+    data, _, rel = broken
+    result = invoke_json(eval_main, [out, "--data", data / "all.json", "--split", "test", "--device", "cpu",
+                                     "--workers", "0", "--examples", "8", "--out", tmp_path / "ex", "--json"])
+    assert result["skipped_images"] == 1 and result["examples"]["n"] == 8
+    text = (tmp_path / "ex" / "examples.md").read_text()
+    assert text.startswith("# Retrieval examples: run\n\n8 images and 40 captions of")
+    assert Path(rel).name not in text
+    # the examples' recalls are the evaluation's: the same images and captions ranked
+    assert result["examples"]["recall_at_1"]["run"] == {"i2t": pytest.approx(result["i2t_r1"]),
+                                                        "t2i": pytest.approx(result["t2i_r1"])}

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from train.config import TrainConfig, build_config
 from train.data import load_config_split
 from train.evaluation_run import evaluate_run
+from train.metrics_log import require_report_targets
 from train.resume import CONFIG_FILE, HOW_NOT_WHAT, differences, extended_epochs
 from train.trainer import CHECKPOINT_LAST, train
 
@@ -146,6 +147,8 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
         run_dir = out_dir / "runs" / f"{_slug(s.name)}-seed{seed}"
         runs.append((s, seed, build_config(preset, config_file, {**base_flags, "seed": seed, "out": str(run_dir)},
                                            list(overrides or []) + [f"{k}={v}" for k, v in s.overrides.items()])))
+    for _, _, cfg in runs:
+        require_report_targets(cfg.report_to)
     first = runs[0][2]
     request = {"eval_data": eval_data, "eval_split": eval_split,
                "eval_fingerprint": load_config_split(first, eval_data, eval_split).fingerprint()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
@@ -34,8 +36,12 @@ from train.config import PRESETS
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Settings shared by every run.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]))
-@click.option("--report-to", default=None, metavar="none|tensorboard",
-              help="TensorBoard scalars of every run, each in its own run folder (tensorboard --logdir OUT/runs).")
+@click.option("--report-to", default=None, metavar="none|tensorboard|wandb",
+              help="TensorBoard scalars of every run, each in its own run folder (tensorboard --logdir OUT/runs), "
+                   "one W&B run per grid run, grouped (pip install 'cusa[wandb]'), or both: tensorboard,wandb.")
+@click.option("--wandb-project", default=None, help="W&B project [default: WANDB_PROJECT, else cusa].")
+@click.option("--wandb-name", default=None,
+              help="W&B group of the grid's runs, each named by its run folder [default: the --out folder's name].")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
@@ -47,7 +53,7 @@ from train.config import PRESETS
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
                 lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
-                report_to, fmt, image_key, caption_key, id_field, overwrite, as_json):
+                report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, overwrite, as_json):
     """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains.
 
     A re-run into the same --out reuses only runs made with the same settings and evaluation data; others are
@@ -56,7 +62,8 @@ def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, v
 
     flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
              "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
-             "text_cache": text_cache, "sampler": sampler, "report_to": report_to, "format": fmt,
+             "text_cache": text_cache, "sampler": sampler, "report_to": report_to,
+             "wandb_project": wandb_project, "wandb_group": wandb_name or Path(out).resolve().name, "format": fmt,
              "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),

@@ -56,9 +56,12 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
               help="Caption soft labels from this store instead of --cache.")
 @click.option("--sampler", default=None, type=click.Choice(["random", "teacher-neighbors"]),
               help="Batches of random pairs, or of teacher-neighbor groups from the cache [default: random].")
-@click.option("--report-to", default=None, metavar="none|tensorboard",
+@click.option("--report-to", default=None, metavar="none|tensorboard|wandb",
               help="Also write every value of metrics.jsonl as TensorBoard scalars in RUN/tensorboard "
-                   "(tensorboard --logdir RUN) [default: none].")
+                   "(tensorboard --logdir RUN), to a Weights & Biases run (pip install 'cusa[wandb]'; "
+                   "WANDB_MODE=offline works without a network), or both: tensorboard,wandb [default: none].")
+@click.option("--wandb-project", default=None, help="W&B project [default: WANDB_PROJECT, else cusa].")
+@click.option("--wandb-name", default=None, help="W&B run name [default: the --out folder's name].")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
@@ -70,16 +73,18 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
                config_file, overrides, split, val_split, workers, on_bad_image, image_cache, text_cache, sampler,
-               report_to, fmt, image_key, caption_key, id_field, save_every_steps, as_json):
+               report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, save_every_steps,
+               as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
+    from train.metrics_log import require_report_targets
     from train.trainer import train
 
     flags = {"data": data, "cache": cache, "student": student, "val_data": val_data, "loss": loss,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
              "split": split, "val_split": val_split, "workers": workers, "on_bad_image": on_bad_image,
              "image_cache": image_cache, "text_cache": text_cache, "sampler": sampler, "report_to": report_to,
-             "format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field,
-             "save_every_steps": save_every_steps}
+             "wandb_project": wandb_project, "wandb_name": wandb_name, "format": fmt, "image_key": image_key,
+             "caption_key": caption_key, "id_field": id_field, "save_every_steps": save_every_steps}
     if resume:
         from train.resume import resume_config
 
@@ -89,6 +94,7 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (only --resume takes it from the run folder).")
         cfg = build_config(preset or "paper", config_file, {**flags, "out": out}, list(overrides))
+    require_report_targets(cfg.report_to)
     summary = train(cfg, resume=resume, show_progress=not as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -172,10 +178,10 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
             from train.evaluation_run import refuse_region_student
 
             refuse_region_student(checked, cross[0])  # before any work: the retrieval table would be lost otherwise
+    source_options = {"format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                          progress=not as_json, on_bad_image=on_bad_image,
-                          source_options={"format": fmt, "image_key": image_key, "caption_key": caption_key,
-                                          "id_field": id_field}, ensemble=ensemble)
+                          progress=not as_json, on_bad_image=on_bad_image, source_options=source_options,
+                          ensemble=ensemble)
     from train.evaluate import format_table
 
     table = {"R@K (%)": {k: result[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
@@ -205,14 +211,15 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
         human += "\n" + extra_human
     if compare is not None or n_examples:
         human += "\n" + _compare_and_examples(result, run, data, split, device, batch_size, workers, compare,
-                                              n_examples, out_dir, seed, not as_json, on_bad_image)
+                                              n_examples, out_dir, seed, not as_json, on_bad_image, source_options)
     emit(result, as_json, human)
 
 
 def _compare_and_examples(result: dict, run: str, data: str, split: str, device: str, batch_size: int, workers: int,
                           compare: str | None, n_examples: int | None, out_dir: str | None, seed: int,
-                          progress: bool, on_bad_image: str = "fail") -> str:
-    """``--compare``: RUN_B's recalls and the gain (added to ``result``); ``--examples``: the example files."""
+                          progress: bool, on_bad_image: str = "fail", source_options: dict | None = None) -> str:
+    """``--compare``: RUN_B's recalls and the gain (added to ``result``); ``--examples``: the example files. Both
+    runs read ``data`` with the command's ``source_options`` (where given), as RUN itself was evaluated."""
     from train.evaluate import format_table, gain
     from train.evaluation_run import evaluate_run
 
@@ -222,7 +229,7 @@ def _compare_and_examples(result: dict, run: str, data: str, split: str, device:
         from train.search import run_labels
 
         other = evaluate_run(compare, data, split=split, device=device, batch_size=batch_size, workers=workers,
-                             progress=progress, on_bad_image=on_bad_image)
+                             progress=progress, on_bad_image=on_bad_image, source_options=source_options)
         keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
         result["compare"] = other
         result["gain"] = gain(other, result)
@@ -236,6 +243,7 @@ def _compare_and_examples(result: dict, run: str, data: str, split: str, device:
 
         out = out_dir or str(resolve_checkpoint(run).parent / "examples")
         result["examples"] = write_examples(runs, data, split, n_examples, out, seed=seed, device=device,
-                                            batch_size=batch_size, workers=workers, progress=progress)
+                                            batch_size=batch_size, workers=workers, progress=progress,
+                                            source_options=source_options)
         human.append(f"examples  {result['examples']['png']}, {result['examples']['md']}")
     return "\n".join(human)

@@ -109,7 +109,10 @@ class TrainConfig:
     gather: bool = False  # DDP: all-gather features, image ids and teacher rows across ranks
     log_every: int = 10
     save_every_steps: int = 0  # also write last.pt every N optimizer steps, mid-epoch (0: at epoch ends only)
-    report_to: str = "none"  # none | tensorboard: metrics.jsonl's values also as TensorBoard scalars in RUN/tensorboard
+    report_to: str = "none"  # none | tensorboard | wandb (or both, comma-separated): metrics.jsonl's values also there
+    wandb_project: str | None = None  # W&B project [default: WANDB_PROJECT, else cusa]
+    wandb_name: str | None = None  # W&B run name [default: the run folder's name]
+    wandb_group: str | None = None  # W&B group (cusa-ablate: its grid's)
     eval_batch_size: int = 256
     on_bad_image: str = "fail"  # validation images that cannot be read: fail, or leave out (skipped_images)
     image_cache: str | None = None  # soft labels for images from another store (default: --cache)

@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.distributed import resolve_device
-from teacher_cache.errors import StoreError
-from teacher_cache.store import Store
 from train.config import TrainConfig
 from train.evaluate import evaluate_similarity
-from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs
+from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs, run_stores
 from train.students import REGION_KINDS, parse_student_spec
 from train.trainer import CHECKPOINT_BEST, CHECKPOINT_LAST, build_student, load_checkpoint
 from train.vocab import Vocabulary
@@ -63,18 +61,6 @@ def with_source_options(cfg: TrainConfig, options: dict | None) -> TrainConfig:
     return dataclasses.replace(cfg, **given) if given else cfg
 
 
-def _run_stores(cfg: TrainConfig) -> list[Store]:
-    """The run's image stores, when they travelled with the checkpoint: their lists of skipped images, and a frozen
-    student's features when its backbones are their teachers."""
-    stores = []
-    for path in dict.fromkeys(p for p in (cfg.cache, cfg.image_cache) if p):
-        try:
-            stores.append(Store.open(path))
-        except StoreError:
-            pass  # the training cache may not travel with the checkpoint; features are then computed
-    return stores
-
-
 def refuse_region_student(run: str | Path, what: str) -> None:
     """ValueError (one line) when ``run`` holds a region student, for evaluations that need embeddings of both
     modalities (region students score pairs)."""
@@ -90,7 +76,7 @@ def _evaluate_checkpoint(checkpoint: Path, data: str, split: str, device: str, b
     """(evaluation, inputs, checkpoint dict) of one checkpoint on ``data`` [``split``]."""
     student, cfg, ckpt = load_trained_student(checkpoint, device)
     cfg = with_source_options(cfg, source_options)
-    inputs = evaluation_inputs(cfg, data, split, _run_stores(cfg), device, progress, on_bad_image,
+    inputs = evaluation_inputs(cfg, data, split, run_stores(cfg), device, progress, on_bad_image,
                                vocab=getattr(student, "vocab", None))
     evaluation = evaluate_retrieval(student, inputs.manifest, device, batch_size, workers, feats=inputs.feats,
                                     known_skipped=inputs.known_skipped, on_bad_image=on_bad_image,

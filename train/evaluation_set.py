@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from pipeline.distributed import autocast
 from pipeline.errors import ImageError
 from pipeline.manifest import Manifest
+from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows, shard_layout_of, store_indexes
 from train.evaluate import evaluate_embeddings, evaluate_similarity, retrieval_metrics, similarity_retrieval_metrics
@@ -65,6 +66,18 @@ def skipped_by_stores(manifest: Manifest, stores: Iterable[Store]) -> dict[int, 
         if reason is not None:
             found[row] = reason
     return found
+
+
+def run_stores(cfg) -> list[Store]:
+    """The image stores of a run with settings ``cfg``, when they travelled with the checkpoint: their lists of
+    skipped images, and a frozen student's features when its backbones are their teachers."""
+    stores = []
+    for path in dict.fromkeys(p for p in (cfg.cache, cfg.image_cache) if p):
+        try:
+            stores.append(Store.open(path))
+        except StoreError:
+            pass  # the training cache may not travel with the checkpoint; features are then computed
+    return stores
 
 
 def without_images(manifest: Manifest, rows: Iterable[int]) -> tuple[Manifest, np.ndarray, np.ndarray]:

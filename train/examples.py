@@ -10,6 +10,7 @@ split reuses them, and the other way round.
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,14 @@ import numpy as np
 import torch
 
 from train.data import ManifestImages, shard_layout_of
+from train.evaluation_run import with_source_options
+from train.evaluation_set import run_stores
 from train.model import TrainedModel, load_model
 from train.search import Collection, collection_index, read_collection, run_labels
 
 TOP = 5
 _CHUNK = 1024
+IMAGES_DIR = "images"  # beside examples.md: the pictured images that are members of shards
 
 
 @dataclass
@@ -96,18 +100,22 @@ def choose(n: int, size: int, hit: list[np.ndarray], top1: list[np.ndarray], see
 
 
 def write_examples(runs: list[str], data: str, split: str, n: int, out: str | os.PathLike, seed: int = 0,
-                   device: str = "auto", batch_size: int = 256, workers: int = 0,
-                   progress: bool = True) -> dict[str, Any]:
-    """``out/examples_t2i.png`` and ``out/examples.md`` for one run or two (side by side); returns what was written
-    and which queries were chosen."""
+                   device: str = "auto", batch_size: int = 256, workers: int = 0, progress: bool = True,
+                   source_options: dict | None = None) -> dict[str, Any]:
+    """``out/examples_t2i.png`` and ``out/examples.md`` for one run or two (side by side), and the images the
+    markdown links to in ``out/images/`` when they are members of shards; returns what was written and which queries
+    were chosen. ``data`` is read as the first run's config says, ``source_options`` (format, image_root, image_key,
+    caption_key, id_field) overriding it as in :func:`train.evaluation_run.evaluate_run`."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     models: list[TrainedModel] = [load_model(r, device=device, batch_size=batch_size, workers=workers) for r in runs]
-    cfg = models[0].config
+    cfg = with_source_options(models[0].config, source_options)
     col = read_collection(data, split=split, fmt=cfg.format, image_root=cfg.image_root,
                           shard_layout=shard_layout_of(cfg))
     if col.kind != "annotations":
         raise ValueError(f"{data}: examples need captions with their images (an annotation file)")
+    for model in models:  # every run ranks the same images: none that a run's stores list as unreadable
+        col = col.without_images_skipped_by(run_stores(model.config))
     rankings = []
     cached = []
     for model in models:
@@ -122,9 +130,13 @@ def write_examples(runs: list[str], data: str, split: str, n: int, out: str | os
     png = out_dir / "examples_t2i.png"
     md = out_dir / "examples.md"
     draw_t2i(png, col, rankings, labels, captions)
+    pictured = np.unique(np.concatenate([col.caption_image_rows[captions], images,
+                                         *(r.t2i_top[captions].ravel() for r in rankings)]))
+    links = image_links(col, pictured, out_dir)
     md.write_text(examples_markdown(col, rankings, labels, captions, images, data, split, seed, t2i_pools,
-                                    i2t_pools, out_dir))
+                                    i2t_pools, links))
     return {"png": str(png), "md": str(md), "n": int(len(captions)), "seed": seed, "runs": labels,
+            "image_files": sorted(link for link in links.values() if link.startswith(f"{IMAGES_DIR}/")),
             "caption_rows": captions.tolist(), "image_rows": images.tolist(),
             "recall_at_1": {lab: dict(zip(("i2t", "t2i"), r.recall_at_1())) for lab, r in zip(labels, rankings)},
             "t2i_pools": t2i_pools, "i2t_pools": i2t_pools, "collection_cached": all(cached)}
@@ -138,7 +150,7 @@ def draw_t2i(path: Path, col: Collection, rankings: list[Rankings], labels: list
     import matplotlib.pyplot as plt
     from matplotlib.gridspec import GridSpec
 
-    thumbs = ManifestImages(col.manifest, _thumbnail)
+    thumbs = ManifestImages(col.manifest, _thumbnail, col.manifest_rows)
     n_runs = len(rankings)
     ratios = [2.4]
     for r in range(n_runs):
@@ -184,9 +196,35 @@ def _thumbnail(image):
 
 
 # ---------------------------------------------------------------------------------------------- markdown
+def image_links(col: Collection, rows: np.ndarray, out_dir: Path) -> dict[int, str]:
+    """Where examples.md links each image ``rows`` of the collection, relative to ``out_dir``: an image file where it
+    is; a member of a shard, which no link can open, written as a file of its own bytes to ``out_dir/images/``,
+    named by its image id."""
+    from pipeline.shards import read_member
+
+    links: dict[int, str] = {}
+    used: set[str] = set()
+    for row in (int(r) for r in rows):
+        record = col.manifest.images[int(col.manifest_rows[row]) if col.manifest_rows is not None else row]
+        member = record.member
+        if member is None or member.missing:
+            links[row] = _rel(col.image_paths[row], out_dir)
+            continue
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", col.image_ids[row]) + Path(member.name).suffix.lower()
+        if name in used:  # two ids alike once made safe for a file name
+            name = f"{row}-{name}"
+        used.add(name)
+        path = out_dir / IMAGES_DIR / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(read_member(member.shard, member.offset, member.size))
+        links[row] = f"{IMAGES_DIR}/{name}"
+    return links
+
+
 def examples_markdown(col: Collection, rankings: list[Rankings], labels: list[str], captions: np.ndarray,
                       images: np.ndarray, data: str, split: str, seed: int, t2i_pools: dict, i2t_pools: dict,
-                      out_dir: Path) -> str:
+                      links: dict[int, str]) -> str:
+    """The markdown of the examples; ``links``: where each pictured image row is, relative to the markdown."""
     lines = [f"# Retrieval examples: {' vs '.join(labels)}", "",
              f"{len(col.image_ids)} images and {len(col.captions)} captions of `{data}` [{split}]; seed {seed}. "
              "Ranks count the candidates strictly more similar than the ground truth, as cusa-eval does.", ""]
@@ -201,14 +239,14 @@ def examples_markdown(col: Collection, rankings: list[Rankings], labels: list[st
         ranks = ", ".join(f"{lab} {int(r.t2i_gt_rank[row]) + 1}" for lab, r in zip(labels, rankings))
         lines += [f"### “{col.captions[row]}”", "",
                   f"Caption row {int(row)}; ground truth `{col.image_ids[gt]}` "
-                  f"([image]({_rel(col.image_paths[gt], out_dir)})), ranked: {ranks}.", "",
+                  f"([image]({links[gt]})), ranked: {ranks}.", "",
                   "| # | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for j in range(rankings[0].t2i_top.shape[1]):
             cells = []
             for r in rankings:
                 image_row, score = int(r.t2i_top[row, j]), float(r.t2i_scores[row, j])
                 mark = " ✓" if image_row == gt else ""
-                cells.append(f"[`{col.image_ids[image_row]}`]({_rel(col.image_paths[image_row], out_dir)}) "
+                cells.append(f"[`{col.image_ids[image_row]}`]({links[image_row]}) "
                              f"{score:.3f}{mark}")
             lines.append(f"| {j + 1} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -217,7 +255,7 @@ def examples_markdown(col: Collection, rankings: list[Rankings], labels: list[st
         ranks = ", ".join(f"{lab} {int(r.i2t_gt_rank[row]) + 1}" for lab, r in zip(labels, rankings))
         own = [c for c in np.flatnonzero(col.caption_image_rows == row)]
         lines += [f"### `{col.image_ids[row]}`", "",
-                  f"[image]({_rel(col.image_paths[row], out_dir)}); its captions: "
+                  f"[image]({links[int(row)]}); its captions: "
                   + "; ".join(f"“{col.captions[c]}”" for c in own) + f". Best caption ranked: {ranks}.", "",
                   "| # | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for j in range(rankings[0].i2t_top.shape[1]):

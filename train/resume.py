@@ -1,10 +1,11 @@
 """Resuming a run: its settings come from its folder, and a command that contradicts them is refused.
 
 ``RUN/config.json`` holds the settings a run was started with and is never rewritten. A resume may change only the
-settings that say how a run is computed, not what: ``device``, ``workers``, ``eval_batch_size``, ``log_every``, ``save_every_steps``,
-``report_to``; ``on_bad_image``, so that a run whose validation met an unreadable image can go on leaving it out; and
-``epochs`` to extend a run (the cosine schedule is then stretched to the new end from where the run stands; a run is
-never shortened). Each resume appends the changes it made to ``RUN/resumes.jsonl``, so a later resume continues with
+settings that say how a run is computed, not what: ``device``, ``workers``, ``eval_batch_size``, ``log_every``,
+``save_every_steps``, ``report_to`` and where it reports (``wandb_project``, ``wandb_name``, ``wandb_group``);
+``on_bad_image``, so that a run whose validation met an unreadable image can go on leaving it out; and ``epochs`` to
+extend a run (the cosine schedule is then stretched to the new end from where the run stands; a run is never
+shortened). Each resume appends the changes it made to ``RUN/resumes.jsonl``, so a later resume continues with
 them and `cusa-ablate` can tell an extended run from one trained for that many epochs from the start.
 """
 
@@ -21,9 +22,10 @@ CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
 # settings a resume may change; "out" is where the run is, whatever path reaches it
 RESUMABLE = ("epochs", "device", "workers", "eval_batch_size", "log_every", "report_to", "on_bad_image",
-             "save_every_steps")
+             "save_every_steps", "wandb_project", "wandb_name", "wandb_group")
 # settings that do not change what a run computes (its numbers): ignored when a finished run is compared with a request
-HOW_NOT_WHAT = ("out", "device", "workers", "eval_batch_size", "log_every", "report_to", "save_every_steps")
+HOW_NOT_WHAT = ("out", "device", "workers", "eval_batch_size", "log_every", "report_to", "save_every_steps",
+                "wandb_project", "wandb_name", "wandb_group")
 _PATH_SETTINGS = ("data", "cache", "val_data", "image_cache", "text_cache", "image_root", "frozen.feature_cache")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.manifest import Manifest
 from pipeline.shards import ShardLayout, is_shard_source
 from train.data import load_split
+from train.evaluation_set import run_stores, skipped_by_stores
 from train.model import TrainedModel
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -47,18 +48,44 @@ class Collection:
     caption_image_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     fingerprint: str = ""
     manifest: Manifest | None = None  # annotation collections: images are read through the manifest
-    skipped: list[dict] = field(default_factory=list)  # image-folder files that could not be decoded, left out
+    # images left out, each {image_id, path, reason}: a folder's files that could not be decoded, the images of an
+    # annotation collection that the run's stores list as skipped by their build
+    skipped: list[dict] = field(default_factory=list)
+    manifest_rows: np.ndarray | None = None  # the manifest rows of the images (None: every row, in order)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "images": len(self.image_ids),
                 "captions": len(self.captions), "fingerprint": self.fingerprint, "skipped": self.skipped}
 
     def without_unreadable(self, skipped: list[dict]) -> "Collection":
-        """An image folder without the files listed in ``skipped`` (their ids), which stay listed there."""
+        """The collection less the images ``skipped`` lists (by image id) and their captions, which ``skipped`` of
+        the result lists too (the fingerprint stays: it says which collection was asked for)."""
+        listed = {s["image_id"] for s in self.skipped}
+        skipped = self.skipped + [s for s in skipped if s["image_id"] not in listed]
         gone = {s["image_id"] for s in skipped}
-        keep = [i for i, image_id in enumerate(self.image_ids) if image_id not in gone]
+        keep = np.array([i for i, image_id in enumerate(self.image_ids) if image_id not in gone], dtype=np.int64)
+        new_row = np.full(len(self.image_ids), -1, dtype=np.int64)
+        new_row[keep] = np.arange(len(keep))
+        kept_captions = np.flatnonzero(new_row[self.caption_image_rows] >= 0)
+        rows = None
+        if self.manifest is not None:
+            rows = keep if self.manifest_rows is None else self.manifest_rows[keep]
         return Collection(self.source, self.kind, [self.image_paths[i] for i in keep],
-                          [self.image_ids[i] for i in keep], fingerprint=self.fingerprint, skipped=list(skipped))
+                          [self.image_ids[i] for i in keep], [self.captions[j] for j in kept_captions],
+                          new_row[self.caption_image_rows[kept_captions]], self.fingerprint, self.manifest,
+                          skipped, rows)
+
+    def without_images_skipped_by(self, stores: list) -> "Collection":
+        """An annotation collection less the images that a store among ``stores`` (a run's teacher caches) lists as
+        skipped by its build, as evaluation leaves them out; an image folder as it is."""
+        if self.manifest is None:
+            return self
+        known = skipped_by_stores(self.manifest, stores)
+        position = {int(r): i for i, r in enumerate(self.manifest_rows if self.manifest_rows is not None
+                                                     else range(len(self.image_ids)))}
+        found = [{"image_id": self.image_ids[position[r]], "path": str(self.image_paths[position[r]]),
+                  "reason": reason} for r, reason in sorted(known.items()) if r in position]
+        return self.without_unreadable(found) if found else self
 
 
 def read_collection(source: str | os.PathLike, split: str = "all", fmt: str = "auto",
@@ -134,6 +161,8 @@ def collection_index(model: TrainedModel, collection: Collection, factory: str =
     for rows in (len(collection.image_ids), len(collection.captions)):
         if rows:
             empty_index(factory, model.dim, rows)  # a factory that cannot work is refused before any embedding
+    # the images the run's stores list as unreadable are never embedded, as evaluation never ranks them
+    collection = collection.without_images_skipped_by(run_stores(model.config))
     folder = cache_folder(model, collection, cache_root)
     meta_path = folder / "meta.json"
     has_texts = bool(collection.captions)
@@ -180,7 +209,8 @@ def _embed_images(model: TrainedModel, collection: Collection, progress: bool) -
     """The collection's image embeddings, and the collection they are of (a folder's unreadable files left out)."""
     if collection.manifest is not None:
         # through the manifest, as training and cusa-eval read its images
-        emb = model.embedder.manifest_images(collection.manifest, embedding="cross", progress=progress)
+        emb = model.embedder.manifest_images(collection.manifest, collection.manifest_rows, embedding="cross",
+                                             progress=progress)
         return np.ascontiguousarray(emb.numpy(), dtype=np.float32), collection
     emb, _, errors = model.embedder.images_skipping_unreadable(collection.image_paths, "cross", progress)
     if errors:

@@ -246,7 +246,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
                             resume_step=epochs_done * steps_per_epoch + partial["steps"] if partial else None)
     if show:
         tqdm.write(f"lr        {describe_lr_plan(lrs)}, cosine over {cfg.epochs} epochs", file=sys.stderr)
-    logger = MetricsLogger(out, cfg.report_to) if ctx.is_main else None
+    logger = MetricsLogger(out, cfg.report_to, cfg.to_dict(), resumed=resume) if ctx.is_main else None
     t_run = time.perf_counter()
     val_skipped: list = []
 
