@@ -8,7 +8,8 @@ each number comes from its own fresh process:
 - ``cold_s``: ``read_manifest`` with an empty manifest cache (``--workers`` processes scan the shards; 1 = one core);
 - ``warm_s``: the same in a second process, which finds the index (the files were last changed well before);
 - ``fingerprint_s``: ``Manifest.fingerprint()`` after the warm read;
-- ``peak_rss_mib``: the warm process's peak resident memory;
+- ``peak_rss_mib``: the warm process's peak resident memory before the all-columns pass below
+  (``all_columns_peak_rss_mib`` after it);
 - ``bytes_per_sample``: its resident growth from just before the read to after the read, the fingerprint and a pass
   over what a training command reads of every row (caption image rows, split labels), divided by the samples;
   ``all_columns_bytes_per_sample`` is the same after touching every column (ids, paths, captions): the upper bound;
@@ -140,7 +141,7 @@ def measure_in_this_process(source: str, cache: str, workers: int) -> dict:
     fingerprint_s = time.perf_counter() - t0
     # what joining training pairs reads of every row
     touched = int(m.caption_image_rows().sum()) + int(m.images.split_codes.sum())
-    rows_rss = _rss("VmRSS:")
+    rows_rss, rows_peak = _rss("VmRSS:"), _rss("VmHWM:")
     # every column, to bound what a process reading everything holds
     strings = [m.captions.texts, m.images.ids()]
     strings.append(m.images.paths_written if m.images.shards is None else m.images.shards.keys)
@@ -152,7 +153,7 @@ def measure_in_this_process(source: str, cache: str, workers: int) -> dict:
     all_rss = _rss("VmRSS:")
     return {"samples": len(m.captions), "images": len(m.images), "read_s": read_s, "fingerprint_s": fingerprint_s,
             "fingerprint": fp, "rss_growth": rows_rss - base, "all_columns_rss_growth": all_rss - base,
-            "peak_rss": _rss("VmHWM:"), "caption_bytes": int(m.captions.texts.byte_lengths().sum()),
+            "peak_rss": rows_peak, "all_columns_peak_rss": _rss("VmHWM:"), "caption_bytes": int(m.captions.texts.byte_lengths().sum()),
             "checksum": touched}
 
 
@@ -246,6 +247,7 @@ def main() -> None:
                        "warm_s": round(warm["read_s"], 3), "fingerprint_s": round(warm["fingerprint_s"], 4),
                        "cold_fingerprint_s": round(cold["fingerprint_s"], 4),
                        "peak_rss_mib": round(warm["peak_rss"] / 2**20, 1),
+                       "all_columns_peak_rss_mib": round(warm["all_columns_peak_rss"] / 2**20, 1),
                        "bytes_per_sample": round(warm["rss_growth"] / n, 1),
                        "all_columns_bytes_per_sample": round(warm["all_columns_rss_growth"] / n, 1),
                        "caption_bytes_per_sample": round(warm["caption_bytes"] / n, 1), "first_step_s": None}

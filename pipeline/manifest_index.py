@@ -317,8 +317,9 @@ def _scan_job(args: tuple[str, str, ScanRules]) -> ShardScan:
 def _scan_all(shards: Sequence[ShardToRead], todo: list[int], workers: int, progress: bool) -> list[ShardScan]:
     jobs = [(shards[i].stat.path, shards[i].split, shards[i].rules) for i in todo]
     out: list[ShardScan] = []
+    # shown only when indexing takes a while (delay): a quick read prints nothing
     with tqdm(total=len(jobs), desc="indexing shards", unit="shard", disable=not progress or not jobs,
-              dynamic_ncols=True, leave=False) as bar:
+              dynamic_ncols=True, leave=False, delay=2) as bar:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("fork")) as pool:
                 for scan in pool.map(_scan_job, jobs, chunksize=1):

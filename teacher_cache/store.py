@@ -705,8 +705,9 @@ class Store:
 
     # ------------------------------------------------------------------ size
     def size_bytes(self) -> int:
-        # the lock of a running build is not part of the store
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != _LOCK_FILE)
+        # the lock of a running build and the copy of the data's manifest index are not part of the store
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != _LOCK_FILE
+                   and not p.relative_to(self.path).as_posix().startswith(f"{_MANIFEST_DIR}/"))
 
 
 class BuildLock:

@@ -11,6 +11,7 @@ only the evaluation differs), so a grid never reports numbers made under other s
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -116,10 +117,13 @@ def _stale_training(run_dir: Path, cfg: TrainConfig) -> str | None:
     return None
 
 
-def _stale_evaluation(evaluated: dict, request: dict) -> str | None:
-    """Why an eval.json does not answer the evaluation ``request`` (None: it does)."""
+def _stale_evaluation(evaluated: dict, request: dict, earlier_fingerprint: Callable[[], str]) -> str | None:
+    """Why an eval.json does not answer the evaluation ``request`` (None: it does). An evaluation recorded before
+    fingerprint format 2 is matched by the eval data's format-1 fingerprint, ``earlier_fingerprint()``."""
     for key in ("eval_split", "eval_fingerprint"):
         if evaluated.get(key) != request[key]:
+            if key == "eval_fingerprint" and evaluated.get(key) == earlier_fingerprint():
+                continue
             what = "split" if key == "eval_split" else "data (manifest fingerprint)"
             return (f"was evaluated on the {what} {json.dumps(evaluated.get(key))}, this grid asks for "
                     f"{json.dumps(request[key])}")
@@ -150,8 +154,9 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
     for _, _, cfg in runs:
         require_report_targets(cfg.report_to)
     first = runs[0][2]
-    request = {"eval_data": eval_data, "eval_split": eval_split,
-               "eval_fingerprint": load_config_split(first, eval_data, eval_split).fingerprint()}
+    eval_manifest = load_config_split(first, eval_data, eval_split)
+    request = {"eval_data": eval_data, "eval_split": eval_split, "eval_fingerprint": eval_manifest.fingerprint()}
+    earlier_fingerprint = functools.cache(lambda: eval_manifest.fingerprint(1))
     # every run is checked before any trains: a grid that must refuse does so at once, not hours later
     plan = []
     for s, seed, cfg in runs:
@@ -161,7 +166,7 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
         evaluated = None
         if stale is None and (run_dir / "eval.json").is_file():
             evaluated = json.loads((run_dir / "eval.json").read_text())
-            stale_eval = _stale_evaluation(evaluated, request)
+            stale_eval = _stale_evaluation(evaluated, request, earlier_fingerprint)
             if stale_eval is not None and not overwrite:
                 raise ValueError(f"{run_dir}: {stale_eval}; pass --overwrite to evaluate it again, or choose "
                                  "another --out")

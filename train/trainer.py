@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pipeline.distributed import DistContext, autocast, init_distributed, resolve_device, shutdown_distributed
+from pipeline.manifest import FINGERPRINT_VERSION
 from teacher_cache.soft_labels import SoftLabelSource
 from teacher_cache.store import Store
 from train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
@@ -132,6 +133,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         rows_plan.reason += f"; the {cfg.sampler} sampler's batches are not chunk-local, expect slower reads"
     if show:  # (with --json the plan is in summary.json only)
         tqdm.write(rows_plan.describe(), file=sys.stderr)
+        for store in stores:
+            if store.fingerprint_format < FINGERPRINT_VERSION:
+                tqdm.write(f"note: {store.path} was built by an earlier cusa; `cusa-cache upgrade {store.path} --data "
+                           f"{cfg.data}` spares every later command a pass over the data's rows", file=sys.stderr)
     if cfg.losses.needs_teacher:
         soft = SoftLabelSource(image_store, text_store, mode=cfg.soft_labels.mode, k=cfg.soft_labels.k,
                                stream=rows_plan.stream, device=device, max_memory_bytes=rows_plan.budget_bytes)
