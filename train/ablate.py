@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from train.config import TrainConfig, build_config
 from train.data import load_config_split
 from train.evaluation_run import evaluate_run
+from train.factory import CHECKPOINT_LAST
 from train.metrics_log import require_report_targets
 from train.resume import CONFIG_FILE, HOW_NOT_WHAT, differences, extended_epochs
-from train.trainer import CHECKPOINT_LAST, train
+from train.trainer import train
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 

@@ -238,7 +238,7 @@ def _compare_and_examples(result: dict, run: str, data: str, split: str, device:
                                    f"gain ({a} − {b})": result["gain"]}))
         runs.append(compare)
     if n_examples:
-        from train.evaluation_run import resolve_checkpoint
+        from train.factory import resolve_checkpoint
         from train.examples import write_examples
 
         out = out_dir or str(resolve_checkpoint(run).parent / "examples")

@@ -5,7 +5,8 @@ preset trains a frozen-backbone student, whose parameters are all new, at lr 1e-
 paper's 1e-5), then a YAML/JSON ``--config`` file, then explicit command-line flags, then ``--set KEY=VALUE``
 overrides. Keys are dotted; the loss settings sit at the top level
 (``csa.rate``, ``usa.tau_images``, ``contrastive.reduction``, ``tau_soft``), as do ``loss``
-(which terms are on) and ``soft_labels.mode``. The resolved config is saved with every run.
+(which terms are on) and ``soft_labels.mode``. Every layer goes through the one settings engine (train/settings.py);
+the defaults are the paper's (train/paper.py, docs/method.md). The resolved config is saved with every run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Mapping
 
 from train.losses import LossConfig
 from train.metrics_log import parse_report_to
-from train.settings import coerce_setting
+from train.paper import PAPER
+from train.settings import apply_settings, coerce_setting, flat_settings
 from train.students import DEFAULT_STUDENT, parse_student_spec
 
 LOSS_CHOICES = ("contrastive", "csa", "usa", "cusa")
@@ -28,11 +30,29 @@ _LOSS_TERMS = {
     "usa": (True, False, True),
     "cusa": (True, True, True),
 }
-_LOSS_KEYS = ("contrastive", "itr", "csa", "usa", "tau_soft")
 SAMPLERS = ("random", "teacher-neighbors")
 ON_BAD_IMAGE = ("fail", "skip")
 # a preset's key holding its values per kind of student (parse_student_spec's kinds), applied over the preset
 STUDENT_DEFAULTS_KEY = "students"
+
+
+def _stream_setting(value: Any, key: str = "soft_labels.stream") -> bool | None:
+    """soft_labels.stream as True, False or None (auto: chosen from the memory budget)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "none", "null", ""):
+        return None
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"{key} must be true, false or auto, got {value!r}")
+
+
+def _optional_number(value: Any, key: str) -> float | None:
+    """A number, or None for "not set" (head_lr: the same as lr)."""
+    return coerce_setting(value, 0.0, key)
 
 
 @dataclass
@@ -41,14 +61,14 @@ class SoftLabelConfig:
     k: int | None = None  # sparse: neighbors used per row (default: all the table keeps)
     # dense: hold every teacher row in memory (false), stream them from the store's chunks in a chunk-local
     # order (true), or choose by max_memory_mib (None, "auto")
-    stream: bool | str | None = None
+    stream: bool | None = field(default=None, metadata={"coerce": _stream_setting})
     max_memory_mib: float = 8192.0  # budget for resident teacher rows: dense when both modalities fit
     window: int = 0  # streamed: stored chunks whose pairs are shuffled together (0: as many as the budget holds)
 
 
 @dataclass
 class FrozenConfig:
-    """The trainable part of a frozen-backbone student (see METHOD.md's note on frozen backbones)."""
+    """The trainable part of a frozen-backbone student (docs/method.md, "Students with frozen backbones")."""
 
     embed_dim: int = 256
     hidden: int = 512
@@ -85,14 +105,14 @@ class TrainConfig:
     out: str = "runs/cusa"
     preset: str = "paper"
     loss: str = "cusa"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-5
-    min_lr: float = 1e-6
+    epochs: int = PAPER["epochs"]
+    batch_size: int = PAPER["batch_size"]
+    lr: float = PAPER["lr"]
+    min_lr: float = PAPER["min_lr"]
     # newly initialised parameters (adapters, cross/uni heads, loss temperatures); None: the same as lr. Decays by
     # the same cosine factor as lr.
-    head_lr: float | None = None
-    weight_decay: float = 1e-4
+    head_lr: float | None = field(default=None, metadata={"coerce": _optional_number})
+    weight_decay: float = PAPER["weight_decay"]
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -120,7 +140,8 @@ class TrainConfig:
     soft_labels: SoftLabelConfig = field(default_factory=SoftLabelConfig)
     frozen: FrozenConfig = field(default_factory=FrozenConfig)
     region: RegionConfig = field(default_factory=RegionConfig)
-    losses: LossConfig = field(default_factory=LossConfig)
+    # the loss settings, at the top level of the keys as in to_dict (csa.rate; losses.csa.rate works too)
+    losses: LossConfig = field(default_factory=LossConfig, metadata={"inline": True})
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "losses"}
@@ -135,39 +156,22 @@ class TrainConfig:
         return check_schedule(apply_overrides(cls(), d))
 
 
-# Named presets. "paper" is the reference configuration for CLIP ViT-B/32 on COCO and Flickr30K (METHOD.md): lr 1e-5
-# for the whole fine-tuned CLIP, heads included, as the reference code does. A frozen-backbone student has only new
-# parameters (adapters and heads), which learn next to nothing at 1e-5: its own values sit under "students". A preset
-# may equally set one lr for every student (no "students" entry).
+# Named presets. "paper" is the reference configuration for CLIP ViT-B/32 on COCO and Flickr30K (train/paper.py,
+# docs/method.md): lr 1e-5 for the whole fine-tuned CLIP, heads included, as the reference code does. A frozen-backbone
+# student has only new parameters (adapters and heads), which learn next to nothing at 1e-5: its own values sit under
+# "students". A preset may equally set one lr for every student (no "students" entry). Every preset starts from the
+# defaults, which are the paper's values.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "lr": 1e-5, "min_lr": 1e-6, "weight_decay": 1e-4, "batch_size": 128, "epochs": 30,
-        STUDENT_DEFAULTS_KEY: {"frozen": {"lr": 1e-3, "min_lr": 1e-4}},
-        "contrastive": {"rate": 1.0, "reduction": "mean", "tau": {"init": 0.05, "min": 0.01, "max": 0.10,
-                                                                     "learnable": True}},
-        "csa": {"rate": 0.1, "mode": "each", "form": "kl",
-                "tau": {"init": 0.45, "min": 0.10, "max": 0.99, "learnable": True}},
-        "usa": {"rate": 0.5, "form": "kl",
-                "tau_images": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True},
-                "tau_texts": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True}},
-        "tau_soft": 1.0,
-    },
-    # SGR/SAF with CUSA, the paper's appendix (Table 7 and text), with α (CSA) / β (USA) by student. grad_clip 2.0 is
-    # SGRAF's own training setting. The triplet loss is averaged over the batch: summed (VSE++, SGRAF), it leaves the
-    # appendix rates' soft-label terms inert (README, "Region-based students"). The lr is explicit and the same for
-    # both students.
+    "paper": {**PAPER, STUDENT_DEFAULTS_KEY: {"frozen": {"lr": 1e-3, "min_lr": 1e-4}}},
+    # SGR/SAF with CUSA, the paper's appendix (Table 7 and text), with α (CSA) / β (USA) by student; the temperatures
+    # are the paper's. grad_clip 2.0 is SGRAF's own training setting. The triplet loss is averaged over the batch:
+    # summed (VSE++, SGRAF), it leaves the appendix rates' soft-label terms inert (README, "Region-based students").
+    # The lr is explicit and the same for both students.
     "sgraf-paper": {
         "lr": 2e-4, "min_lr": 1e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 40, "grad_clip": 2.0,
         STUDENT_DEFAULTS_KEY: {"sgr": {"csa": {"rate": 0.60}, "usa": {"rate": 0.75}},
                                "saf": {"csa": {"rate": 1.00}, "usa": {"rate": 0.75}}},
-        "contrastive": {"rate": 1.0, "reduction": "mean", "tau": {"init": 0.05, "min": 0.01, "max": 0.10,
-                                                                     "learnable": True}},
-        "itr": {"loss": "auto", "margin": 0.2, "max_violation": True, "reduction": "mean"},
-        "csa": {"mode": "each", "form": "kl", "tau": {"init": 0.45, "min": 0.10, "max": 0.99, "learnable": True}},
-        "usa": {"form": "kl",
-                "tau_images": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True},
-                "tau_texts": {"init": 0.45, "min": 0.10, "max": 1.00, "learnable": True}},
-        "tau_soft": 1.0,
+        "itr": {"reduction": "mean"},
     },
 }
 
@@ -197,7 +201,7 @@ def build_config(preset: str = "paper", config_file: str | None = None, flags: M
     ratio = cfg.min_lr / cfg.lr  # the preset's schedule floor, relative to its peak
     for layer in layers:
         cfg = apply_overrides(cfg, layer)
-    given = set().union(*(_flatten(layer) for layer in layers)) if layers else set()
+    given = set().union(*(flat_settings(layer) for layer in layers)) if layers else set()
     if "lr" in given and "min_lr" not in given:
         # an lr asked for without a floor keeps the preset's shape: the cosine ends at the same fraction of it
         cfg = apply_overrides(cfg, {"min_lr": cfg.lr * ratio})
@@ -252,56 +256,20 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and name.split(".")[0] not in _LOSS_KEYS:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig:
     """A copy of ``cfg`` with (possibly dotted, possibly nested) ``updates`` applied and validated."""
-    cfg = dataclasses.replace(cfg, soft_labels=dataclasses.replace(cfg.soft_labels),
-                              frozen=dataclasses.replace(cfg.frozen), region=dataclasses.replace(cfg.region))
-    loss_updates: dict[str, Any] = {}
-    for key, value in _flatten(updates).items():
-        head, _, rest = key.partition(".")
-        if head in _LOSS_KEYS:
-            loss_updates[key] = value
-        elif head in ("soft_labels", "frozen", "region"):
-            sub = getattr(cfg, head)
-            if rest not in {f.name for f in dataclasses.fields(sub)}:
-                raise ValueError(f"unknown setting {key!r} (known under {head}: "
-                                 f"{', '.join(f.name for f in dataclasses.fields(sub))})")
-            # soft_labels.stream is three-valued (true, false, auto): _validate reads it
-            setattr(sub, rest, value if key == "soft_labels.stream" else coerce_setting(value, getattr(sub, rest), key))
-        elif head == "losses":
-            loss_updates[rest] = value
-        elif key in {f.name for f in dataclasses.fields(TrainConfig)} and not rest:
-            setattr(cfg, key, _coerce_top(key, value, getattr(cfg, key)))
-        else:
-            raise ValueError(f"unknown setting {key!r}")
-    if cfg.loss not in LOSS_CHOICES:
-        raise ValueError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {cfg.loss!r}")
-    if "loss" in _flatten(updates):
+    updates = dict(updates)
+    if "loss" in updates:
         # the named term set first, so that explicit ``*.enabled`` settings given alongside it win (a saved
         # config.json, which holds both, then reloads exactly as it was run)
+        cfg = apply_settings(cfg, {"loss": updates.pop("loss")})
+        if cfg.loss not in LOSS_CHOICES:
+            raise ValueError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {cfg.loss!r}")
         con, csa, usa = _LOSS_TERMS[cfg.loss]
-        cfg.losses = cfg.losses.updated({"contrastive.enabled": con, "csa.enabled": csa, "usa.enabled": usa})
-    if loss_updates:
-        cfg.losses = cfg.losses.updated(loss_updates)
+        cfg = apply_settings(cfg, {"contrastive.enabled": con, "csa.enabled": csa, "usa.enabled": usa})
+    cfg = apply_settings(cfg, updates)
     _validate(cfg)
     return cfg
-
-
-def _coerce_top(key: str, value: Any, current: Any) -> Any:
-    if key == "head_lr" and current is None and value is not None:
-        current = 0.0  # an optional number: coerce as one
-    return coerce_setting(value, current, key)
 
 
 def check_schedule(cfg: TrainConfig) -> TrainConfig:
@@ -326,7 +294,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):
         raise ValueError(f"soft_labels.mode must be dense or sparse, got {cfg.soft_labels.mode!r}")
-    cfg.soft_labels.stream = _stream_setting(cfg.soft_labels.stream)
     if not cfg.soft_labels.max_memory_mib > 0:
         raise ValueError(f"soft_labels.max_memory_mib must be > 0, got {cfg.soft_labels.max_memory_mib}")
     if cfg.soft_labels.window < 0:
@@ -356,16 +323,3 @@ def resolved_losses(cfg: TrainConfig) -> LossConfig:
     region = parse_student_spec(cfg.student).kind in REGION_KINDS
     return cfg.losses.updated({"itr.loss": "triplet" if region else "contrastive"})
 
-
-def _stream_setting(value: Any) -> bool | None:
-    """soft_labels.stream as True, False or None (auto: chosen from the memory budget)."""
-    if value is None or isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("auto", "none", "null", ""):
-        return None
-    if text in ("true", "yes", "1", "on"):
-        return True
-    if text in ("false", "no", "0", "off"):
-        return False
-    raise ValueError(f"soft_labels.stream must be true, false or auto, got {value!r}")

@@ -111,7 +111,7 @@ class StudentEmbedder:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "cpu", batch_size: int = 256,
                         workers: int = 0) -> "StudentEmbedder":
-        from train.evaluation_run import load_trained_student
+        from train.factory import load_trained_student
 
         student, cfg, _ = load_trained_student(Path(checkpoint), device)
         return cls(student, cfg.student, device, batch_size, workers, config=cfg)

@@ -9,44 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.distributed import resolve_device
+from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
 from train.evaluate import evaluate_similarity
 from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs, run_stores
+from train.factory import load_trained_student, resolve_checkpoint
 from train.students import REGION_KINDS, parse_student_spec
-from train.trainer import CHECKPOINT_BEST, CHECKPOINT_LAST, build_student, load_checkpoint
-from train.vocab import Vocabulary
-
-
-def resolve_checkpoint(run: str | Path) -> Path:
-    """A run folder means its best checkpoint (chosen on validation; without validation data every epoch is the
-    best so far, so best.pt is the last epoch's weights), else its last."""
-    p = Path(run)
-    if p.is_dir():
-        for name in (CHECKPOINT_BEST, CHECKPOINT_LAST):
-            if (p / name).is_file():
-                return p / name
-        raise ValueError(f"{p}: no checkpoint ({CHECKPOINT_BEST} or {CHECKPOINT_LAST}) in this run folder")
-    if not p.is_file():
-        raise ValueError(f"{p}: no such run folder or checkpoint file")
-    return p
-
-
-def load_trained_student(checkpoint: Path, device: str):
-    ckpt = load_checkpoint(checkpoint)
-    if "student" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{checkpoint}: not a cusa-train checkpoint")
-    cfg = TrainConfig.from_dict({k: v for k, v in ckpt["config"].items()})
-    dims = ckpt.get("dims", {})
-    vocab = None
-    if parse_student_spec(cfg.student).kind in REGION_KINDS:
-        if "vocab" not in ckpt:
-            raise ValueError(f"{checkpoint}: a region student's checkpoint without its word vocabulary")
-        vocab = Vocabulary.from_dict(ckpt["vocab"])
-    student = build_student(cfg.student, vars(cfg.frozen), dims.get("image_dim"), dims.get("text_dim"),
-                            weights_from_checkpoint=True, region_opts=vars(cfg.region), vocab=vocab)
-    student.load_state_dict(ckpt["student"])
-    return student.to(device).eval(), cfg, ckpt
-
 
 SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field")
 

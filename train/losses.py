@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.settings import coerce_setting
+from train.paper import PAPER
+from train.settings import Naming, apply_settings
 
 REDUCTIONS = ("mean", "sum")
 FORMS = ("kl", "contrastive")
@@ -378,7 +379,7 @@ def triplet_loss(sim: Tensor, image_ids: Any, margin: float = 0.2, max_violation
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the defaults are the paper's (train/paper.py); overrides go through train/settings.py
 
 
 def _check_rate(rate: float, name: str) -> None:
@@ -395,6 +396,8 @@ class TemperatureConfig:
     max: float
     learnable: bool = True
 
+    SHORTHAND = "init"  # a bare number (``csa.tau=0.3``) sets the initial value and keeps the clamp range
+
     def __post_init__(self) -> None:
         if not all(math.isfinite(v) for v in (self.init, self.min, self.max)):
             raise ValueError(f"temperature values must be finite, got {self}")
@@ -405,12 +408,17 @@ class TemperatureConfig:
             )
 
 
+def _paper_temperature(term: str, name: str = "tau"):
+    """A default factory: the paper's temperature ``name`` of ``term``."""
+    return lambda: TemperatureConfig(**PAPER[term][name])
+
+
 @dataclass
 class ContrastiveConfig:
     enabled: bool = True
-    rate: float = 1.0
-    tau: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.05, 0.01, 0.10))
-    reduction: str = "mean"
+    rate: float = PAPER["contrastive"]["rate"]
+    tau: TemperatureConfig = field(default_factory=_paper_temperature("contrastive"))
+    reduction: str = PAPER["contrastive"]["reduction"]
 
     def __post_init__(self) -> None:
         _check_rate(self.rate, "rate")
@@ -424,7 +432,7 @@ ITR_LOSSES = ("auto", "contrastive", "triplet")
 class ItrConfig:
     """Which image-text retrieval loss the `contrastive` term is: "contrastive" (InfoNCE, the dual encoders'),
     "triplet" (VSE++ hardest-negative hinge, the region students'), or "auto" (each student's own). The term's
-    `enabled` and `rate` stay under `contrastive`."""
+    `enabled` and `rate` stay under `contrastive`. The triplet defaults are VSE++'s and SGRAF's."""
 
     loss: str = "auto"
     margin: float = 0.2
@@ -441,11 +449,10 @@ class ItrConfig:
 @dataclass
 class CsaConfig:
     enabled: bool = True
-    rate: float = 0.1
-    # One temperature shared by both directions, as in the reference.
-    tau: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.45, 0.10, 0.99))
-    mode: str = "each"
-    form: str = "kl"
+    rate: float = PAPER["csa"]["rate"]
+    tau: TemperatureConfig = field(default_factory=_paper_temperature("csa"))
+    mode: str = PAPER["csa"]["mode"]
+    form: str = PAPER["csa"]["form"]
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
@@ -458,10 +465,10 @@ class CsaConfig:
 @dataclass
 class UsaConfig:
     enabled: bool = True
-    rate: float = 0.5
-    tau_images: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.45, 0.10, 1.00))
-    tau_texts: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.45, 0.10, 1.00))
-    form: str = "kl"
+    rate: float = PAPER["usa"]["rate"]
+    tau_images: TemperatureConfig = field(default_factory=_paper_temperature("usa", "tau_images"))
+    tau_texts: TemperatureConfig = field(default_factory=_paper_temperature("usa", "tau_texts"))
+    form: str = PAPER["usa"]["form"]
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
@@ -470,68 +477,15 @@ class UsaConfig:
         _check_choice(self.reduction, REDUCTIONS, "reduction")
 
 
-def _merge_setting(target: dict[str, Any], key: str, value: Any, path: str) -> None:
-    if key not in target:
-        target[key] = value
-    elif isinstance(target[key], dict) and isinstance(value, dict):
-        for inner_key, inner_value in value.items():
-            _merge_setting(target[key], inner_key, inner_value, f"{path}{key}.")
-    else:
-        raise ValueError(f"loss setting {path}{key} is given twice")
-
-
-def _nest_dotted(mapping: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """Turn {"csa.rate": 0.1, "csa": {"mode": "add"}} into {"csa": {"rate": 0.1, "mode": "add"}}."""
-    nested: dict[str, Any] = {}
-    for key, value in mapping.items():
-        parts = key.split(".") if isinstance(key, str) else [""]
-        if not all(parts):
-            raise ValueError(
-                f"loss setting keys must be non-empty dotted names, got {key!r} under {path or 'loss'}"
-            )
-        if isinstance(value, Mapping):
-            value = _nest_dotted(value, f"{path}{key}.")
-        for part in reversed(parts[1:]):
-            value = {part: value}
-        _merge_setting(nested, parts[0], value, path)
-    return nested
-
-
-def _updated(obj: Any, updates: Mapping[str, Any], path: str) -> Any:
-    """A copy of dataclass `obj` with `updates` applied recursively and validated."""
-    names = [f.name for f in dataclasses.fields(obj)]
-    changes: dict[str, Any] = {}
-    for key, value in updates.items():
-        where = f"{path}{key}"
-        if key not in names:
-            known = ", ".join(names)
-            raise ValueError(f"unknown loss setting {where!r} (known under {path or 'loss.'}: {known})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if isinstance(current, TemperatureConfig) and not isinstance(value, (Mapping, bool)):
-                # Shorthand: `csa.tau=0.3` sets the initial value and keeps the clamp range.
-                value = {"init": value}
-            if not isinstance(value, Mapping):
-                raise ValueError(f"loss setting {where} must be a mapping, got {value!r}")
-            changes[key] = _updated(current, value, f"{where}.")
-        else:
-            changes[key] = coerce_setting(value, current, where, "loss setting")
-            if isinstance(changes[key], str):
-                changes[key] = changes[key].strip().lower()  # mode names: "Add" means "add"
-    try:
-        return dataclasses.replace(obj, **changes)
-    except ValueError as err:
-        raise ValueError(f"loss setting {path.rstrip('.') or 'loss'}: {err}") from None
-
-
 @dataclass
 class LossConfig:
-    """Every knob of the CUSA loss, nested as {"contrastive": {...}, "csa": {...}, "usa": {...},
-    "tau_soft": float}. Defaults are the reference configuration (ViT-B/32, COCO/Flickr30K).
+    """Every knob of the CUSA loss, nested as {"contrastive": {...}, "itr": {...}, "csa": {...}, "usa": {...},
+    "tau_soft": float}. Defaults are the paper's (train/paper.py).
 
-    `from_dict` also takes dotted keys, so CLI overrides such as ``csa.rate=0.1``,
-    ``usa.enabled=false`` or ``csa.tau.max=0.9`` map one to one; a temperature given as a bare
-    number (``csa.tau=0.3``) sets its initial value.
+    `from_dict` and `updated` take nested or dotted keys (``csa.rate=0.1``, ``usa.enabled=false``,
+    ``csa.tau.max=0.9``; a temperature given as a bare number, ``csa.tau=0.3``, sets its initial value), through
+    the settings engine every configuration shares (train/settings.py). Messages name "loss setting" KEY, keys
+    counted from here, and names such as modes are read case-insensitively.
     """
 
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -539,7 +493,9 @@ class LossConfig:
     csa: CsaConfig = field(default_factory=CsaConfig)
     usa: UsaConfig = field(default_factory=UsaConfig)
     # Teacher soft-label temperature τ_s: frozen and shared by CSA and USA, as in the reference.
-    tau_soft: float = 1.0
+    tau_soft: float = PAPER["tau_soft"]
+
+    SETTINGS_NAMING = Naming("loss setting", top="loss", dotted_sections=True, fold_case=True)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tau_soft) and self.tau_soft > 0):
@@ -561,11 +517,11 @@ class LossConfig:
             return cls()
         if not isinstance(data, Mapping):
             raise ValueError(f"loss settings must be a mapping, got {type(data).__name__}")
-        return _updated(cls(), _nest_dotted(data, ""), "")
+        return apply_settings(cls(), data)
 
     def updated(self, overrides: Mapping[str, Any]) -> LossConfig:
         """A copy with `overrides` (same shapes as `from_dict`) applied on top of this config."""
-        return _updated(self, _nest_dotted(overrides, ""), "")
+        return apply_settings(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -116,7 +116,7 @@ def load_model(run: str | os.PathLike, device: str = "cpu", batch_size: int = 25
 
     ``batch_size`` inputs go through the model at a time; ``workers`` DataLoader processes decode image files.
     """
-    from train.evaluation_run import load_trained_student, resolve_checkpoint
+    from train.factory import load_trained_student, resolve_checkpoint
 
     _checked(batch_size)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):

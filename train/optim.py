@@ -10,6 +10,8 @@ temperatures).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BACKBONE = "backbone"
@@ -34,6 +36,16 @@ def parameter_groups(student: torch.nn.Module, loss_fn: torch.nn.Module, cfg) ->
     parts[(HEADS, False)].extend(p for p in loss_fn.parameters() if p.requires_grad)
     return [{"name": part, "params": params, "lr": lr_of[part], "weight_decay": cfg.weight_decay if decay else 0.0}
             for (part, decay), params in parts.items() if params]
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lr: float,
+                    min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's lr from its peak down the cosine to (its peak) × min_lr / lr over ``total_steps``, no warm-up."""
+    def factor(step: int) -> float:
+        t = min(step, total_steps) / max(total_steps, 1)
+        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))) / lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train.config import TrainConfig, apply_overrides, check_schedule, explicit_settings
+from train.settings import flat_settings
 
 CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
@@ -27,17 +28,6 @@ RESUMABLE = ("epochs", "device", "workers", "eval_batch_size", "log_every", "rep
 HOW_NOT_WHAT = ("out", "device", "workers", "eval_batch_size", "log_every", "report_to", "save_every_steps",
                 "wandb_project", "wandb_name", "wandb_group")
 _PATH_SETTINGS = ("data", "cache", "val_data", "image_cache", "text_cache", "image_root", "frozen.feature_cache")
-
-
-def flat_settings(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested settings dict (TrainConfig.to_dict()) as dotted keys."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            out.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _same(key: str, a: Any, b: Any) -> bool:
