@@ -66,8 +66,8 @@ class ChunkReader:
         except RemoteError:
             raise  # already one line naming the URL and the chunk
         except Exception as exc:  # an unreadable or undecodable chunk file
-            raise StoreError(f"{self.store.location}: cannot read {self.modality} chunk {chunk} (rows {start}-{stop - 1}): "
-                             f"{type(exc).__name__}: {exc}; `cusa-cache verify {self.store.location}` lists every "
+            raise StoreError(f"{self.store.location}: cannot read {self.modality} chunk {chunk} "
+                             f"(rows {start}-{stop - 1}): {type(exc).__name__}: {exc}; `cusa-cache verify {self.store.location}` lists every "
                              "problem, re-running its build repairs it") from exc
         # the sha256 of the float16 bytes (store.chunk_checksum), hashed in place rather than from a copy; once per
         # chunk and process (later epochs read bytes already checked)

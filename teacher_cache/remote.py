@@ -233,8 +233,11 @@ class RemoteLocation:
             import fsspec
 
             base, query = (url.split("?", 1) + [""])[:2] if protocol in READ_ONLY_PROTOCOLS else (url, "")
+            options = {**_single_attempt_options(protocol, fsspec.config.conf), **storage_options}
             # a fresh filesystem each time: fsspec would otherwise reuse one made for an earlier endpoint
-            fs, root = fsspec.core.url_to_fs(base, skip_instance_cache=True, **storage_options)
+            fs, root = fsspec.core.url_to_fs(base, skip_instance_cache=True, **options)
+            if protocol in ("s3", "s3a"):
+                fs.retries = 1  # s3fs's own retry loop, around botocore's (see _single_attempt_options)
         except ImportError as exc:
             extra = _EXTRAS.get(protocol)
             hint = f"pip install 'cusa[{extra}]'" if extra else f"install the fsspec package for {protocol}://"
@@ -270,6 +273,14 @@ class RemoteLocation:
                     return None
                 raise
         return with_retries(read, url=self.describe(rel), what=what, policy=policy)
+
+
+def _single_attempt_options(protocol: str, conf: dict) -> dict:
+    """Storage options that leave retrying to :func:`with_retries`: botocore's retries inside s3fs's inside ours made a
+    dead endpoint take 35 s to report. A user's own fsspec configuration of them is kept."""
+    if protocol in ("s3", "s3a") and "config_kwargs" not in (conf.get(protocol) or {}):
+        return {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+    return {}
 
 
 def download(location: RemoteLocation, rel: str, dest: Path, *, size: int | None, what: str,

@@ -304,7 +304,8 @@ class TransferSummary:
 
     def to_dict(self) -> dict:
         return {"store": self.store, "url": self.url, "files": self.files, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "mib_per_s": round(self.bytes / (1 << 20) / max(self.seconds, 1e-9), 2)}
+                "seconds": round(self.seconds, 3),
+                "mib_per_s": round(self.bytes / (1 << 20) / max(self.seconds, 1e-9), 2)}
 
 
 def store_files(store: Store) -> dict[str, int]:

@@ -686,7 +686,8 @@ class Store:
                 ids = np.asarray(self._group[f"{key}/ids"][:], dtype=np.int64)
                 sims = np.asarray(self._group[f"{key}/sims"][:], dtype=np.float32)
             except KeyError as exc:
-                raise StoreError(f"{self.location}: has no {modality} neighbor table; rebuild with --neighbors K") from exc
+                raise StoreError(f"{self.location}: has no {modality} neighbor table; rebuild with --neighbors "
+                                 "K") from exc
             if self.remote is not None:
                 # tables read from a URL are checked once against the build's checksums (embedding chunks are
                 # checked one by one as they are downloaded)

@@ -7,7 +7,7 @@ import os
 import click
 
 from pipeline.cli import emit, user_errors
-from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, shard_layout_options, store_cache_options
 from train.config import PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training annotations.")
 @click.option("--eval-data", required=True, type=click.Path(dir_okay=False), help="Annotations to test on.")
 @click.option("--eval-split", default="test", show_default=True)
-@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache shared by all runs.")
+@click.option("--cache", required=True, type=click.Path(file_okay=False),
+              help="Teacher cache shared by all runs: a folder or a URL (s3://, gs://, https://, hf://).")
 @click.option("--student", default=None, help="Student spec (default frozen:efficientnet-lite0+minilm-l6).")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
               help="A grid axis over any cusa-train setting, e.g. --grid loss=contrastive,csa,usa,cusa "
@@ -44,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
+@store_cache_options()
 @click.option("--overwrite", is_flag=True,
               help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "
                    "instead of refusing.")
@@ -51,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
                 lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
-                report_to, fmt, image_key, caption_key, id_field, overwrite, as_json):
+                report_to, fmt, image_key, caption_key, id_field, store_cache, store_cache_gib, overwrite, as_json):
     """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains.
 
     A re-run into the same --out reuses only runs made with the same settings and evaluation data; others are
@@ -61,7 +63,8 @@ def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, v
     flags = {"val_data": val_data, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
              "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
              "text_cache": text_cache, "sampler": sampler, "report_to": report_to, "format": fmt,
-             "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
+             "image_key": image_key, "caption_key": caption_key, "id_field": id_field, "store_cache": store_cache,
+             "store_cache_gib": store_cache_gib}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
                        eval_split=eval_split, show=not as_json, overwrite=overwrite)

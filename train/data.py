@@ -14,6 +14,7 @@ from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from teacher_cache.errors import StoreMismatch
+from teacher_cache.remote_store import StoreCacheSettings, open_store
 from teacher_cache.store import Store
 
 
@@ -88,6 +89,13 @@ class TrainingPairs:
 
     def __len__(self) -> int:
         return len(self.caption_rows)
+
+
+def open_run_store(cfg, location: str, require_complete: bool = True) -> Store:
+    """A store a run's config names (``cache``, ``image_cache``, ``text_cache``): a folder, or a URL read through the
+    run's local store cache (``store_cache``, ``store_cache_gib``)."""
+    return open_store(location, require_complete=require_complete,
+                      local_cache=StoreCacheSettings(cfg.store_cache, cfg.store_cache_gib))
 
 
 def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:

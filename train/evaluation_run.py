@@ -12,6 +12,7 @@ from pipeline.distributed import resolve_device
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.config import TrainConfig
+from train.data import open_run_store
 from train.evaluate import evaluate_similarity
 from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs
 from train.students import REGION_KINDS, parse_student_spec
@@ -50,7 +51,7 @@ def load_trained_student(checkpoint: Path, device: str):
     return student.to(device).eval(), cfg, ckpt
 
 
-SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field")
+SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field", "store_cache", "store_cache_gib")
 
 
 def with_source_options(cfg: TrainConfig, options: dict | None) -> TrainConfig:
@@ -69,7 +70,7 @@ def _run_stores(cfg: TrainConfig) -> list[Store]:
     stores = []
     for path in dict.fromkeys(p for p in (cfg.cache, cfg.image_cache) if p):
         try:
-            stores.append(Store.open(path))
+            stores.append(open_run_store(cfg, path, require_complete=False))
         except StoreError:
             pass  # the training cache may not travel with the checkpoint; features are then computed
     return stores

@@ -29,7 +29,7 @@ from train.checkpoint import set_rng_state as _set_rng_state
 from train.chunk_order import chunk_local_batches
 from train.config import TrainConfig, resolved_losses
 from train.data import (RowNames, TrainingPairs, drop_images, epoch_batches, join_pairs, load_config_split,
-                        pair_loader)
+                        open_run_store, pair_loader)
 from train.evaluation_set import evaluate_retrieval, evaluation_inputs
 from train.features import default_feature_cache, run_frozen_features  # noqa: F401 (re-exported)
 from train.losses import CusaLoss
@@ -119,9 +119,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
     manifest = load_config_split(cfg, cfg.data, cfg.split)
-    cache = Store.open(cfg.cache, require_complete=True)
-    image_store = Store.open(cfg.image_cache, require_complete=True) if cfg.image_cache else cache
-    text_store = Store.open(cfg.text_cache, require_complete=True) if cfg.text_cache else cache
+    cache = open_run_store(cfg, cfg.cache)  # a folder or a URL
+    image_store = open_run_store(cfg, cfg.image_cache) if cfg.image_cache else cache
+    text_store = open_run_store(cfg, cfg.text_cache) if cfg.text_cache else cache
     stores = list({str(s.path): s for s in (cache, image_store, text_store)}.values())
     pairs = join_pairs(manifest, stores)
     soft = None
