@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers_train import train_args
 from pipeline.cli import main
 from servers import FileServer, S3Server, environment, http_server, s3_server  # noqa: F401 (fixtures)
 from teacher_cache.chunk_reader import ChunkReader
@@ -28,6 +29,7 @@ from teacher_cache.remote import (BoundedFileCache, RetryPolicy, TruncatedTransf
 from teacher_cache.remote_store import PUSH_LIST, StoreCacheSettings, open_store
 from teacher_cache.store import MODALITIES, Store
 from teacher_cache.verify import verify_store
+from train.cli import train_main
 
 CLI = Path(sys.executable).parent / "cusa-cache"
 FAST = RetryPolicy(attempts=3, first_delay=0.05)
@@ -305,8 +307,8 @@ def test_push_refuses_a_store_built_from_other_data_and_files_that_are_no_store(
         str(tmp_path / "cache"))).fingerprint
 
 
-def test_a_push_killed_midway_leaves_a_store_readers_refuse_as_incomplete_until_pushed_again(demo_cache, s3_server,
-                                                                                               tmp_path):
+def test_a_push_killed_midway_leaves_a_store_readers_refuse_as_incomplete_until_pushed_again(demo_dir, demo_cache,
+                                                                                               s3_server, tmp_path):
     url = s3_server.url("caches/killed")
     env = {**os.environ, "CUSA_FAULT_AT": "push_file:5", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([str(CLI), "push", str(demo_cache), url, "--json"], capture_output=True, text=True,
@@ -321,6 +323,8 @@ def test_a_push_killed_midway_leaves_a_store_readers_refuse_as_incomplete_until_
                 f"before its build finished); upload it again with `cusa-cache push STORE {url}`")
     for args in (("info", url), ("verify", url), ("pull", url, tmp_path / "pulled")):
         assert error_line(cli(*args)) == expected
+    trained = CliRunner().invoke(train_main, train_args(demo_dir, url, tmp_path / "run", epochs=1))
+    assert error_line(trained) == expected and not (tmp_path / "run" / "last.pt").exists()
     assert not (tmp_path / "pulled").exists() or not any((tmp_path / "pulled").iterdir())
     assert cli("push", demo_cache, url, "--json").exit_code == 0
     assert json.loads(cli("verify", url, "--json").stdout)["ok"]

@@ -107,7 +107,7 @@ def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:
     for store in stores:
         image_rows, caption_rows = store.rows_for(fp, f"training data {manifest.source}")
         if len(image_rows) != len(manifest.images) or len(caption_rows) != len(manifest.captions):
-            raise StoreMismatch(f"{store.path}: row counts differ from {manifest.source}", field="counts")
+            raise StoreMismatch(f"{store.location}: row counts differ from {manifest.source}", field="counts")
         img_map[str(store.path)] = image_rows
         cap_map[str(store.path)] = caption_rows
         bad = {int(s["row"]) for s in store.skipped_images}

@@ -105,7 +105,7 @@ def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], de
     names = RowNames(file_rows, str(annotations))
     for store in stores:
         try:
-            names = RowNames(store.rows_for(manifest.fingerprint())[0], f"store {store.path}")
+            names = RowNames(store.rows_for(manifest.fingerprint())[0], f"store {store.location}")
             break
         except Exception:  # a store of other data: name the annotation file's rows
             continue

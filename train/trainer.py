@@ -322,7 +322,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         elif region:
             inputs = (train_regions.batch(pairs.image_rows[b], pairs.caption_rows[b], device) for b in batches)
         else:
-            names = RowNames(pairs.store_image_rows[str(cache.path)], f"store {cache.path}")
+            names = RowNames(pairs.store_image_rows[str(cache.path)], f"store {cache.location}")
             # each pair's augmentation drawn from (seed, epoch, pair): the same wherever the epoch (re)started
             inputs = ((im.to(device, non_blocking=True), tok.to(device, non_blocking=True)) for im, tok in
                       pair_loader(pairs, batches, student.preprocess_train, student.tokenize, cfg.workers, names,
