@@ -34,7 +34,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from teacher_cache.errors import RemoteError, StoreError, StoreMismatch
 from teacher_cache.remote import (BoundedFileCache, RemoteLocation, RetryPolicy, default_cache_dir, download,
-                                  is_url, location_slug, redact_url, upload)
+                                  is_url, location_slug, upload)
 from teacher_cache.store import FORMAT_VERSION, MODALITIES, Store, _is_temporary, _looks_like_store
 from teacher_cache.verify import verify_store
 

@@ -23,7 +23,7 @@ from helpers_train import train_args
 from pipeline.cli import main
 from servers import FileServer, S3Server, environment, http_server, s3_server  # noqa: F401 (fixtures)
 from teacher_cache.chunk_reader import ChunkReader
-from teacher_cache.errors import RemoteError, StoreError
+from teacher_cache.errors import RemoteError
 from teacher_cache.remote import (BoundedFileCache, RetryPolicy, TruncatedTransfer, failure_kind, redact_text,
                                   redact_url, with_retries)
 from teacher_cache.remote_store import PUSH_LIST, StoreCacheSettings, open_store
