@@ -192,10 +192,11 @@ class FileServer:
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        with self._lock:  # a dying server stops itself from several request threads at once
+            httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
 
     def restart(self) -> "FileServer":
         """Start again on the same port, alive and with no pending faults."""
