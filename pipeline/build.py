@@ -9,7 +9,8 @@ SIGKILL (ACTION ``kill``, the default), raise ``OSError(ENOSPC)`` (``enospc``) o
 tests can stop a build at a chosen point. Stages, in build order: ``store_ready``, ``image_batch``,
 ``image_chunk_data`` (rows written, marker not yet), ``image_chunk_written``, ``images_done``, ``text_batch``,
 ``text_chunk_data``, ``text_chunk_written``, ``texts_done``, ``neighbors_images`` and ``neighbors_texts`` (table
-and index written, marker not yet), ``before_finalize``, ``after_finalize``. Unset, it costs nothing.
+and index written, marker not yet), ``before_finalize``, ``after_finalize``; and ``push_file`` (after each file
+`cusa-cache push` uploads). Unset, it costs nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ ON_BAD_IMAGE = ("fail", "skip")
 FAULT_ENV = "CUSA_FAULT_AT"
 FAULT_STAGES = ("store_ready", "image_batch", "image_chunk_data", "image_chunk_written", "images_done", "text_batch",
                 "text_chunk_data", "text_chunk_written", "texts_done", "neighbors_images", "neighbors_texts",
-                "before_finalize", "after_finalize")
+                "before_finalize", "after_finalize", "push_file")
 FAULT_ACTIONS = ("kill", "enospc", "stall")
 
 

@@ -1,4 +1,5 @@
-"""`cusa-cache`: build, inspect, query and verify teacher caches; write the built-in demo set."""
+"""`cusa-cache`: build, inspect, query and verify teacher caches, push them to a URL and pull them back; write the
+built-in demo set."""
 
 from __future__ import annotations
 
@@ -106,14 +107,15 @@ def _build_lines(d: dict) -> list[str]:
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def info(store_path, as_json):
-    """Counts, dims, teachers, fingerprint, completeness and size of a store."""
-    from teacher_cache.store import MODALITIES, Store
+    """Counts, dims, teachers, fingerprint, completeness and size of a store (a folder or a URL)."""
+    from teacher_cache.remote_store import open_store
+    from teacher_cache.store import MODALITIES
 
-    store = Store.open(store_path)
+    store = open_store(store_path)
     prog = store.progress()
     attrs = store.attrs
     d = {
-        "store": str(store.path),
+        "store": store.location,
         "complete": store.complete,
         "format_version": attrs["format_version"],
         "counts": store.counts,
@@ -165,12 +167,13 @@ def info(store_path, as_json):
 def neighbors(store_path, image, caption, query, k, as_json):
     """Nearest images or captions of one row (or a text query) by the teacher."""
     from teacher_cache.neighbors import load_index, search
-    from teacher_cache.store import Store
+    from teacher_cache.remote_store import open_store
 
     chosen = [x is not None for x in (image, caption, query)]
     if sum(chosen) != 1:
         raise click.UsageError("give exactly one of --image, --caption, --query")
-    store = Store.open(store_path, require_complete=True)
+    store = open_store(store_path, require_complete=True)
+    store_path = store.location  # a URL without its secrets
     if image is not None:
         modality = "images"
         row = _image_row(store, image)
@@ -291,11 +294,12 @@ def upgrade(store_path, annotations, fmt, image_column, caption_column, id_colum
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def verify(store_path, as_json):
-    """Re-check chunk checksums, completeness, row norms and NaN/Inf; exit 1 if anything is wrong."""
-    from teacher_cache.store import Store
+    """Re-check chunk checksums, completeness, row norms and NaN/Inf of a store (a folder or a URL: every chunk is
+    downloaded); exit 1 if anything is wrong."""
+    from teacher_cache.remote_store import open_store
     from teacher_cache.verify import verify_store
 
-    report = verify_store(Store.open(store_path))
+    report = verify_store(open_store(store_path))
     d = report.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -306,6 +310,44 @@ def verify(store_path, as_json):
             click.echo(f"  - {p}")
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, exists=True))
+@click.argument("url", metavar="URL")
+@click.option("--overwrite", is_flag=True, help="Replace another store at URL (never files that are not a store).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def push(store_path, url, overwrite, as_json):
+    """Upload the complete store STORE to URL (s3://, gs://, hf:// or a folder), each chunk verified first; its
+    completion mark goes up last, so an interrupted push leaves a store every reader refuses as incomplete.
+    Credentials come from the environment (AWS_*, ~/.aws, Google credentials, HF_TOKEN), never from a flag."""
+    from pipeline.build import FaultInjector
+    from teacher_cache.remote_store import push_store
+
+    faults = FaultInjector.from_env()
+    summary = push_store(store_path, url, overwrite=overwrite, progress=not as_json,
+                         after_file=lambda rel: faults.at("push_file", rel)).to_dict()
+    emit(summary, as_json, f"pushed    {summary['store']} to {summary['url']}: {summary['files']} files, "
+                           f"{human_bytes(summary['bytes'])} in {summary['seconds']:.1f} s "
+                           f"({summary['mib_per_s']:.1f} MiB/s)")
+
+
+@main.command()
+@click.argument("url", metavar="URL")
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace a store already in DIR (never files that are not a store).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def pull(url, out, overwrite, as_json):
+    """Copy the complete store at URL into the folder DIR: every file checked against the size its build recorded,
+    every chunk against its checksum, the completion mark written last."""
+    from teacher_cache.remote_store import pull_store
+
+    summary = pull_store(url, out, overwrite=overwrite, progress=not as_json).to_dict()
+    emit(summary, as_json, f"pulled    {summary['url']} into {summary['store']}: {summary['files']} files, "
+                           f"{human_bytes(summary['bytes'])} in {summary['seconds']:.1f} s "
+                           f"({summary['mib_per_s']:.1f} MiB/s)")
 
 
 @main.command()

@@ -47,3 +47,20 @@ def manifest_cache_option(fn):
                         callback=remember, is_eager=True, envvar=MANIFEST_CACHE_ENV,
                         help="Where the manifest index of the data is kept, so that later commands open it in "
                              "seconds [default: $CUSA_CACHE_DIR/manifests, else ~/.cache/cusa/manifests].")(fn)
+
+
+def store_cache_options(defaults_from_run: bool = False):
+    """``--store-cache`` and ``--store-cache-gib``: where the files of stores read from URLs (``--cache s3://...``)
+    are kept, and how much that folder may hold. With ``defaults_from_run`` (cusa-eval) they default to the run's."""
+    run_note = " [default: the run's setting]" if defaults_from_run else ""
+
+    def decorate(fn):
+        fn = click.option("--store-cache-gib", default=None, type=click.FloatRange(min=0, min_open=True),
+                          metavar="N", help="The most GiB the store cache folder holds; the least recently used "
+                                            "files go first [default: 10]." + run_note)(fn)
+        fn = click.option("--store-cache", default=None, type=click.Path(file_okay=False), metavar="DIR",
+                          help="Folder for the files of stores read from URLs [default: $CUSA_CACHE_DIR/stores, "
+                               "else ~/.cache/cusa/stores]." + run_note)(fn)
+        return fn
+
+    return decorate

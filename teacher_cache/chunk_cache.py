@@ -317,7 +317,8 @@ class StreamedRows:
         index = np.asarray(index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= reader.rows):
             bad = index[(index < 0) | (index >= reader.rows)][0]
-            raise IndexError(f"{reader.store.path}: {reader.modality} row {bad} out of range (0..{reader.rows - 1})")
+            raise IndexError(f"{reader.store.location}: {reader.modality} row {bad} out of range "
+                             f"(0..{reader.rows - 1})")
         if self._intervals is not None:
             with self._lock:
                 t = self._position[name]

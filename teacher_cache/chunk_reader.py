@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zarr
 from numcodecs import blosc
 
-from teacher_cache.errors import StoreError
+from teacher_cache.errors import RemoteError, StoreError
+from teacher_cache.remote_store import CachedRemoteStore
 from teacher_cache.store import Store
 
 
@@ -36,8 +38,8 @@ class ChunkReader:
         self._array = store.array(modality)
         self._checksums = list((store.attrs.get("checksums") or {}).get(modality) or []) if verify else []
         if verify and len(self._checksums) != self.n_chunks:
-            raise StoreError(f"{store.path}: {len(self._checksums)} {modality} checksums recorded for "
-                             f"{self.n_chunks} chunks; `cusa-cache verify {store.path}` tells what is wrong")
+            raise StoreError(f"{store.location}: {len(self._checksums)} {modality} checksums recorded for "
+                             f"{self.n_chunks} chunks; `cusa-cache verify {store.location}` tells what is wrong")
         self._direct = _plain_blosc_layout(self._array)
         self._verified: set[int] = set()
 
@@ -46,11 +48,9 @@ class ChunkReader:
             return np.ascontiguousarray(self._array[start:stop], dtype=np.float16)
         # the layout every build writes, decoded without zarr's codec pipeline (60% of a chunk's read time):
         # one file per chunk, blosc over little-endian float16, edge chunks padded to the full chunk shape
-        folder, file_rows = self._direct
-        path = folder / self._array.metadata.encode_chunk_key((chunk, 0))
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:  # zarr leaves out chunks that hold only the fill value (rows of skipped images)
+        read_file, file_rows = self._direct
+        raw = read_file(self._array.metadata.encode_chunk_key((chunk, 0)))
+        if raw is None:  # zarr leaves out chunks that hold only the fill value (rows of skipped images)
             return np.zeros((stop - start, self.dim), dtype=np.float16)
         rows = np.frombuffer(blosc.decompress(raw), dtype="<f2").reshape(file_rows, self.dim)
         return rows[:stop - start].astype(np.float16, copy=False)
@@ -63,9 +63,11 @@ class ChunkReader:
         start, stop = self.store.chunk_range(self.modality, chunk)
         try:
             rows = self._decode(chunk, start, stop)
+        except RemoteError:
+            raise  # already one line naming the URL and the chunk
         except Exception as exc:  # an unreadable or undecodable chunk file
-            raise StoreError(f"{self.store.path}: cannot read {self.modality} chunk {chunk} (rows {start}-{stop - 1}): "
-                             f"{type(exc).__name__}: {exc}; `cusa-cache verify {self.store.path}` lists every "
+            raise StoreError(f"{self.store.location}: cannot read {self.modality} chunk {chunk} "
+                             f"(rows {start}-{stop - 1}): {type(exc).__name__}: {exc}; `cusa-cache verify {self.store.location}` lists every "
                              "problem, re-running its build repairs it") from exc
         # the sha256 of the float16 bytes (store.chunk_checksum), hashed in place rather than from a copy; once per
         # chunk and process (later epochs read bytes already checked)
@@ -73,16 +75,17 @@ class ChunkReader:
             if hashlib.sha256(memoryview(np.ascontiguousarray(rows)).cast("B")).hexdigest() == self._checksums[chunk]:
                 self._verified.add(chunk)
                 return rows
-            raise StoreError(f"{self.store.path}: {self.modality} chunk {chunk} (rows {start}-{stop - 1}) does not "
+            raise StoreError(f"{self.store.location}: {self.modality} chunk {chunk} (rows {start}-{stop - 1}) does not "
                              "match the checksum its build recorded (damaged on disk since); re-run the store's "
                              "`cusa-cache build` command to recompute it")
         return rows
 
 
-def _plain_blosc_layout(array: zarr.Array) -> tuple[Path, int] | None:
-    """(folder of the array, rows per chunk file) when ``array`` is stored as a build writes it: local files,
-    default chunk keys, float16 row chunks spanning every column, bytes (little-endian) + blosc codecs and nothing
-    else. None otherwise: then it is read through zarr."""
+def _plain_blosc_layout(array: zarr.Array) -> tuple[Callable[[str], bytes | None], int] | None:
+    """(reader of a chunk file's bytes by chunk key, None for an absent file; rows per chunk file) when ``array`` is
+    stored as a build writes it: local files (or a store at a URL, whose files come through its local cache), default
+    chunk keys, float16 row chunks spanning every column, bytes (little-endian) + blosc codecs and nothing else.
+    None otherwise: then it is read through zarr."""
     meta = array.metadata
     try:
         bytes_codec, blosc_codec = tuple(meta.codecs)
@@ -90,11 +93,24 @@ def _plain_blosc_layout(array: zarr.Array) -> tuple[Path, int] | None:
         plain = (isinstance(bytes_codec, zarr.codecs.BytesCodec)
                  and getattr(bytes_codec.endian, "value", bytes_codec.endian) == "little"
                  and isinstance(blosc_codec, zarr.codecs.BloscCodec)
-                 and isinstance(array.store, zarr.storage.LocalStore)
                  and meta.chunk_key_encoding.name == "default" and meta.chunk_key_encoding.separator == "/"
                  and array.dtype == np.float16 and cols == array.shape[1]
                  and not getattr(meta, "storage_transformers", ()))
-        folder = Path(array.store.root) / array.path
+        if isinstance(array.store, zarr.storage.LocalStore):
+            folder = Path(array.store.root) / array.path
+
+            def read_file(key: str) -> bytes | None:
+                try:
+                    return (folder / key).read_bytes()
+                except FileNotFoundError:
+                    return None
+        elif isinstance(array.store, CachedRemoteStore):
+            remote, prefix = array.store, array.path
+
+            def read_file(key: str) -> bytes | None:
+                return remote.read_key(f"{prefix}/{key}")
+        else:
+            return None
     except (AttributeError, TypeError, ValueError):
         return None
-    return (folder, int(rows)) if plain else None
+    return (read_file, int(rows)) if plain else None

@@ -11,3 +11,7 @@ class StoreMismatch(StoreError):
     def __init__(self, message: str, field: str):
         super().__init__(message)
         self.field = field
+
+
+class RemoteError(StoreError):
+    """A URL could not be read or written: the message names the URL (secrets redacted) and what was expected."""

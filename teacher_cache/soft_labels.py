@@ -54,7 +54,8 @@ class SoftLabelSource:
         text_store = text_store or image_store
         for store in {id(image_store): image_store, id(text_store): text_store}.values():
             if not store.complete:
-                raise StoreError(f"{store.path}: the store is incomplete; re-run its `cusa-cache build` to finish it")
+                raise StoreError(f"{store.location}: the store is incomplete; re-run its `cusa-cache build` to "
+                                 "finish it")
         self.mode = mode
         self.stream = stream
         self.device = torch.device(device)
@@ -74,8 +75,9 @@ class SoftLabelSource:
                 if kk < 1:
                     raise ValueError(f"sparse soft labels need K ≥ 1 neighbors per row, got K={kk}")
                 if kk > ids.shape[1]:
-                    raise StoreError(f"{mod.store.path}: sparse soft labels with K={kk}, but the {mod.name} neighbor "
-                                     f"table keeps {ids.shape[1]}; rebuild with `cusa-cache build --neighbors {kk}`")
+                    raise StoreError(f"{mod.store.location}: sparse soft labels with K={kk}, but the {mod.name} "
+                                     f"neighbor table keeps {ids.shape[1]}; rebuild with "
+                                     f"`cusa-cache build --neighbors {kk}`")
                 mod.nbr_ids = torch.from_numpy(np.ascontiguousarray(ids[:, :kk])).to(self.device)
                 mod.nbr_sims = torch.from_numpy(np.ascontiguousarray(sims[:, :kk])).to(self.device)
             elif not stream:

@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import zarr
@@ -54,6 +54,12 @@ def chunk_checksum(rows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float16).tobytes()).hexdigest()
 
 
+def neighbor_checksums(ids: np.ndarray, sims: np.ndarray) -> dict[str, str]:
+    """sha256 of a neighbor table's int64 ids and float32 similarities, as its build records them."""
+    return {"ids": hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+            "sims": hashlib.sha256(np.ascontiguousarray(sims, dtype=np.float32).tobytes()).hexdigest()}
+
+
 def attrs_digest(value) -> str:
     """sha256 of an attribute value's canonical JSON (sorted keys, fixed separators, ASCII escapes)."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -67,6 +73,14 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class RemoteFiles(Protocol):
+    """Where the files of a store at a URL come from (teacher_cache.remote_store.RemoteStoreFiles)."""
+
+    def local_file(self, rel: str) -> Path: ...
+
+    def size_bytes(self) -> int: ...
 
 
 @dataclass
@@ -102,8 +116,11 @@ class ChunkProgress:
 class Store:
     """A teacher cache: open with :meth:`open` (read) or :meth:`create_or_resume` (build)."""
 
-    def __init__(self, path: Path, group: zarr.Group, writable: bool):
-        self.path = Path(path)
+    def __init__(self, path: Path, group: zarr.Group, writable: bool, *, location: str | None = None,
+                 remote: "RemoteFiles | None" = None):
+        self.path = Path(path)  # a store at a URL: the local folder its cached files are kept in
+        self.location = location or str(self.path)  # how messages name the store: its folder, or its URL redacted
+        self.remote = remote
         self._group = group
         self._writable = writable
         self._cache: dict[str, np.ndarray] = {}
@@ -111,6 +128,8 @@ class Store:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | os.PathLike, *, require_complete: bool = False) -> "Store":
+        """A store folder, read-only. ``require_complete``: refuse an unfinished build or a damaged store (a few file
+        stats, no data reads). A store at a URL is opened by ``teacher_cache.remote_store.open_store``."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a cusa store (no zarr.json); build one with `cusa-cache build`")
@@ -119,30 +138,39 @@ class Store:
             attrs = dict(group.attrs)
         except Exception as exc:  # a damaged root document
             raise StoreError(f"{path}: cannot read the store's root attributes ({exc})") from exc
+        return cls.from_group(path, group, attrs, require_complete=require_complete)
+
+    @classmethod
+    def from_group(cls, path: Path, group: zarr.Group, attrs: dict, *, require_complete: bool = False,
+                   location: str | None = None, remote: "RemoteFiles | None" = None) -> "Store":
+        """A read-only store over an open zarr group whose root attributes are ``attrs``, checked as :meth:`open`
+        says. ``location`` names it in messages (a URL, redacted); ``remote`` brings its files when they are not
+        in ``path`` (a local cache folder of a store at a URL)."""
+        name = location or str(path)
         if "format_version" not in attrs:
-            raise StoreError(f"{path}: not a cusa store (no format_version attribute)")
+            raise StoreError(f"{name}: not a cusa store (no format_version attribute)")
         version = attrs["format_version"]
         if version != FORMAT_VERSION:
             newer = isinstance(version, int) and version > FORMAT_VERSION
             hint = ("it was written by a newer cusa: upgrade cusa to read it" if newer else
                     "rebuild it with this cusa: `cusa-cache build ... --overwrite` (same annotations and teachers)")
             raise StoreMismatch(
-                f"{path}: store format version {version}, this cusa reads version {FORMAT_VERSION}; {hint}",
+                f"{name}: store format version {version}, this cusa reads version {FORMAT_VERSION}; {hint}",
                 field="format_version",
             )
-        _check_attr_types(path, attrs)
-        store = cls(path, group, writable=False)
+        _check_attr_types(name, attrs)
+        store = cls(path, group, writable=False, location=location, remote=remote)
         if require_complete:
             if not store.complete:
                 raise StoreError(
-                    f"{path}: the store is incomplete (the build was interrupted); "
+                    f"{name}: the store is incomplete (the build was interrupted); "
                     "re-run the same `cusa-cache build` command to finish it"
                 )
             problems = store.integrity_problems()
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise StoreError(f"{path}: damaged store refused: {problems[0]}{more}; "
-                                 f"`cusa-cache verify {path}` lists every problem")
+                raise StoreError(f"{name}: damaged store refused: {problems[0]}{more}; "
+                                 f"`cusa-cache verify {name}` lists every problem")
         return store
 
     @classmethod
@@ -263,7 +291,7 @@ class Store:
         """Refuse to resume into a store built from another manifest (checked before any teacher is loaded)."""
         if self.fingerprint != fingerprint:
             raise StoreMismatch(
-                f"{self.path}: built from another manifest (fingerprint {self.fingerprint[:12]}…, this one "
+                f"{self.location}: built from another manifest (fingerprint {self.fingerprint[:12]}…, this one "
                 f"{fingerprint[:12]}…); pass --overwrite to rebuild or choose another --out",
                 field="fingerprint",
             )
@@ -327,7 +355,7 @@ class Store:
                 keep = np.isin(self.caption_image_rows, image_rows)
                 return image_rows, np.flatnonzero(keep)
         raise StoreMismatch(
-            f"{self.path}: the {what} (fingerprint {fingerprint[:12]}…) is not the manifest this store was built "
+            f"{self.location}: the {what} (fingerprint {fingerprint[:12]}…) is not the manifest this store was built "
             f"from ({self.fingerprint[:12]}…) nor one of its splits ({', '.join(self.split_fingerprints) or 'none'}); "
             "build a store for it with `cusa-cache build`",
             field="fingerprint",
@@ -414,6 +442,11 @@ class Store:
         for modality in MODALITIES:
             folder = self.path / _PROGRESS_DIR / modality
             if not folder.is_dir():
+                if self.complete:
+                    # a finished store without its markers (read from a URL, pulled without them): every chunk is
+                    # done, with the checksum the build recorded
+                    sums = (self.attrs.get("checksums") or {}).get(modality) or []
+                    prog.done[modality] = {c: {"chunk": c, "checksum": s, "bad_rows": []} for c, s in enumerate(sums)}
                 continue
             for marker in folder.glob("*.json"):
                 try:
@@ -451,6 +484,9 @@ class Store:
         marker = self.path / _PROGRESS_DIR / f"neighbors_{modality}.json"
         try:
             return json.loads(marker.read_text())
+        except FileNotFoundError:
+            # a finished store without its markers: the table the build recorded
+            return (self._group.attrs.get("neighbors") or {}).get(modality) if self.remote is not None else None
         except (OSError, json.JSONDecodeError):
             return None
 
@@ -475,8 +511,7 @@ class Store:
             index_bytes_writer(self.path / _FAISS_DIR / f"{modality}.index")
         if before_marker is not None:
             before_marker()
-        checksums = {"ids": hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest(),
-                     "sims": hashlib.sha256(np.ascontiguousarray(sims, dtype=np.float32).tobytes()).hexdigest()}
+        checksums = neighbor_checksums(ids, sims)
         _atomic_write_json(self.path / _PROGRESS_DIR / f"neighbors_{modality}.json",
                            {"modality": modality, "k": int(k), **info, "checksums": checksums})
 
@@ -558,9 +593,7 @@ class Store:
                 continue
             try:
                 ids, sims = (self._group[f"neighbors/{modality}/{name}"][:] for name in ("ids", "sims"))
-                ok = marker.get("checksums") == {
-                    "ids": hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest(),
-                    "sims": hashlib.sha256(np.ascontiguousarray(sims, dtype=np.float32).tobytes()).hexdigest()}
+                ok = marker.get("checksums") == neighbor_checksums(ids, sims)
             except Exception:  # missing or undecodable
                 ok = False
             # the saved index is part of the table: in a finished store, it must still be the file the build wrote
@@ -623,7 +656,8 @@ class Store:
             problems += self._shape_problems(attrs)
         except Exception as exc:  # attributes too damaged to even compare
             problems.append(f"attributes: cannot compare with the arrays ({type(exc).__name__}: {exc})")
-        problems += self._file_problems(attrs.get("files") or {})
+        if self.remote is None:  # a store at a URL has each file's size checked as it is downloaded
+            problems += self._file_problems(attrs.get("files") or {})
         return problems
 
     def _shape_problems(self, attrs: dict) -> list[str]:
@@ -696,15 +730,30 @@ class Store:
                 ids = np.asarray(self._group[f"{key}/ids"][:], dtype=np.int64)
                 sims = np.asarray(self._group[f"{key}/sims"][:], dtype=np.float32)
             except KeyError as exc:
-                raise StoreError(f"{self.path}: has no {modality} neighbor table; rebuild with --neighbors K") from exc
+                raise StoreError(f"{self.location}: has no {modality} neighbor table; rebuild with --neighbors "
+                                 "K") from exc
+            if self.remote is not None:
+                # tables read from a URL are checked once against the build's checksums (embedding chunks are
+                # checked one by one as they are downloaded)
+                recorded = (self.neighbors_marker(modality) or {}).get("checksums")
+                if recorded and recorded != neighbor_checksums(ids, sims):
+                    raise StoreError(f"{self.location}: the {modality} neighbor table does not match the checksums "
+                                     "its build recorded (damaged at the URL); push the store again")
             self._cache[key] = (ids, sims)
         return self._cache[key]
 
     def index_path(self, modality: str) -> Path:
-        return self.path / _FAISS_DIR / f"{modality}.index"
+        """The saved FAISS index of ``modality`` (a store at a URL: downloaded into its local cache first, when the
+        build saved one)."""
+        rel = f"{_FAISS_DIR}/{modality}.index"
+        if self.remote is not None and rel in (self.attrs.get("files") or {}):
+            return self.remote.local_file(rel)
+        return self.path / rel
 
     # ------------------------------------------------------------------ size
     def size_bytes(self) -> int:
+        if self.remote is not None:
+            return self.remote.size_bytes()
         # the lock of a running build and the copy of the data's manifest index are not part of the store
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != _LOCK_FILE
                    and not p.relative_to(self.path).as_posix().startswith(f"{_MANIFEST_DIR}/"))
@@ -833,7 +882,7 @@ def _root_attrs(path: Path) -> dict:
         return {}
 
 
-def _check_attr_types(path: Path, attrs: dict) -> None:
+def _check_attr_types(path: str | Path, attrs: dict) -> None:
     """Refuse root attributes of the wrong shape (hand-edited) with a message instead of a crash later."""
     def count_map(value) -> bool:
         return isinstance(value, dict) and all(

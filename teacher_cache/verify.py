@@ -3,12 +3,11 @@ row norms, NaN/Inf, neighbor tables. Each problem is reported once, by the first
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from teacher_cache.store import MODALITIES, Store, chunk_checksum
+from teacher_cache.store import MODALITIES, Store, chunk_checksum, neighbor_checksums
 
 NORM_TOLERANCE = 2e-2  # float16 rounding of a unit vector stays well inside this
 
@@ -30,7 +29,7 @@ class VerifyReport:
 
 
 def verify_store(store: Store) -> VerifyReport:
-    report = VerifyReport(store=str(store.path), complete=store.complete)
+    report = VerifyReport(store=store.location, complete=store.complete)
     if not store.complete:
         report.problems.append("incomplete: the build did not finish (no completion mark)")
     else:
@@ -118,8 +117,7 @@ def _verify_neighbors(store: Store, modality: str, report: VerifyReport) -> None
     if not np.isfinite(sims[ids >= 0]).all():
         report.problems.append(f"neighbors/{modality}: NaN/Inf similarities")
     recorded = info.get("checksums")
-    if recorded and recorded != {"ids": hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest(),
-                                 "sims": hashlib.sha256(np.ascontiguousarray(sims).tobytes()).hexdigest()}:
+    if recorded and recorded != neighbor_checksums(ids, sims):
         report.problems.append(f"neighbors/{modality}: checksum mismatch (the table changed after the build)")
 
 

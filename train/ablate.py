@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from teacher_cache.remote import redact_url
 from train.config import TrainConfig, build_config
 from train.data import load_config_split
 from train.evaluation_run import evaluate_run
@@ -212,7 +213,7 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
         s.runs.append(metrics)
 
     results = aggregate(settings)
-    payload = {"settings": results, "seeds": seeds, **request, "cache": cache, "counts": counts,
+    payload = {"settings": results, "seeds": seeds, **request, "cache": redact_url(cache), "counts": counts,
                "runs": [{k: v for k, v in r.items() if k != "skipped_image_details"} for s in settings
                         for r in s.runs],
                "seconds": time.perf_counter() - t0}

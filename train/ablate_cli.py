@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options, store_cache_options
 from pipeline.console import emit, user_errors
 from train.config import PRESETS
 
@@ -15,7 +15,8 @@ from train.config import PRESETS
 @click.option("--data", required=True, type=click.Path(), help="Training annotations.")
 @click.option("--eval-data", required=True, type=click.Path(), help="Annotations to test on.")
 @click.option("--eval-split", default="test", show_default=True)
-@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache shared by all runs.")
+@click.option("--cache", required=True, type=click.Path(file_okay=False),
+              help="Teacher cache shared by all runs: a folder or a URL (s3://, gs://, https://, hf://).")
 @click.option("--student", default=None, help="Student spec (default frozen:efficientnet-lite0+minilm-l6).")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
               help="A grid axis over any cusa-train setting, e.g. --grid loss=contrastive,csa,usa,cusa "
@@ -46,6 +47,7 @@ from train.config import PRESETS
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
 @manifest_cache_option
+@store_cache_options()
 @click.option("--overwrite", is_flag=True,
               help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "
                    "instead of refusing.")
@@ -53,7 +55,8 @@ from train.config import PRESETS
 @user_errors
 def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, val_data, preset, epochs, batch_size,
                 lr, device, workers, split, val_split, image_cache, text_cache, config_file, overrides, sampler,
-                report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, overwrite, as_json):
+                report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, store_cache,
+                store_cache_gib, overwrite, as_json):
     """Train every grid setting × seed from one teacher cache (resumable) and report mean ± std and gains.
 
     A re-run into the same --out reuses only runs made with the same settings and evaluation data; others are
@@ -64,7 +67,8 @@ def ablate_main(data, eval_data, eval_split, cache, student, grid, seeds, out, v
              "workers": workers, "split": split, "val_split": val_split, "image_cache": image_cache,
              "text_cache": text_cache, "sampler": sampler, "report_to": report_to,
              "wandb_project": wandb_project, "wandb_group": wandb_name or Path(out).resolve().name, "format": fmt,
-             "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
+             "image_key": image_key, "caption_key": caption_key, "id_field": id_field, "store_cache": store_cache,
+             "store_cache_gib": store_cache_gib}
     payload = run_grid(data=data, eval_data=eval_data, cache=cache, student=student, grid=list(grid), seeds=seeds,
                        out=out, preset=preset, config_file=config_file, flags=flags, overrides=list(overrides),
                        eval_split=eval_split, show=not as_json, overwrite=overwrite)

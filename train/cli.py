@@ -6,7 +6,7 @@ import os
 
 import click
 
-from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options, store_cache_options
 from pipeline.console import emit, user_errors
 from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 
@@ -16,7 +16,8 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
               help="Training annotations, or webdataset shards ('train-{000000..000127}.tar', '::'-joined patterns, "
                    "a .tar, or a list file); required, except with --resume (the run's own).")
 @click.option("--cache", default=None, type=click.Path(file_okay=False),
-              help="Teacher cache (cusa-cache build; required, except with --resume: the run's own).")
+              help="Teacher cache: a folder (cusa-cache build) or a URL (s3://, gs://, https://, hf://; cusa-cache "
+                   "push); required, except with --resume: the run's own.")
 @click.option("--student", default=None, help="frozen:IMAGE_SPEC+TEXT_SPEC (default "
               "frozen:efficientnet-lite0+minilm-l6), open_clip:ARCH[:CHECKPOINT], or a region student "
               "sgr:REGIONS / saf:REGIONS with REGIONS grid:IMAGE_SPEC or precomp:DIR.")
@@ -66,6 +67,7 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
 @manifest_cache_option
+@store_cache_options()
 @click.option("--save-every-steps", default=None, type=click.IntRange(min=0), metavar="N",
               help="Also write last.pt every N optimizer steps, mid-epoch; --resume continues from that step "
                    "[default: 0, epoch ends only].")
@@ -73,7 +75,8 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 @user_errors
 def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size, lr, seed, device, out, resume,
                config_file, overrides, split, val_split, workers, on_bad_image, image_cache, text_cache, sampler,
-               report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, save_every_steps,
+               report_to, wandb_project, wandb_name, fmt, image_key, caption_key, id_field, store_cache,
+               store_cache_gib, save_every_steps,
                as_json):
     """Train a student with contrastive + CSA + USA, soft labels read from the teacher cache."""
     from train.metrics_log import require_report_targets
@@ -84,7 +87,8 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
              "split": split, "val_split": val_split, "workers": workers, "on_bad_image": on_bad_image,
              "image_cache": image_cache, "text_cache": text_cache, "sampler": sampler, "report_to": report_to,
              "wandb_project": wandb_project, "wandb_name": wandb_name, "format": fmt, "image_key": image_key,
-             "caption_key": caption_key, "id_field": id_field, "save_every_steps": save_every_steps}
+             "caption_key": caption_key, "id_field": id_field, "save_every_steps": save_every_steps,
+             "store_cache": store_cache, "store_cache_gib": store_cache_gib}
     if resume:
         from train.resume import resume_config
 
@@ -121,6 +125,7 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
               help="Format of --data [default: the run's setting].")
 @shard_layout_options(defaults_from_run=True)
 @manifest_cache_option
+@store_cache_options(defaults_from_run=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
@@ -151,9 +156,9 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed that picks the examples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recalls as JSON.")
 @user_errors
-def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, batch_size, workers, on_bad_image,
-              image_labels, image_embedding, sts, text_embedding, eccv_captions, compare, ensemble, n_examples,
-              out_dir, seed, as_json):
+def eval_main(run, data, split, fmt, image_key, caption_key, id_field, store_cache, store_cache_gib, device,
+              batch_size, workers, on_bad_image, image_labels, image_embedding, sts, text_embedding, eccv_captions,
+              compare, ensemble, n_examples, out_dir, seed, as_json):
     """Image-text retrieval R@1/5/10 both ways and rsum (COCO 5K and 1K when the split has 5000 images);
     optionally uni-modal image retrieval, sentence similarity and ECCV Caption."""
     from train.evaluation_run import evaluate_run
@@ -178,7 +183,8 @@ def eval_main(run, data, split, fmt, image_key, caption_key, id_field, device, b
             from train.evaluation_run import refuse_region_student
 
             refuse_region_student(checked, cross[0])  # before any work: the retrieval table would be lost otherwise
-    source_options = {"format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field}
+    source_options = {"format": fmt, "image_key": image_key, "caption_key": caption_key, "id_field": id_field,
+                      "store_cache": store_cache, "store_cache_gib": store_cache_gib}
     result = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=workers,
                           progress=not as_json, on_bad_image=on_bad_image, source_options=source_options,
                           ensemble=ensemble)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from teacher_cache.remote import redact_url
+from teacher_cache.remote_store import DEFAULT_STORE_CACHE_GIB
 from train.losses import LossConfig
 from train.metrics_log import parse_report_to
 from train.paper import PAPER
@@ -31,6 +33,7 @@ _LOSS_TERMS = {
     "cusa": (True, True, True),
 }
 SAMPLERS = ("random", "teacher-neighbors")
+_LOCATIONS = ("data", "cache", "val_data", "image_cache", "text_cache")  # settings that may be URLs
 ON_BAD_IMAGE = ("fail", "skip")
 # a preset's key holding its values per kind of student (parse_student_spec's kinds), applied over the preset
 STUDENT_DEFAULTS_KEY = "students"
@@ -137,6 +140,8 @@ class TrainConfig:
     on_bad_image: str = "fail"  # validation images that cannot be read: fail, or leave out (skipped_images)
     image_cache: str | None = None  # soft labels for images from another store (default: --cache)
     text_cache: str | None = None  # soft labels for captions from another store (default: --cache)
+    store_cache: str | None = None  # where files of stores read from URLs are kept [default: $CUSA_CACHE_DIR/stores]
+    store_cache_gib: float = DEFAULT_STORE_CACHE_GIB  # the most that folder holds (least recently used files go)
     soft_labels: SoftLabelConfig = field(default_factory=SoftLabelConfig)
     frozen: FrozenConfig = field(default_factory=FrozenConfig)
     region: RegionConfig = field(default_factory=RegionConfig)
@@ -149,6 +154,8 @@ class TrainConfig:
         d["frozen"] = dataclasses.asdict(self.frozen)
         d["region"] = dataclasses.asdict(self.region)
         d.update(self.losses.to_dict())  # loss settings live at the top level: csa.rate, usa.rate, ...
+        for key in _LOCATIONS:  # config.json and checkpoints never hold a URL's secrets
+            d[key] = redact_url(d[key]) if isinstance(d[key], str) else d[key]
         return d
 
     @classmethod
@@ -290,6 +297,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"save_every_steps must be ≥ 0 (0: checkpoints at epoch ends only), got {cfg.save_every_steps}")
     if cfg.head_lr is not None and not cfg.head_lr > 0:
         raise ValueError(f"head_lr must be > 0 (or none: the same as lr), got {cfg.head_lr}")
+    if not cfg.store_cache_gib > 0:
+        raise ValueError(f"store_cache_gib must be > 0, got {cfg.store_cache_gib}")
     if cfg.on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):

@@ -16,6 +16,8 @@ from pipeline.manifest import Manifest, read_manifest
 from pipeline.manifest_index import STORE_INDEX_DIR
 from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from teacher_cache.errors import StoreMismatch
+from teacher_cache.remote import is_url
+from teacher_cache.remote_store import StoreCacheSettings, open_store
 from teacher_cache.store import Store
 
 
@@ -34,8 +36,9 @@ def shard_layout_of(cfg) -> ShardLayout:
 
 
 def store_indexes(cfg) -> list[Path]:
-    """The manifest index copies kept in a training config's stores (``STORE/manifest``; see pipeline.manifest_index)."""
-    return [Path(p) / STORE_INDEX_DIR for p in (cfg.cache, cfg.image_cache, cfg.text_cache) if p]
+    """The manifest index copies kept in a training config's stores (``STORE/manifest``, see
+    pipeline.manifest_index)."""
+    return [Path(p) / STORE_INDEX_DIR for p in (cfg.cache, cfg.image_cache, cfg.text_cache) if p and not is_url(p)]
 
 
 def load_config_split(cfg, path: str, split: str, progress: bool = False) -> Manifest:
@@ -103,6 +106,13 @@ class TrainingPairs:
         return len(self.caption_rows)
 
 
+def open_run_store(cfg, location: str, require_complete: bool = True) -> Store:
+    """A store a run's config names (``cache``, ``image_cache``, ``text_cache``): a folder, or a URL read through the
+    run's local store cache (``store_cache``, ``store_cache_gib``)."""
+    return open_store(location, require_complete=require_complete,
+                      local_cache=StoreCacheSettings(cfg.store_cache, cfg.store_cache_gib))
+
+
 def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:
     """Map the manifest onto each store's rows; refuse stores that were built from other data."""
     img_map: dict[str, np.ndarray] = {}
@@ -111,7 +121,7 @@ def join_pairs(manifest: Manifest, stores: list[Store]) -> TrainingPairs:
     for store in stores:
         image_rows, caption_rows = store.rows_of(manifest, f"training data {manifest.source}")
         if len(image_rows) != len(manifest.images) or len(caption_rows) != len(manifest.captions):
-            raise StoreMismatch(f"{store.path}: row counts differ from {manifest.source}", field="counts")
+            raise StoreMismatch(f"{store.location}: row counts differ from {manifest.source}", field="counts")
         img_map[str(store.path)] = image_rows
         cap_map[str(store.path)] = caption_rows
         bad = [int(s["row"]) for s in store.skipped_images]

@@ -16,7 +16,7 @@ from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evalua
 from train.factory import load_trained_student, resolve_checkpoint
 from train.students import REGION_KINDS, parse_student_spec
 
-SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field")
+SOURCE_OPTIONS = ("format", "image_root", "image_key", "caption_key", "id_field", "store_cache", "store_cache_gib")
 
 
 def with_source_options(cfg: TrainConfig, options: dict | None) -> TrainConfig:

@@ -24,7 +24,8 @@ from pipeline.errors import ImageError
 from pipeline.manifest import Manifest
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
-from train.data import ManifestImageRows, RowNames, collate_rows, load_split_rows, shard_layout_of, store_indexes
+from train.data import (ManifestImageRows, RowNames, collate_rows, load_split_rows, open_run_store, shard_layout_of,
+                        store_indexes)
 from train.evaluate import evaluate_embeddings, evaluate_similarity, retrieval_metrics, similarity_retrieval_metrics
 from train.features import run_frozen_features, skip_reason
 from train.regions import RegionData, region_data
@@ -74,7 +75,7 @@ def run_stores(cfg) -> list[Store]:
     stores = []
     for path in dict.fromkeys(p for p in (cfg.cache, cfg.image_cache) if p):
         try:
-            stores.append(Store.open(path))
+            stores.append(open_run_store(cfg, path, require_complete=False))
         except StoreError:
             pass  # the training cache may not travel with the checkpoint; features are then computed
     return stores
@@ -114,7 +115,7 @@ def evaluation_inputs(cfg, annotations: str, split: str, stores: list[Store], de
     names = RowNames(file_rows, str(annotations))
     for store in stores:
         try:
-            names = RowNames(store.rows_of(manifest)[0], f"store {store.path}")
+            names = RowNames(store.rows_of(manifest)[0], f"store {store.location}")
             break
         except Exception:  # a store of other data: name the annotation file's rows
             continue

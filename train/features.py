@@ -19,6 +19,7 @@ import torch.distributed as dist
 from pipeline.manifest import Manifest
 from pipeline.shards import ShardLayout
 from teacher_cache.errors import StoreError
+from teacher_cache.remote import default_cache_dir, is_url, location_slug
 from teacher_cache.store import Store
 from train.students import parse_student_spec
 
@@ -34,7 +35,10 @@ class FeatureSet:
 
 def default_feature_cache(cache: str) -> str:
     """Where a frozen student's backbone features are cached by default: ``CACHE-features`` next to the teacher
-    cache, one store per dataset (split) and pair of backbones."""
+    cache, one store per dataset (split) and pair of backbones; for a cache at a URL, a local folder named after it
+    in cusa's cache folder (``$CUSA_CACHE_DIR/features``, else ``~/.cache/cusa/features``)."""
+    if is_url(cache):
+        return str(default_cache_dir("features") / location_slug(cache))
     p = Path(cache)
     return str(p.with_name(p.name + "-features"))
 

@@ -23,10 +23,10 @@ CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
 # settings a resume may change; "out" is where the run is, whatever path reaches it
 RESUMABLE = ("epochs", "device", "workers", "eval_batch_size", "log_every", "report_to", "on_bad_image",
-             "save_every_steps", "wandb_project", "wandb_name", "wandb_group")
+             "save_every_steps", "wandb_project", "wandb_name", "wandb_group", "store_cache", "store_cache_gib")
 # settings that do not change what a run computes (its numbers): ignored when a finished run is compared with a request
 HOW_NOT_WHAT = ("out", "device", "workers", "eval_batch_size", "log_every", "report_to", "save_every_steps",
-                "wandb_project", "wandb_name", "wandb_group")
+                "wandb_project", "wandb_name", "wandb_group", "store_cache", "store_cache_gib")
 _PATH_SETTINGS = ("data", "cache", "val_data", "image_cache", "text_cache", "image_root", "frozen.feature_cache")
 
 

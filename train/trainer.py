@@ -36,7 +36,7 @@ from train.checkpoint import rng_state as _rng_state
 from train.checkpoint import set_rng_state as _set_rng_state
 from train.chunk_order import chunk_local_batches
 from train.config import TrainConfig, resolved_losses
-from train.data import TrainingPairs, epoch_batches, join_pairs, load_config_split
+from train.data import TrainingPairs, epoch_batches, join_pairs, load_config_split, open_run_store
 from train.evaluation_set import EvaluationInputs, evaluate_retrieval, evaluation_inputs
 from train.factory import CHECKPOINT_BEST, CHECKPOINT_LAST, checkpoint_state
 from train.features import default_feature_cache  # noqa: F401 (re-exported)
@@ -150,9 +150,9 @@ def set_up(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
 
     # data joined to the cache: refuses stores built from other data, other teachers or unfinished builds
     manifest = load_config_split(cfg, cfg.data, cfg.split, progress=show)
-    cache = Store.open(cfg.cache, require_complete=True)
-    image_store = Store.open(cfg.image_cache, require_complete=True) if cfg.image_cache else cache
-    text_store = Store.open(cfg.text_cache, require_complete=True) if cfg.text_cache else cache
+    cache = open_run_store(cfg, cfg.cache)  # a folder or a URL
+    image_store = open_run_store(cfg, cfg.image_cache) if cfg.image_cache else cache
+    text_store = open_run_store(cfg, cfg.text_cache) if cfg.text_cache else cache
     stores = list({str(s.path): s for s in (cache, image_store, text_store)}.values())
     pairs = join_pairs(manifest, stores)
     # teacher rows dense in memory or streamed chunk-locally, by the memory budget (train/teacher_rows.py)
