@@ -36,12 +36,14 @@ from pipeline.errors import CusaError, ImageError
 from pipeline.images import open_image
 from pipeline.manifest import FINGERPRINT_VERSION, Manifest, read_manifest
 from pipeline.manifest_index import keep_copy
+from pipeline.shard_read_ahead import ShardReadAhead
 from pipeline.shard_scan import describe_skipped
 from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from pipeline.teachers.base import Encoder
 from pipeline.teachers.registry import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, build_encoder
 from teacher_cache.errors import StoreError
 from teacher_cache.neighbors import build_neighbor_table, save_index
+from teacher_cache.remote import redact_text
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
 
 ON_BAD_IMAGE = ("fail", "skip")
@@ -192,8 +194,9 @@ def manifest_layout(manifest: Manifest, image_encoder: Encoder, text_encoder: En
         teachers={"image": image_encoder.identity(), "text": text_encoder.identity()},
         dims={"images": int(image_encoder.dim), "texts": int(text_encoder.dim)},
         chunk_rows=chunk_rows,
-        source=str(manifest.source),
-        skipped_samples=[{k: s[k] for k in ("shard", "key", "reason")} for s in manifest.skipped_samples],
+        source=redact_text(str(manifest.source)),  # a URL's token never lands in the store
+        skipped_samples=[{k: redact_text(str(s[k])) for k in ("shard", "key", "reason")}
+                         for s in manifest.skipped_samples],
     )
 
 
@@ -247,24 +250,27 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
     if not chunks:
         return
     total = sum(store.chunk_range("images", c)[1] - store.chunk_range("images", c)[0] for c in chunks)
+    needs_pixels = getattr(encoder, "needs_pixels", True)
+    row_batches = _chunk_batches(store, "images", chunks, cfg.batch_size)
+    prefetch = 4
+    # shards at URLs (pipe:, compressed) this rank reads come into the shard cache ahead of its workers
+    ahead = ShardReadAhead.for_rows(manifest, row_batches if needs_pixels else [],
+                                    in_flight=cfg.workers * prefetch)
     # closed on errors too, so an error message starts on a line of its own
-    with tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True) as bar:
-        needs_pixels = getattr(encoder, "needs_pixels", True)
+    with tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True) as bar, ahead:
         if needs_pixels:
             loader = DataLoader(
                 _ImageRows(manifest, encoder.preprocess),
-                batch_sampler=_chunk_batches(store, "images", chunks, cfg.batch_size),
+                batch_sampler=row_batches,
                 num_workers=cfg.workers,
                 collate_fn=_collate,
-                prefetch_factor=4 if cfg.workers > 0 else None,
+                prefetch_factor=prefetch if cfg.workers > 0 else None,
                 persistent_workers=False,
             )
-            batches = iter(loader)
+            batches = ahead.follow(iter(loader))
         else:
             ids = manifest.images.ids()
-            batches = (
-                (rows, None, {}) for rows in _chunk_batches(store, "images", chunks, cfg.batch_size)
-            )
+            batches = ((rows, None, {}) for rows in row_batches)
         for c in chunks:
             start, stop = store.chunk_range("images", c)
             out = np.zeros((stop - start, store.dims["images"]), dtype=np.float32)
@@ -276,7 +282,8 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
                     if cfg.on_bad_image == "fail":
                         raise ImageError(f"{message} (use --on-bad-image skip to leave such rows out)")
                     im = manifest.images[row]
-                    bad_rows.append({"row": int(row), "id": im.image_id, "path": im.path, "reason": message})
+                    bad_rows.append({"row": int(row), "id": im.image_id, "path": im.path,
+                                     "reason": redact_text(message)})
                 good = [r for r in rows if r not in errors]
                 if good:
                     emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids(

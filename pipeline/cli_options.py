@@ -9,6 +9,7 @@ import click
 
 from pipeline.manifest import FORMATS
 from pipeline.manifest_index import MANIFEST_CACHE_ENV
+from pipeline.shard_cache import SHARD_CACHE_ENV, SHARD_CACHE_GIB_ENV
 
 FORMAT_CHOICES = ("auto", *FORMATS)
 
@@ -47,6 +48,32 @@ def manifest_cache_option(fn):
                         callback=remember, is_eager=True, envvar=MANIFEST_CACHE_ENV,
                         help="Where the manifest index of the data is kept, so that later commands open it in "
                              "seconds [default: $CUSA_CACHE_DIR/manifests, else ~/.cache/cusa/manifests].")(fn)
+
+
+def shard_cache_options(fn):
+    """``--shard-cache DIR`` and ``--shard-cache-gib N``: where shards read from URLs, ``pipe:`` commands or compressed
+    files are kept whole, and how much that folder may hold (also ``$CUSA_SHARD_CACHE``, ``$CUSA_SHARD_CACHE_GIB``).
+    Like ``--manifest-cache``, they apply to everything the command starts (DataLoader workers, torchrun ranks,
+    scanning processes), so they travel as those environment variables."""
+
+    def remember(name: str):
+        def callback(ctx, param, value):
+            if value is not None and value != "":
+                os.environ[name] = str(value)
+            return value
+        return callback
+
+    fn = click.option("--shard-cache-gib", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
+                      expose_value=False, callback=remember(SHARD_CACHE_GIB_ENV), is_eager=True,
+                      envvar=SHARD_CACHE_GIB_ENV,
+                      help="The most GiB the shard cache holds; the least recently used shards go first "
+                           "[default: 10].")(fn)
+    fn = click.option("--shard-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                      expose_value=False, callback=remember(SHARD_CACHE_ENV), is_eager=True, envvar=SHARD_CACHE_ENV,
+                      help="Folder for whole copies of shards read from URLs (s3://, gs://, https://, hf://), pipe: "
+                           "commands or compressed files [default: $CUSA_CACHE_DIR/shards, else "
+                           "~/.cache/cusa/shards].")(fn)
+    return fn
 
 
 def store_cache_options(defaults_from_run: bool = False):

@@ -39,7 +39,7 @@ def open_image(manifest: "Manifest", row: int, max_pixels: int = DEFAULT_MAX_PIX
     where = f"{member.shard}: member {member.name!r} (image row {row})"
     if member.size == 0:
         raise ImageError(f"{where}: empty member (0 bytes)")
-    data = read_member(member.shard, member.offset, member.size)
+    data = read_member(member.shard, member.offset, member.size, member.stat)
     return decode_image(io.BytesIO(data), where, max_pixels)
 
 

@@ -22,10 +22,12 @@ from pipeline.annotations import FORMATS as ANNOTATION_FORMATS
 from pipeline.annotations import (CSV_SUFFIXES, json_format, load_json, read_annotations, split_from_filename,
                                   unknown_extension, unusable_characters)
 from pipeline.errors import ManifestError
-from pipeline.manifest_index import FileStat, IndexPlaces, ShardToRead, open_annotation_file, open_shards
+from pipeline.manifest_index import IndexPlaces, ShardToRead, open_annotation_file, open_shards
 from pipeline.manifest_table import (FINGERPRINT_VERSION, Block, CaptionRecord, CaptionTable, ImageRecord, ImageTable,
                                      Manifest, ShardMember)
-from pipeline.shards import ShardLayout, is_shard_source, parse_shard_source, scan_rules
+from pipeline.shard_cache import needs_cache
+from pipeline.shards import ShardLayout, is_shard_source, parse_shard_source, scan_rules, shard_stats
+from teacher_cache.remote import is_url, redact_url
 
 __all__ = ["FORMATS", "FINGERPRINT_VERSION", "Block", "CaptionRecord", "CaptionTable", "ImageRecord", "ImageTable",
            "Manifest", "ShardMember", "detect_format", "read_manifest", "split_from_filename", "unusable_characters"]
@@ -77,6 +79,9 @@ def read_manifest(
     places = IndexPlaces.resolve(manifest_cache, indexes)
     if format == "webdataset" or format == "auto" and is_shard_source(path):
         return _read_shards(str(path).strip(), shard_layout or ShardLayout(), places, workers, progress)
+    if is_url(str(path)):
+        raise ManifestError(f"{redact_url(str(path))}: annotation files are read from local paths; a URL names "
+                            "webdataset shards (.tar, .tar.gz, a brace pattern of them, or a .txt list of shards)")
     path = Path(path)
     if path.is_dir():
         raise ManifestError(f"{path}: a folder, not an annotation file, shards or a CLIP_benchmark webdataset folder "
@@ -96,6 +101,12 @@ def read_manifest(
 
 
 def _read_shards(source: str, layout: ShardLayout, places: IndexPlaces, workers: int, progress: bool) -> Manifest:
-    shards = [ShardToRead(FileStat.of(shard), pattern.split, scan_rules(layout, pattern.escaped_newlines))
-              for pattern in parse_shard_source(source) for shard in pattern.shards]
-    return open_shards(shards, source, places, workers, progress)
+    patterns = parse_shard_source(source)
+    stats = iter(shard_stats([shard for pattern in patterns for shard in pattern.shards]))
+    shards = [ShardToRead(next(stats), pattern.split, scan_rules(layout, pattern.escaped_newlines))
+              for pattern in patterns for shard in pattern.shards]
+    manifest = open_shards(shards, source, places, workers, progress)
+    # the versions that were indexed travel with the rows, so every reader (a DataLoader worker, a rank) reads the
+    # local copy of that version without listing the shards again
+    manifest.images.shards.stats = {s.stat.path: s.stat for s in shards if needs_cache(s.stat.path)}
+    return manifest

@@ -13,8 +13,12 @@ and two processes indexing at once each leave a complete version (a lock makes t
 
 An entry (a shard, or the annotation file) is reused when its name, size and modification time (ns) are the ones
 recorded and it had not been modified for 2 s when it was indexed (a change within the same clock tick as the
-indexing could otherwise go unseen). A source whose shards changed scans again only the changed, added or renamed
-shards; the other shards' rows are copied from the previous version.
+indexing could otherwise go unseen). A shard at a URL is reused when its name, size and version (ETag, generation or
+modification time, from one listing of its folder: ``pipeline.file_stat``) are the recorded ones, so an unchanged
+remote source opens without fetching a shard; a ``pipe:`` shard when its command text is the same (its output is not
+looked at again). A source whose shards changed scans again only the changed, added or renamed shards; the other
+shards' rows are copied from the previous version. Shards that are not plain local tars are scanned on their local
+copy in the shard cache (``pipeline.shard_cache``). URLs are stored with their secrets redacted.
 """
 
 from __future__ import annotations
@@ -38,8 +42,12 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pipeline.columns import StringColumn
+from pipeline.file_stat import FileStat
 from pipeline.manifest_table import Block, CaptionTable, ImageTable, Manifest, narrow_codes
+from pipeline.shard_cache import is_remote, needs_cache, shard_cache
+from pipeline.shard_read_ahead import ShardReadAhead
 from pipeline.shard_scan import ScanRules, ShardEntry, ShardScan, SourceScan, assemble, combine, scan_shard
+from teacher_cache.remote import redact_text
 
 INDEX_VERSION = 1
 STORE_INDEX_DIR = "manifest"
@@ -61,21 +69,6 @@ def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / "Library" / "Caches" if sys.platform == "darwin"
                                                 else Path.home() / ".cache")
     return Path(base) / "cusa" / "manifests"
-
-
-@dataclass(frozen=True)
-class FileStat:
-    """What decides whether an entry is still valid: the file's name, size and modification time."""
-
-    path: str
-    name: str
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str) -> "FileStat":
-        st = os.stat(path)
-        return cls(path, os.path.basename(path), st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -183,8 +176,11 @@ def _remove_old_versions(family: Path, keep: str) -> None:
 
 
 def _trusted(entry: dict, stat: FileStat) -> bool:
-    return (entry.get("name") == stat.name and entry.get("size") == stat.size and entry.get("mtime_ns") ==
-            stat.mtime_ns and stat.mtime_ns + _TRUST_SLACK_NS <= int(entry.get("indexed_at_ns", 0)))
+    if (entry.get("name"), entry.get("size"), entry.get("mtime_ns"), entry.get("version", "")) != \
+            (stat.name, stat.size, stat.mtime_ns, stat.version):
+        return False
+    # a local file changed within the clock tick of its indexing keeps its mtime; a remote version names its content
+    return bool(stat.version) or stat.mtime_ns + _TRUST_SLACK_NS <= int(entry.get("indexed_at_ns", 0))
 
 
 def _writable(cache: Path | None) -> bool:
@@ -207,11 +203,18 @@ class ShardToRead:
     rules: ScanRules
 
     def key(self) -> tuple:
-        return (self.stat.name, self.stat.size, self.stat.mtime_ns, self.split, self.rules.escaped_newlines)
+        return (self.stat.name, self.stat.size, self.stat.mtime_ns, self.split, self.rules.escaped_newlines,
+                self.stat.version)
 
 
 def _entry_key(entry: dict) -> tuple:
-    return (entry["name"], entry["size"], entry["mtime_ns"], entry["split"], entry.get("escaped", False))
+    return (entry["name"], entry["size"], entry["mtime_ns"], entry["split"], entry.get("escaped", False),
+            entry.get("version", ""))
+
+
+def _where(path: str) -> str:
+    """A shard's place as the index records it: a local file's real path, a URL without its secrets."""
+    return redact_text(path) if is_remote(path) else os.path.realpath(path)
 
 
 def _options(rules: Sequence[ScanRules]) -> dict:
@@ -233,7 +236,7 @@ def open_shards(shards: Sequence[ShardToRead], source: str, places: IndexPlaces,
     # a family per source (its shards' real paths), named after its options first: the families of other sources
     # read the same way are where a shard seen before (added to this source, or renamed) is found again
     prefix = _digest({"kind": "shards", "options": options})[:16]
-    family_key = f"{prefix}-{_digest([os.path.realpath(s.stat.path) for s in shards])[:16]}"
+    family_key = f"{prefix}-{_digest([_where(s.stat.path) for s in shards])[:16]}"
     if not _writable(places.cache):
         return assemble(combine(_scan_all(shards, list(range(len(shards))), workers, progress)), source, id_field)
     family = places.cache / family_key
@@ -310,25 +313,32 @@ def _all_reusable(entries: list[dict], shards: Sequence[ShardToRead]) -> bool:
         _entry_key(e) == s.key() and _trusted(e, s.stat) for e, s in zip(entries, shards))
 
 
-def _scan_job(args: tuple[str, str, ScanRules]) -> ShardScan:
-    return scan_shard(*args)
+def _scan_job(args: tuple[FileStat, str, ScanRules]) -> ShardScan:
+    stat, split, rules = args
+    if not needs_cache(stat.path):
+        return scan_shard(stat.path, split, rules)
+    with shard_cache().local_copy(stat.path, stat) as local:  # fetched (or decompressed) whole, then scanned
+        return scan_shard(stat.path, split, rules, local=str(local))
 
 
 def _scan_all(shards: Sequence[ShardToRead], todo: list[int], workers: int, progress: bool) -> list[ShardScan]:
-    jobs = [(shards[i].stat.path, shards[i].split, shards[i].rules) for i in todo]
+    jobs = [(shards[i].stat, shards[i].split, shards[i].rules) for i in todo]
     out: list[ShardScan] = []
     # shown only when indexing takes a while (delay): a quick read prints nothing
     with tqdm(total=len(jobs), desc="indexing shards", unit="shard", disable=not progress or not jobs,
               dynamic_ncols=True, leave=False, delay=2) as bar:
         if workers > 1 and len(jobs) > 1:
+            # each process fetches the shards it scans: as many transfers at once as processes
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("fork")) as pool:
                 for scan in pool.map(_scan_job, jobs, chunksize=1):
                     out.append(scan)
                     bar.update(1)
         else:
-            for job in jobs:
-                out.append(_scan_job(job))
-                bar.update(1)
+            # shards to fetch come ahead of the scan, in a thread: the next one arrives while this one is scanned
+            with ShardReadAhead([[(job[0].path, job[0])] for job in jobs]) as ahead:
+                for job in ahead.follow(jobs, read_on_arrival=False):
+                    out.append(_scan_job(job))
+                    bar.update(1)
     return out
 
 
@@ -347,12 +357,14 @@ def _write_shard_version(folder: Path, scan: SourceScan, shards: Sequence[ShardT
         samples["id"] = scan.ids.array
     _write_table(folder / "samples.arrow", samples)
     _write_table(folder / "captions.arrow", {"text": scan.texts.array, "sample": scan.caption_sample})
-    entries = [{"name": s.stat.name, "path": s.stat.path, "size": s.stat.size, "mtime_ns": s.stat.mtime_ns,
-                "indexed_at_ns": int(t), "split": s.split, "escaped": s.rules.escaped_newlines,
-                "samples": list(e.samples), "captions": list(e.captions), "digest": e.digest, "skipped": e.skipped,
+    entries = [{"name": s.stat.name, "path": redact_text(s.stat.path), "size": s.stat.size,
+                "mtime_ns": s.stat.mtime_ns, "version": s.stat.version, "indexed_at_ns": int(t), "split": s.split,
+                "escaped": s.rules.escaped_newlines,
+                "samples": list(e.samples), "captions": list(e.captions), "digest": e.digest,
+                "skipped": [{**r, "shard": redact_text(str(r.get("shard", "")))} for r in e.skipped],
                 "missing": {str(k): v for k, v in e.missing.items()}}
                for s, e, t in zip(shards, scan.entries, indexed_at)]
-    meta = {"index_version": INDEX_VERSION, "kind": "shards", "options": options, "source": source,
+    meta = {"index_version": INDEX_VERSION, "kind": "shards", "options": options, "source": redact_text(source),
             "ext_table": scan.ext_table, "with_ids": scan.ids is not None, "entries": entries,
             "counts": {"samples": len(scan.offset), "captions": len(scan.caption_sample)},
             "fingerprints": fingerprints}

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.columns import StringColumn, strings_from_codes
 from pipeline.errors import ManifestError
+
+if TYPE_CHECKING:
+    from pipeline.file_stat import FileStat
 
 FINGERPRINT_VERSION = 2
 _V1_TAG = "cusa-manifest-v1"
@@ -35,7 +39,9 @@ _V2_TAG = b"cusa-manifest-v2\n"
 @dataclass(frozen=True)
 class ShardMember:
     """Where the bytes of an image held in a tar shard are: the shard's path, the sample key, the member's name, and
-    its data offset and size in the shard (from the shard's index). ``missing`` says why a sample has no image."""
+    its data offset and size in the shard (from the shard's index). ``missing`` says why a sample has no image.
+    ``stat``: the version of a shard read through the shard cache (at a URL, a ``pipe:`` command, compressed) that was
+    indexed, so its local copy is that version's; None for a plain local shard."""
 
     shard: str
     key: str
@@ -43,6 +49,7 @@ class ShardMember:
     offset: int
     size: int
     missing: str = ""
+    stat: "FileStat | None" = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,8 @@ def narrow_codes(codes: np.ndarray, n: int) -> np.ndarray:
 class ShardColumns:
     """Where each image row's bytes are in its shard: the shard (a number into ``shards``), the sample key, the
     member's extension as stored (a code into ``ext_table``, 0 when the sample has no image member), its data offset
-    and size; ``missing``: rows without an image member and why."""
+    and size; ``missing``: rows without an image member and why; ``stats``: the indexed version of each shard read
+    through the shard cache (see ``ShardMember.stat``)."""
 
     shards: list[str]
     shard: np.ndarray  # int32
@@ -108,12 +116,13 @@ class ShardColumns:
     offset: np.ndarray  # int64
     size: np.ndarray  # int64
     missing: dict[int, str] = field(default_factory=dict)
+    stats: dict[str, "FileStat"] = field(default_factory=dict)
 
     def take(self, rows: np.ndarray) -> "ShardColumns":
         new_of_old = {int(r): i for i, r in enumerate(rows) if int(r) in self.missing} if self.missing else {}
         return ShardColumns(self.shards, self.shard[rows], self.keys.take(rows), self.ext[rows], self.ext_table,
                             self.offset[rows], self.size[rows], {new_of_old[r]: m for r, m in self.missing.items()
-                                                                 if r in new_of_old})
+                                                                 if r in new_of_old}, self.stats)
 
     def member_name(self, row: int) -> str:
         ext = self.ext_table[int(self.ext[row])]
@@ -124,14 +133,28 @@ class ShardColumns:
         return f"{shard_file_name(self.shards[int(self.shard[row])])}/{name}"
 
     def member(self, row: int) -> ShardMember:
-        return ShardMember(self.shards[int(self.shard[row])], self.keys.value(row), self.member_name(row),
+        shard = self.shards[int(self.shard[row])]
+        return ShardMember(shard, self.keys.value(row), self.member_name(row),
                            int(self.offset[row]) if int(self.ext[row]) else -1, int(self.size[row]),
-                           self.missing.get(row, ""))
+                           self.missing.get(row, ""), self.stats.get(shard))
+
+
+_TAR_WORD = re.compile(r"\.(tar|tgz)(\.[a-z0-9]+)?([?#]|$)", re.IGNORECASE)
 
 
 def shard_file_name(shard: str) -> str:
-    """The name a shard has in image paths and so in the fingerprint: the last part of its path or URL."""
-    return shard.rstrip("/").rsplit("/", 1)[-1]
+    """The name a shard has in image paths and so in the fingerprint: the last part of its path or URL (without a
+    URL's query, which may hold a token); for a ``pipe:`` command, that of its last word naming a tar file (``pipe:curl
+    -s https://host/data/train-000001.tar`` is ``train-000001.tar``), so a source reads alike whichever way it is
+    reached."""
+    text = shard.strip()
+    if text.startswith("pipe:"):
+        words = [w.strip("'\"") for w in text[5:].split()]
+        named = [w for w in words if _TAR_WORD.search(w)]
+        text = named[-1] if named else text[5:].strip()
+    if "://" in text:
+        text = text.split("?", 1)[0].split("#", 1)[0]
+    return text.rstrip("/").rsplit("/", 1)[-1]
 
 
 class ImageTable(Sequence[ImageRecord]):

@@ -75,10 +75,11 @@ class ScanRules:
     escaped_newlines: bool = False
 
 
-def scan_shard(shard: str, split: str, rules: ScanRules) -> ShardScan:
+def scan_shard(shard: str, split: str, rules: ScanRules, local: str | None = None) -> ShardScan:
     """Read one shard's samples; a shard that is not a tar, is empty or is compressed is a ManifestError, a damaged
-    one keeps its whole samples before the damage (the sample it cuts is left out, with the damage as reason)."""
-    members = scan_tar(shard)
+    one keeps its whole samples before the damage (the sample it cuts is left out, with the damage as reason).
+    ``local``: a local copy to read instead (of a shard at a URL, say), named ``shard`` everywhere."""
+    members = scan_tar(local or shard, shown=shard)
     if not members.names and members.damage:
         raise ManifestError(f"{shard}: not a readable tar archive ({members.damage})")
     samples = _group(members.names)
@@ -87,7 +88,7 @@ def scan_shard(shard: str, split: str, rules: ScanRules) -> ShardScan:
         reason = _damage_text(members) if members.damage else "no samples in the shard (no member named KEY.EXT)"
         out.skipped.append({"shard": shard, "key": "", "split": split, "reason": reason})
         return out.finish()
-    with open(shard, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    with open(local or shard, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         read = _MemberReader(mapped, members)
         last = len(samples) - 1
         for i, (key, positions, names, problem) in enumerate(samples):

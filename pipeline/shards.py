@@ -6,10 +6,16 @@ A source names tar shards as open_clip's ``--train-data`` and webdataset spell t
 - several patterns joined with ``::``;
 - a single ``.tar``;
 - a text file listing one shard (or pattern) per line; relative lines are relative to the list's folder, blank lines
-  and ``#`` comments are ignored;
+  and ``#`` comments are ignored (the list may itself be at a URL);
 - a folder in CLIP_benchmark's webdataset layout: ``ROOT/dataset_type.txt`` and, per split, ``ROOT/SPLIT/nshards.txt``
   with shards ``ROOT/SPLIT/0.tar`` … ``N-1.tar``; each split folder is one pattern labelled with its name, and a
   caption member holds one caption a line, a line break inside a caption written as a literal ``\\n``.
+
+A shard is a local path, a URL (``s3://``, ``gs://``, ``http(s)://``, ``hf://``, read through fsspec) or a
+``pipe:CMD`` whose standard output is the tar (webdataset's and open_clip's spelling: ``pipe:curl -s -L
+https://host/train-{000000..000127}.tar``, braces expanded across the command); a compressed shard (``.tar.gz``,
+``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.zst``) is read too. All but plain local tars are fetched whole into the
+shard cache and read from there (:mod:`pipeline.shard_cache`).
 
 How a shard's samples become rows is :mod:`pipeline.shard_scan`; the rows of a source are cached by
 :mod:`pipeline.manifest_index`. Rows follow shard order, then sample order inside a shard, so the samples of one shard
@@ -22,8 +28,8 @@ fingerprint covers each image's ``SHARD_NAME/MEMBER`` (the shard's *file name*, 
 can move without invalidating its stores, while renaming a shard or re-encoding an image does), its id and split,
 and every caption.
 
-Every image read is one seek and one read of the member's bytes (:func:`read_member`), so DataLoader workers and
-torchrun ranks read just the rows they are given.
+Every image read is one seek and one read of the member's bytes (:func:`read_member`), from the shard or its local
+copy, so DataLoader workers and torchrun ranks read just the rows they are given.
 
 Bad samples do not stop the reading: a sample without a caption, with an unreadable caption or id, or cut off by a
 truncated tar is left out and listed in ``Manifest.skipped_samples`` (shard, key, reason), which the build refuses
@@ -43,12 +49,15 @@ import numpy as np
 
 from pipeline.annotations import split_from_filename
 from pipeline.errors import ImageError, ManifestError
+from pipeline.file_stat import FileStat
 from pipeline.manifest_table import Manifest, shard_file_name
+from pipeline.shard_cache import COMPRESSED_SUFFIXES, is_pipe, is_remote, needs_cache, read_cached_member, shard_cache
 from pipeline.shard_scan import ScanRules
+from teacher_cache.remote import RemoteLocation, is_url, redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_CAPTION_KEY = "txt"
-_COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+_COMPRESSED = COMPRESSED_SUFFIXES
 _SHARD_LIST_SUFFIXES = (".txt", ".lst")
 _ENV_VAR = re.compile(r"\$\{(\w+)\}")
 CLIP_BENCHMARK_TYPE = "dataset_type.txt"
@@ -111,13 +120,16 @@ class ShardRows:
 
 # ---------------------------------------------------------------------------------------------- sources
 def is_shard_source(source: str | os.PathLike[str]) -> bool:
-    """Whether ``source`` names webdataset shards: a ``::`` list, a ``.tar`` (or brace pattern of them), or a text
-    file whose every line names a ``.tar`` (a CSV/TSV ``.txt`` has a header row, which does not)."""
+    """Whether ``source`` names webdataset shards: a ``::`` list, a ``.tar`` (or brace pattern of them, compressed
+    or not, local or at a URL), a ``pipe:`` command, a shard list at a URL, or a local text file whose every line
+    names a ``.tar`` (a CSV/TSV ``.txt`` has a header row, which does not)."""
     text = str(source).strip()
-    if "::" in text:
+    if "::" in text or is_pipe(text):
         return True
-    if text.lower().endswith((".tar", *_COMPRESSED)):
+    if _without_query(text).lower().endswith((".tar", *_COMPRESSED)):
         return True
+    if is_url(text):
+        return _without_query(text).lower().endswith(_SHARD_LIST_SUFFIXES)
     path = Path(text)
     if path.is_dir():
         return (path / CLIP_BENCHMARK_TYPE).is_file() or (path / CLIP_BENCHMARK_NSHARDS).is_file()
@@ -134,13 +146,18 @@ def _lists_shards(path: Path) -> bool:
     return bool(lines) and all(line.lower().endswith(".tar") for line in lines)
 
 
+def _without_query(text: str) -> str:
+    return text.split("?", 1)[0] if is_url(text) else text
+
+
 def _list_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def parse_shard_source(source: str | os.PathLike[str]) -> list[ShardPattern]:
     """The patterns of a source with their expanded shard paths and split labels; ManifestError (one line) when a
-    shard is missing, remote, compressed or listed twice."""
+    local shard is missing, a name is not a tar shard's, or a shard is listed twice. Shards at URLs are checked when
+    their folder is listed (:mod:`pipeline.shard_cache`)."""
     text = str(source).strip()
     if not text:
         raise ManifestError("empty shard source; give a .tar, a brace pattern such as data/{000000..000009}.tar, "
@@ -154,7 +171,7 @@ def parse_shard_source(source: str | os.PathLike[str]) -> list[ShardPattern]:
     seen: dict[str, str] = {}
     for pattern in patterns:
         for shard in pattern.shards:
-            key = os.path.realpath(shard)
+            key = redact_url(shard) if is_remote(shard) else os.path.realpath(shard)
             if key in seen:
                 raise ManifestError(f"{text}: shard {shard} is listed twice (also by {seen[key]}); each shard may "
                                     "appear once in a source")
@@ -163,6 +180,10 @@ def parse_shard_source(source: str | os.PathLike[str]) -> list[ShardPattern]:
 
 
 def _parse_part(part: str) -> list[ShardPattern]:
+    if part.lower().startswith("file://"):
+        part = part[len("file://"):]
+    if is_remote(part):
+        return [_parse_pattern(part)]
     path = Path(part)
     if path.is_dir() and (path / CLIP_BENCHMARK_TYPE).is_file():
         return clip_benchmark_patterns(path)
@@ -201,27 +222,51 @@ def _clip_benchmark_split(folder: Path) -> ShardPattern:
 
 
 def _parse_pattern(part: str) -> ShardPattern:
-    path = Path(part)
-    if path.suffix.lower() in _SHARD_LIST_SUFFIXES and "{" not in part:
-        if not path.is_file():
-            raise ManifestError(f"{part}: shard list file not found")
-        try:
-            lines = _list_lines(path.read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{part}: cannot read the shard list ({exc})") from None
+    path = Path(_without_query(part))
+    if path.suffix.lower() in _SHARD_LIST_SUFFIXES and "{" not in part and not is_pipe(part):
+        lines = _list_lines(_read_list(part))
         if not lines:
-            raise ManifestError(f"{part}: the shard list names no shards")
+            raise ManifestError(f"{redact_url(part)}: the shard list names no shards")
         shards: list[str] = []
         for line in lines:
             for shard in _expand(line):
-                shards.append(shard if _REMOTE.match(shard) or os.path.isabs(shard) else str(path.parent / shard))
+                shards.append(shard if _REMOTE.match(shard) or os.path.isabs(shard) else _beside(part, shard))
         split = _split_of(path)
     else:
         shards = _expand(part)
-        split = _split_of(Path(part))
+        split = _split_of(path)
     for shard in shards:
         _check_shard(part, shard)
     return ShardPattern(part, tuple(shards), split)
+
+
+def _read_list(part: str) -> str:
+    """The text of a shard list file, local or at a URL."""
+    if is_url(part):
+        folder, _, name = _without_query(part).rpartition("/")
+        query = part.partition("?")[2]
+        location = RemoteLocation.open(f"{folder}?{query}" if query else folder)
+        data = location.read_bytes(name, "a list of tar shards, one a line")
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{redact_url(part)}: cannot read the shard list ({exc})") from None
+    path = Path(part)
+    if not path.is_file():
+        raise ManifestError(f"{part}: shard list file not found")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{part}: cannot read the shard list ({exc})") from None
+
+
+def _beside(listing: str, shard: str) -> str:
+    """A relative line of a shard list: relative to the list's folder (a URL's folder, its query kept)."""
+    if not is_url(listing):
+        return str(Path(listing).parent / shard)
+    folder = _without_query(listing).rpartition("/")[0]
+    query = listing.partition("?")[2]
+    return f"{folder}/{shard}" + (f"?{query}" if query and "?" not in shard else "")
 
 
 def _expand(pattern: str) -> list[str]:
@@ -251,12 +296,13 @@ def _split_of(path: Path) -> str:
 
 def _check_shard(pattern: str, shard: str) -> None:
     where = f"{pattern}: shard {shard}" if shard != pattern else shard
-    if _REMOTE.match(shard) and not os.path.exists(shard):
-        raise ManifestError(f"{where}: remote shards are not read yet; copy the shards to a local folder")
-    if shard.lower().endswith(_COMPRESSED):
-        raise ManifestError(f"{where}: compressed shards are not supported (members are read in place); "
-                            "decompress them into plain .tar files")
-    if not shard.lower().endswith(".tar"):
+    if is_pipe(shard):
+        return  # a command's output is known once it has run
+    if is_remote(shard):
+        if not _without_query(shard).lower().endswith((".tar", *_COMPRESSED)):
+            raise ManifestError(f"{redact_url(where)}: not a .tar shard (nor a compressed one, .tar.gz ...)")
+        return  # found (or not) by the listing of its folder
+    if not shard.lower().endswith((".tar", *_COMPRESSED)):
         raise ManifestError(f"{where}: not a .tar shard")
     if not os.path.exists(shard):
         raise ManifestError(f"{where}: shard not found")
@@ -275,8 +321,20 @@ def scan_rules(layout: ShardLayout, escaped_newlines: bool = False) -> ScanRules
                      layout.id_field, escaped_newlines)
 
 
-def read_member(shard: str, offset: int, size: int) -> bytes:
-    """The bytes of one member, by the offset and size its shard's index gave; ImageError if the shard changed."""
+def shard_stats(shards: list[str]) -> list[FileStat]:
+    """The version of each shard (local: name, size, modification time; at a URL: from its folder's listing;
+    ``pipe:``: the command text), what the manifest index keys its entries by."""
+    if not any(needs_cache(s) for s in shards):
+        return [FileStat.of(s) for s in shards]
+    return shard_cache().stats(shards)
+
+
+def read_member(shard: str, offset: int, size: int, stat: FileStat | None = None) -> bytes:
+    """The bytes of one member, by the offset and size its shard's index gave; ImageError if the shard changed.
+    A shard at a URL, from a ``pipe:`` command or compressed is read from its local copy in the shard cache (of the
+    version ``stat``, the indexed one), fetched whole first if need be."""
+    if needs_cache(shard):
+        return read_cached_member(shard, offset, size, stat)
     try:
         with open(shard, "rb") as fh:
             fh.seek(offset)

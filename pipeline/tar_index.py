@@ -30,13 +30,15 @@ _COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00",
 @dataclass
 class TarMembers:
     """Regular-file members of one tar in archive order: names, data offsets and sizes; ``damage`` is "" for a
-    sound archive, else why the listing stops early."""
+    sound archive, else why the listing stops early; ``ended``: the walk met the end-of-archive block (a stream cut
+    at a member boundary has no damage, and no end block either)."""
 
     names: list[str]
     offsets: np.ndarray  # int64 byte offset of each member's data
     sizes: np.ndarray  # int64
     file_size: int
     damage: str = ""
+    ended: bool = False
 
 
 def compression_of(head: bytes) -> str:
@@ -44,22 +46,24 @@ def compression_of(head: bytes) -> str:
     return next((name for magic, name in _COMPRESSED_MAGIC if head.startswith(magic)), "")
 
 
-def scan_tar(path: str) -> TarMembers:
-    """The regular-file members of the tar at ``path`` (see the module docstring)."""
+def scan_tar(path: str, shown: str | None = None) -> TarMembers:
+    """The regular-file members of the tar at ``path`` (see the module docstring); messages name it ``shown`` (the
+    shard a local copy stands for), else ``path``."""
+    shown = shown or path
     try:
         size = os.path.getsize(path)
         if size == 0:
-            raise ManifestError(f"{path}: empty file, not a tar shard")
+            raise ManifestError(f"{shown}: empty file, not a tar shard")
         with open(path, "rb") as fh:
             compressed = compression_of(fh.read(8))
             if compressed:
-                raise ManifestError(f"{path}: a {compressed}-compressed tar; members are read in place, so "
-                                    "decompress the shards into plain .tar files")
+                raise ManifestError(f"{shown}: a {compressed}-compressed tar named as a plain one; name it .tar.gz "
+                                    "(.tar.bz2, .tar.xz, .tar.zst) to have it decompressed, or decompress it")
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the shard ({exc.strerror or exc})") from None
+        raise ManifestError(f"{shown}: cannot read the shard ({exc.strerror or exc})") from None
     try:
-        return _scan(mapped, size, path)
+        return _scan(mapped, size, shown)
     finally:
         mapped.close()
 
@@ -96,6 +100,7 @@ def _scan(mm: mmap.mmap, size: int, path: str) -> TarMembers:
     sizes: list[int] = []
     headers: list[int] = []
     damage = ""
+    ended = False
     long_name: str | None = None
     pax: dict[bytes, bytes] = {}
     pos = 0
@@ -106,6 +111,7 @@ def _scan(mm: mmap.mmap, size: int, path: str) -> TarMembers:
             break
         header = mm[pos:pos + BLOCK]
         if header == _ZERO:
+            ended = True
             break
         field = header[124:136]
         try:
@@ -157,7 +163,8 @@ def _scan(mm: mmap.mmap, size: int, path: str) -> TarMembers:
         cut = int(np.searchsorted(np.asarray(offsets, dtype=np.int64), headers[bad]))
         names, offsets, sizes = names[:cut], offsets[:cut], sizes[:cut]
         damage = f"corrupt tar header at byte {headers[bad]} (bad checksum)"
-    return TarMembers(names, np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), size, damage)
+    return TarMembers(names, np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), size, damage,
+                      ended and not damage)
 
 
 def _first_bad_checksum(mm: mmap.mmap, size: int, headers: np.ndarray) -> int | None:

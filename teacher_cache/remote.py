@@ -13,13 +13,15 @@ never from a command-line flag; a custom S3 endpoint is set the same way (``AWS_
   everything printed or stored;
 - :func:`download` — one file into a local path, its size checked (a truncated transfer is retried, never kept);
 - :class:`BoundedFileCache` — downloaded files under a folder up to a byte bound, least recently used evicted first,
-  files in use never evicted.
+  files in use never evicted, one transfer per file however many threads and processes want it;
+- :func:`info_version` / :func:`info_mtime_ns` — what identifies a version of a file from its fsspec listing entry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import threading
@@ -98,8 +100,6 @@ def default_cache_dir(kind: str) -> Path:
 
 def location_slug(url: str) -> str:
     """A folder name for a URL: its last path part (readable) and a hash of the URL without its secrets (unique)."""
-    import hashlib
-
     clean = redact_url(url).rstrip("/")
     tail = re.sub(r"[^A-Za-z0-9._-]+", "_", clean.split("?", 1)[0].rsplit("/", 1)[-1])[:40] or "root"
     return f"{tail}-{hashlib.sha256(clean.encode()).hexdigest()[:12]}"
@@ -130,17 +130,25 @@ class TruncatedTransfer(ConnectionError):
 def failure_kind(exc: BaseException) -> str:
     """How a failed transfer is treated: "missing" (404), "denied" (401/403), "transient" (connection dropped or
     refused, timeout, truncated, 5xx: worth retrying) or "fatal"."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        kind = _own_kind(exc)
+    chain = []
+    while exc is not None and all(exc is not e for e in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    # an HTTP status anywhere in the chain decides first: fsspec's http reports a 403 as FileNotFoundError from it
+    for link in chain:
+        status = getattr(link, "status", None) or getattr(link, "status_code", None)
+        if isinstance(status, int) and status in (401, 403):
+            return "denied"
+    for link in chain:
+        kind = _own_kind(link)
         if kind is not None:
             return kind
-        exc = exc.__cause__ or exc.__context__
     return "fatal"
 
 
 def _own_kind(exc: BaseException) -> str | None:
+    if type(exc).__name__ == "OfflineModeIsEnabled":  # huggingface_hub told not to connect: no use trying again
+        return "fatal"
     if isinstance(exc, FileNotFoundError):
         return "missing"
     if isinstance(exc, PermissionError):
@@ -315,6 +323,51 @@ def _is_local(fs: Any) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+# ---------------------------------------------------------------------------------------------- file versions
+# fields of an fsspec listing entry that change whenever the file's content does, the first present deciding: ETags
+# (S3, HTTP, GCS), generations (GCS), blob ids (Hugging Face), content digests; else a modification time. One field
+# only, so that a listing and a single file's info (which may carry more fields) agree.
+_VERSION_FIELDS = ("ETag", "etag", "generation", "blob_id", "md5Hash", "Content-MD5", "Digest")
+_MTIME_FIELDS = ("LastModified", "Last-Modified", "last_modified", "updated", "mtime", "modified")
+
+
+def info_version(info: dict) -> str:
+    """What identifies the content of a file from its fsspec ``info``/listing entry: its ETag, generation, blob id or
+    digest, else its modification time, whichever the protocol gives first ("" when it gives none: only the size is
+    known)."""
+    for name in _VERSION_FIELDS:
+        value = info.get(name)
+        if value not in (None, "") and not isinstance(value, dict):
+            return f"{name.lower()}={str(value).removeprefix('W/').strip(chr(34))}"
+    lfs = info.get("lfs")
+    if isinstance(lfs, dict) and lfs.get("sha256"):
+        return f"sha256={lfs['sha256']}"
+    mtime = info_mtime_ns(info)
+    return f"mtime={mtime}" if mtime else ""
+
+
+def info_mtime_ns(info: dict) -> int:
+    """A file's modification time in ns from its fsspec ``info`` (0 when it has none)."""
+    import datetime
+    from email.utils import parsedate_to_datetime
+
+    for name in _MTIME_FIELDS:
+        value = info.get(name)
+        try:
+            if isinstance(value, datetime.datetime):
+                return int(value.timestamp() * 1e9)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return int(value * 1e9) if value < 1e12 else int(value)
+            if isinstance(value, str) and value:
+                try:
+                    return int(datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+                except ValueError:
+                    return int(parsedate_to_datetime(value).timestamp() * 1e9)
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- local cache
 @dataclass
 class FileCacheStats:
@@ -337,8 +390,10 @@ class BoundedFileCache:
     ``with cache.pinned(key, fetch, size) as path:`` gives the local file of ``key`` (a relative path), calling
     ``fetch(tmp_path)`` to bring it when it is absent or has another size than ``size``; the fetched file is moved
     into place only whole (so a transfer cut short never counts as cached) and stays while pinned. Other processes
-    may share the folder: the bound counts every file in it, and use is recorded as the file's modification time.
-    A file larger than the bound is still delivered (and evicted as soon as it is released).
+    may share the folder: the bound counts every file in it, use is recorded as the file's modification time, and a
+    lock file per key (``.locks/``, where ``flock`` exists) makes a process wait for the transfer another one has
+    begun rather than start its own. A file larger than the bound is still delivered (and evicted as soon as it is
+    released). Names starting with a dot (locks, transfers in progress) are not cached files.
     """
 
     root: Path
@@ -352,6 +407,7 @@ class BoundedFileCache:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._pins: Counter = Counter()
+        self._over = False  # files in use kept the folder over its bound at the last eviction
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -368,16 +424,39 @@ class BoundedFileCache:
                     self.stats.hits += 1
                     _touch(path)
                 else:
-                    self._fetch(path, fetch, size)
-                    self._evict_over_bound(keep=key)
+                    with self._process_lock(key):  # ... and however many processes
+                        if _has_size(path, size):  # brought by another process meanwhile
+                            self.stats.hits += 1
+                            _touch(path)
+                        else:
+                            if size:  # room first: the transfer in progress counts against the bound too
+                                self._evict_over_bound(keep=None, incoming=size)
+                            self._fetch(path, fetch, size)
+                            self._evict_over_bound(keep=key)
             yield path
         finally:
             with self._lock:
                 self._pins[key] -= 1
                 if self._pins[key] <= 0:
                     del self._pins[key]
-            if self.max_bytes == 0 or (size or 0) > self.max_bytes:
-                self._evict_over_bound(keep=None)
+            if self._over or self.max_bytes == 0 or (size or 0) > self.max_bytes:
+                self._evict_over_bound(keep=None)  # files in use held the folder over its bound: back within it
+
+    @contextlib.contextmanager
+    def _process_lock(self, key: str) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: two processes may both transfer a file, each moving it into place whole
+            yield
+            return
+        folder = self.root / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / hashlib.sha256(key.encode()).hexdigest()[:32], "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def read(self, key: str, fetch: Callable[[Path], None], size: int | None = None) -> bytes:
         """The bytes of ``key``, brought by ``fetch`` when absent (see :meth:`pinned`)."""
@@ -403,9 +482,10 @@ class BoundedFileCache:
         out = {}
         if not self.root.is_dir():
             return out
-        for folder, _, names in os.walk(self.root):
+        for folder, folders, names in os.walk(self.root):
+            folders[:] = [f for f in folders if not f.startswith(".")]
             for name in names:
-                if name.endswith(".partial"):
+                if name.startswith(".") or name.endswith(".partial"):
                     continue
                 p = Path(folder) / name
                 try:
@@ -418,10 +498,12 @@ class BoundedFileCache:
     def size_bytes(self) -> int:
         return sum(size for size, _ in self.usage().values())
 
-    def _evict_over_bound(self, keep: str | None) -> None:
+    def _evict_over_bound(self, keep: str | None, incoming: int = 0) -> None:
+        """Remove the least recently used files not in use until the cached files, and ``incoming`` bytes about to
+        arrive, fit the bound."""
         with self._lock:
             usage = self.usage()
-            total = sum(size for size, _ in usage.values())
+            total = sum(size for size, _ in usage.values()) + incoming
             for key, (size, _) in sorted(usage.items(), key=lambda item: item[1][1]):
                 if total <= self.max_bytes:
                     break
@@ -433,6 +515,7 @@ class BoundedFileCache:
                     pass
                 total -= size
                 self.stats.evicted += 1
+            self._over = total > self.max_bytes
 
 
 def _has_size(path: Path, size: int | None) -> bool:

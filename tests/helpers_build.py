@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.build import BuildConfig, build_store
 from teacher_cache.errors import StoreError
-from teacher_cache.store import Store
+from teacher_cache.store import MODALITIES, Store
 
 BUILD_ARGS = ("--chunk-rows", "4", "--neighbors", "4", "--workers", "0", "--device", "cpu")
 BIN = Path(sys.executable).parent
@@ -68,3 +69,16 @@ def val_reference(demo_dir: Path, root: Path) -> Path:
         build_store(BuildConfig(annotations=str(demo_dir / "val.json"), out=str(out), chunk_rows=4, neighbors=4,
                                 workers=0, device="cpu", progress=False))
     return out
+
+
+def assert_same_rows(shard_store: Path, json_store: Path) -> None:
+    """Same embedding bytes, neighbor tables, checksums, ids and captions; the fingerprints differ only because
+    image paths do (SHARD/MEMBER against images/FILE)."""
+    a, b = Store.open(shard_store, require_complete=True), Store.open(json_store, require_complete=True)
+    for modality in MODALITIES:
+        assert a.array(modality)[:].tobytes() == b.array(modality)[:].tobytes(), modality
+        for x, y in zip(a.neighbors(modality), b.neighbors(modality)):
+            np.testing.assert_array_equal(x, y)
+    assert a.attrs["checksums"] == b.attrs["checksums"]
+    assert a.image_ids.tolist() == b.image_ids.tolist() and a.captions.tolist() == b.captions.tolist()
+    assert a.caption_image_rows.tolist() == b.caption_image_rows.tolist()

@@ -141,3 +141,12 @@ def assert_identical(a, b, where: str = "") -> None:
             assert_identical(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two runs ended with the same student and loss weights, bit for bit, and logged the same values."""
+    ca, cb = (torch.load(run / "last.pt", map_location="cpu", weights_only=False) for run in (a, b))
+    for key in ("student", "loss"):
+        assert set(ca[key]) == set(cb[key])
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
+    assert without_timings(read_jsonl(a / "metrics.jsonl")) == without_timings(read_jsonl(b / "metrics.jsonl"))

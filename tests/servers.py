@@ -3,7 +3,8 @@
 - :class:`S3Server`: moto's standalone S3 API server (``ThreadedMotoServer``) with one bucket, reached through s3fs
   the way a user reaches a custom endpoint: ``AWS_ENDPOINT_URL`` (set by :meth:`S3Server.environment`).
 - :class:`FileServer`: an HTTP server of a folder's files (GET and HEAD), answering Range requests or ignoring them,
-  optionally demanding a ``?token=`` query, able to cut responses short or to die at a chosen moment.
+  optionally demanding a ``?token=`` query, sending ``ETag``/``Last-Modified`` or not, able to cut responses short
+  or to die at a chosen moment.
 
 Both listen on a free port and can be stopped mid-test and started again on the same port (a URL stays valid).
 The fixtures ``s3_server`` and ``http_server`` give a running one (module-wide for S3: moto takes a second to start)
@@ -18,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -121,6 +123,16 @@ class S3Server:
         for key in self.objects(prefix):
             client.delete_object(Bucket=self.bucket, Key=key)
 
+    def upload(self, files: list, prefix: str) -> list[str]:
+        """Put local ``files`` under ``prefix/`` (by file name); their s3:// URLs."""
+        client = self.client()
+        urls = []
+        for path in files:
+            key = f"{prefix}/{Path(path).name}"
+            client.upload_file(str(path), self.bucket, key)
+            urls.append(self.url(key))
+        return urls
+
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[S3Server]:
@@ -138,19 +150,24 @@ class FileServer:
     """Files under ``root`` over HTTP on 127.0.0.1.
 
     ``range_support``: answer ``Range: bytes=a-b`` with 206 and the slice, or ignore it (200, whole file).
-    ``token``: refuse (403) a request without ``?token=TOKEN``. :meth:`truncate_next` makes the next N file
+    ``token``: refuse (403) a request without ``?token=TOKEN``. ``validators``: send each file's ``ETag`` and
+    ``Last-Modified`` (as most servers do), or neither (the size is then all a client learns). :meth:`truncate_next`
+    makes the next N file
     responses announce the full length and close the connection halfway through the body; :meth:`die_when` makes the
     server drop every connection, from the first request at which ``condition()`` holds, as a crashed server would.
-    ``requests`` lists the paths asked for (GET and HEAD), in order.
+    ``requests`` lists the paths asked for (GET and HEAD), in order; ``gets`` the paths whose bytes were asked for
+    (GET), with the ``Range`` header when there was one (``"PATH bytes=A-B"``).
     """
 
     def __init__(self, root: Path, *, range_support: bool = True, token: str | None = None,
-                 port: int | None = None):
+                 port: int | None = None, validators: bool = True):
         self.root = Path(root)
         self.range_support = range_support
+        self.validators = validators
         self.token = token
         self.port = port or free_port()
         self.requests: list[str] = []
+        self.gets: list[str] = []
         self._truncate = 0
         self._die_when: Callable[[], bool] | None = None
         self.dead = False
@@ -209,6 +226,9 @@ class FileServer:
         parts = urlsplit(handler.path)
         rel = unquote(parts.path).lstrip("/")
         self.requests.append(rel)
+        if body:
+            wanted = handler.headers.get("Range")
+            self.gets.append(f"{rel} {wanted}" if wanted else rel)
         if self.dead or (self._die_when is not None and self._die_when()):
             self.dead = True
             handler.close_connection = True
@@ -221,6 +241,7 @@ class FileServer:
         if not path.is_file() or self.root.resolve() not in path.parents:
             return self._status(handler, HTTPStatus.NOT_FOUND)
         data = path.read_bytes()
+        st = path.stat()
         status, start, end = HTTPStatus.OK, 0, len(data)
         wanted = handler.headers.get("Range")
         if wanted and self.range_support and wanted.startswith("bytes="):
@@ -232,6 +253,9 @@ class FileServer:
         handler.send_response(status)
         handler.send_header("Content-Length", str(len(payload)))
         handler.send_header("Content-Type", "application/octet-stream")
+        if self.validators:
+            handler.send_header("ETag", f'"{st.st_size:x}-{st.st_mtime_ns:x}"')
+            handler.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
         if self.range_support:
             handler.send_header("Accept-Ranges", "bytes")
             if status == HTTPStatus.PARTIAL_CONTENT:

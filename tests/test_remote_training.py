@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from helpers_train import (METRIC_KEYS, invoke, invoke_json, one_torch_thread, read_jsonl, subprocess_env, train_args,
-                           without_timings)
+from helpers_train import (METRIC_KEYS, assert_same_training, invoke, invoke_json, one_torch_thread, subprocess_env,
+                           train_args)
 from pipeline.cli import main as cache_main
 from servers import FileServer, http_server, s3_server  # noqa: F401 (fixtures)
 from train.ablate_cli import ablate_main
@@ -36,14 +36,6 @@ def _isolated(tmp_path, monkeypatch):
 
 def checkpoint(run) -> dict:
     return torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-
-
-def assert_same_training(a, b) -> None:
-    ca, cb = checkpoint(a), checkpoint(b)
-    for key in ("student", "loss"):
-        assert set(ca[key]) == set(cb[key])
-        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
-    assert without_timings(read_jsonl(a / "metrics.jsonl")) == without_timings(read_jsonl(b / "metrics.jsonl"))
 
 
 def recalls_on_test(run, demo_dir) -> dict:

@@ -8,17 +8,16 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
 
-from helpers_build import BIN, BUILD_ARGS, kill_build_after_image_chunks, one_thread_env, one_torch_thread, \
-    val_reference
+from helpers_build import BIN, BUILD_ARGS, assert_same_rows, kill_build_after_image_chunks, one_thread_env, \
+    one_torch_thread, val_reference
 from pipeline.cli import main
 from pipeline.manifest import read_manifest
 from teacher_cache.errors import StoreError
-from teacher_cache.store import MODALITIES, Store
+from teacher_cache.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +28,6 @@ def reference(demo_dir, tmp_path_factory) -> Path:
 
 def markers(store: Path, modality: str) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (store / "_progress" / modality).glob("*.json")}
-
-
-def assert_same_rows(shard_store: Path, json_store: Path) -> None:
-    """Same embedding bytes, neighbor tables, checksums, ids and captions; the fingerprints differ only because
-    image paths do (SHARD/MEMBER against images/FILE)."""
-    a, b = Store.open(shard_store, require_complete=True), Store.open(json_store, require_complete=True)
-    for modality in MODALITIES:
-        assert a.array(modality)[:].tobytes() == b.array(modality)[:].tobytes(), modality
-        for x, y in zip(a.neighbors(modality), b.neighbors(modality)):
-            np.testing.assert_array_equal(x, y)
-    assert a.attrs["checksums"] == b.attrs["checksums"]
-    assert a.image_ids.tolist() == b.image_ids.tolist() and a.captions.tolist() == b.captions.tolist()
-    assert a.caption_image_rows.tolist() == b.caption_image_rows.tolist()
 
 
 def test_a_shard_build_gives_the_json_builds_bytes_and_matches_its_own_manifest(demo_shards, reference, tmp_path):

@@ -84,8 +84,9 @@ def test_format_auto_tells_a_shard_list_txt_from_a_csv_txt(demo_shards, tmp_path
 @pytest.mark.parametrize("source, message", [
     ("{d}/nothing-{{000000..000001}}.tar", "nothing-000000.tar: shard not found"),
     ("{d}/a.tar::", "empty pattern between '::' separators"),
-    ("{d}/a.tar.gz", "compressed shards are not supported"),
-    ("http://example.com/shards/{{0..3}}.tar", "remote shards are not read yet"),
+    ("{d}/a.tar.gz", "a.tar.gz: shard not found"),
+    ("{d}/a.tar::s3://bucket/shards/{{0..3}}.zip", "s3://bucket/shards/0.zip: not a .tar shard"),
+    ("s3://bucket/captions.json", "annotation files are read from local paths"),
     ("{d}/a.tar::{d}/a.tar", "is listed twice"),
 ])
 def test_sources_that_cannot_be_read_are_one_line_errors(tmp_path, source, message):

@@ -85,5 +85,5 @@ def test_a_corrupt_header_ends_the_listing_there_and_a_non_tar_is_refused(tmp_pa
         scan_tar(str(jpeg))
     gz = tmp_path / "shard-gz.tar"
     gz.write_bytes(b"\x1f\x8b\x08" + bytes(100))
-    with pytest.raises(ManifestError, match="a gzip-compressed tar"):
+    with pytest.raises(ManifestError, match="a gzip-compressed tar named as a plain one; name it .tar.gz"):
         scan_tar(str(gz))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options, store_cache_options
+from pipeline.cli_options import (FORMAT_CHOICES, manifest_cache_option, shard_cache_options, shard_layout_options,
+                                  store_cache_options)
 from pipeline.console import emit, user_errors
 from train.config import PRESETS
 
@@ -47,6 +48,7 @@ from train.config import PRESETS
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
 @manifest_cache_option
+@shard_cache_options
 @store_cache_options()
 @click.option("--overwrite", is_flag=True,
               help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "

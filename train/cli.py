@@ -6,7 +6,8 @@ import os
 
 import click
 
-from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options, store_cache_options
+from pipeline.cli_options import (FORMAT_CHOICES, manifest_cache_option, shard_cache_options, shard_layout_options,
+                                  store_cache_options)
 from pipeline.console import emit, user_errors
 from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 
@@ -67,6 +68,7 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
 @manifest_cache_option
+@shard_cache_options
 @store_cache_options()
 @click.option("--save-every-steps", default=None, type=click.IntRange(min=0), metavar="N",
               help="Also write last.pt every N optimizer steps, mid-epoch; --resume continues from that step "
@@ -125,6 +127,7 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
               help="Format of --data [default: the run's setting].")
 @shard_layout_options(defaults_from_run=True)
 @manifest_cache_option
+@shard_cache_options
 @store_cache_options(defaults_from_run=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))

@@ -14,6 +14,7 @@ from pipeline.errors import ImageError
 from pipeline.images import open_image
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.manifest_index import STORE_INDEX_DIR
+from pipeline.shard_read_ahead import DATALOADER_PREFETCH, ShardReadAhead
 from pipeline.shards import DEFAULT_CAPTION_KEY, ShardLayout
 from teacher_cache.errors import StoreMismatch
 from teacher_cache.remote import is_url
@@ -262,8 +263,13 @@ def pair_loader(pairs: TrainingPairs, batches: list[np.ndarray], preprocess: Cal
     generator = torch.Generator().manual_seed(sample_seed % 2**63) if sample_seed is not None else None
     loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
                         collate_fn=collate, persistent_workers=False, generator=generator)
-    for batch in loader:
-        if isinstance(batch, BadImage):
-            raise ImageError(f"{batch.message}; the cache read this image when it was built, so the file has "
-                             "changed since: restore it, or rebuild the cache with --on-bad-image skip --overwrite")
-        yield batch
+    # the shards of this rank's batches (at URLs, pipe:, compressed) come into the shard cache ahead of its workers:
+    # under the chunk-local order, a window's shards, then the next window's
+    with ShardReadAhead.for_rows(pairs.manifest, [pairs.image_rows[b] for b in batches],
+                                 in_flight=workers * DATALOADER_PREFETCH) as ahead:
+        for batch in ahead.follow(loader):
+            if isinstance(batch, BadImage):
+                raise ImageError(f"{batch.message}; the cache read this image when it was built, so the file has "
+                                 "changed since: restore it, or rebuild the cache with --on-bad-image skip --overwrite")
+            yield batch
+

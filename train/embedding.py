@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pipeline.distributed import autocast
 from pipeline.errors import ImageError
 from pipeline.images import as_rgb, load_image
+from pipeline.shard_read_ahead import DATALOADER_PREFETCH, ShardReadAhead, consecutive_batches
 from train.students import REGION_KINDS, StudentSpec, parse_student_spec
 
 EMBEDDING_CHOICES: tuple[str, ...] = ("uni", "cross")
@@ -76,6 +77,11 @@ class _ManifestRowInputs(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def manifest_rows(self) -> tuple:
+        """(the manifest, the image row of each item): what a read-ahead of its shards needs."""
+        return self.rows.manifest, self.rows.rows
 
     def __getitem__(self, i: int):
         from train.data import BadImage
@@ -198,12 +204,17 @@ class StudentEmbedder:
         backbone = frozen or self.region
         preprocess = self._backbone("image").preprocess if backbone else self.student.preprocess_val
         dataset = make_dataset(preprocess)
-        loader = DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.workers)
+        size = batch_size or self.batch_size
+        loader = DataLoader(dataset, batch_size=size, num_workers=self.workers)
         parts: list[torch.Tensor] = []
         errors: dict[int, str] = {}
+        manifest_rows = getattr(dataset, "manifest_rows", None)  # images of shards: fetched ahead of the workers
+        ahead = ShardReadAhead.for_rows(manifest_rows[0], consecutive_batches(manifest_rows[1], size),
+                                        in_flight=self.workers * DATALOADER_PREFETCH) if manifest_rows else \
+            ShardReadAhead([])
         with autocast(self.device), tqdm(total=len(dataset), desc="images", unit="img", disable=not progress,
-                               dynamic_ncols=True, leave=False) as bar:
-            for batch in loader:
+                               dynamic_ncols=True, leave=False) as bar, ahead:
+            for batch in ahead.follow(loader):
                 if isinstance(batch, (list, tuple)):  # (images, messages): a dataset that reports unreadable files
                     batch, messages = batch
                     unreadable = next((m for m in messages if m), None)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from pipeline.distributed import autocast
 from pipeline.errors import ImageError
 from pipeline.manifest import Manifest
+from pipeline.shard_read_ahead import DATALOADER_PREFETCH, ShardReadAhead, consecutive_batches
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.data import (ManifestImageRows, RowNames, collate_rows, load_split_rows, open_run_store, shard_layout_of,
@@ -163,11 +164,13 @@ def _embed_images(student, manifest: Manifest, rows: np.ndarray, device: str, ba
                   ) -> tuple[np.ndarray, torch.Tensor | None, dict[int, str]]:
     """Embeddings of the images ``rows`` that could be read, those rows, and the unreadable ones -> message."""
     encode = student.encode_images_uni if uni else student.encode_images
-    loader = DataLoader(ManifestImageRows(manifest, student.preprocess_val, rows, names), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_rows)
+    dataset = ManifestImageRows(manifest, student.preprocess_val, rows, names)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_rows)
     read, parts, bad = [], [], {}
-    with autocast(device):
-        for batch_rows, images, failures in loader:
+    ahead = ShardReadAhead.for_rows(manifest, consecutive_batches(dataset.rows, batch_size),
+                                    in_flight=workers * DATALOADER_PREFETCH)
+    with autocast(device), ahead:
+        for batch_rows, images, failures in ahead.follow(loader):
             for failure in failures:
                 if on_bad_image == "fail":
                     raise ImageError(f"{failure.message} ({BAD_IMAGE_HINT})")

@@ -7,7 +7,7 @@ import shutil
 
 import click
 
-from pipeline.cli_options import manifest_cache_option
+from pipeline.cli_options import manifest_cache_option, shard_cache_options
 from pipeline.console import emit, user_errors
 
 
@@ -33,6 +33,7 @@ from pipeline.console import emit, user_errors
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Where collection embeddings are cached [default: search-cache/ in the run folder].")
 @manifest_cache_option
+@shard_cache_options
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
