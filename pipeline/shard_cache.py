@@ -337,13 +337,15 @@ _BY_PROCESS: dict[tuple[int, ShardCacheSettings], ShardCache] = {}
 
 def shard_cache(settings: ShardCacheSettings | None = None) -> ShardCache:
     """This process's shard cache for ``settings`` (default: from the environment). Kept per process id: a
-    DataLoader worker forked while a transfer ran must not inherit its locks, nor the parent's network sessions."""
+    DataLoader worker forked while a transfer ran must not inherit its locks, nor the parent's network sessions.
+
+    A forked process leaves the parent's instances alone, never dropping them: closing the copy of a network
+    session in the child unregisters its sockets from the event-loop polling the parent shares with it, and the
+    parent's transfer in progress then waits forever."""
     settings = settings or ShardCacheSettings.from_env()
     key = (os.getpid(), settings)
     found = _BY_PROCESS.get(key)
     if found is None:  # no lock around this (a lock held at a fork would stay held in the child): setdefault decides
-        for old in [k for k in list(_BY_PROCESS) if k[0] != key[0]]:
-            _BY_PROCESS.pop(old, None)
         found = _BY_PROCESS.setdefault(key, ShardCache(settings))
     return found
 

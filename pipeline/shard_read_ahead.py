@@ -114,14 +114,15 @@ class ShardReadAhead:
 
     # -------------------------------------------------------------------------------- the thread
     def _may_fetch(self, j: int) -> bool:
+        """Whether shard ``j`` may come now: it is among the shards of the batches in flight or the ``ahead`` after
+        them, and the shards still to be read up to it fit the cache's bound (the loop's very next shard comes
+        whatever its size; readers fetch what the bound leaves out themselves, when they reach it)."""
         horizon = self._consumed + self.in_flight  # the last batch being read now
-        if self.first_use[j] <= horizon:
-            return True  # needed now: fetched whatever the bound says (a reader would fetch it anyway)
         needed = int(np.searchsorted(self.first_use, horizon, side="right"))  # shards the batches in flight read
         if j >= needed + self.ahead:
             return False
         live = np.flatnonzero(self.last_use[:j + 1] >= self._consumed)  # shards a batch not yet consumed reads
-        return self._bytes(live) <= self.cache.cache.max_bytes
+        return len(live) <= 1 or self._bytes(live) <= self.cache.cache.max_bytes
 
     def _bytes(self, indexes: np.ndarray) -> int:
         """What the local copies of these shards take: their size once fetched; before, the size their listing
@@ -154,14 +155,17 @@ class ShardReadAhead:
         try:
             while True:
                 with self._cond:
-                    while not self._stop and not (j < len(self.order) and self._may_fetch(j)) and \
-                            not self._releasable(pins) and (j < len(self.order) or pins):
+                    while not self._stop and not self._ready(j) and not self._releasable(pins) and \
+                            (j < len(self.order) or pins):
                         self._cond.wait(timeout=1.0)
                     if self._stop or (j >= len(self.order) and not pins):
                         return
                     done = self._releasable(pins)
                 for k in done:
                     pins.pop(k).__exit__(None, None, None)
+                if j < len(self.order) and self.last_use[j] < self._consumed:
+                    j += 1  # the loop has read it already (its readers fetched it)
+                    continue
                 if j < len(self.order) and not done:
                     pin = cache.local_copy(self.order[j], self.stats[j])
                     path = pin.__enter__()
@@ -174,6 +178,10 @@ class ShardReadAhead:
         finally:
             for pin in pins.values():
                 pin.__exit__(None, None, None)
+
+    def _ready(self, j: int) -> bool:
+        """Whether the thread has something to do about shard ``j``: skip it (already read) or fetch it."""
+        return j < len(self.order) and (self.last_use[j] < self._consumed or self._may_fetch(j))
 
     def _releasable(self, pins: dict) -> list[int]:
         """Pinned shards whose first batch the loop has consumed: readers have it now, and the cache's recency order

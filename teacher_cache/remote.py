@@ -35,6 +35,11 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from teacher_cache.errors import RemoteError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks between processes (see BoundedFileCache)
+    fcntl = None
+
 T = TypeVar("T")
 
 CACHE_DIR_ENV = "CUSA_CACHE_DIR"
@@ -80,7 +85,12 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """``text`` (an error message, a log line) with every URL in it redacted."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    def redact(match: re.Match) -> str:
+        url = match.group(0)
+        bare = url.rstrip(".,:;")  # punctuation after a URL ("URL: not found") is the sentence's
+        return redact_url(bare) + url[len(bare):]
+
+    return _URL_IN_TEXT.sub(redact, text)
 
 
 def _is_secret(key: str) -> bool:
@@ -417,6 +427,7 @@ class BoundedFileCache:
         with self._lock:
             self._pins[key] += 1
             key_lock = self._key_locks.setdefault(key, threading.Lock())
+        in_use = self._flock(".pins", key, shared=True)  # other processes see the file in use: never evicted
         try:
             with key_lock:  # one transfer per file, however many threads want it
                 path = self.path(key)
@@ -429,12 +440,12 @@ class BoundedFileCache:
                             self.stats.hits += 1
                             _touch(path)
                         else:
-                            if size:  # room first: the transfer in progress counts against the bound too
-                                self._evict_over_bound(keep=None, incoming=size)
-                            self._fetch(path, fetch, size)
+                            with self._reserved(size):  # room first: transfers in progress count too
+                                self._fetch(path, fetch, size)
                             self._evict_over_bound(keep=key)
             yield path
         finally:
+            _unlock(in_use)
             with self._lock:
                 self._pins[key] -= 1
                 if self._pins[key] <= 0:
@@ -444,19 +455,74 @@ class BoundedFileCache:
 
     @contextlib.contextmanager
     def _process_lock(self, key: str) -> Iterator[None]:
+        """``key``'s transfer lock, held by one process (one thread) at a time."""
+        held = self._flock(".locks", key, shared=False)
         try:
-            import fcntl
-        except ImportError:  # not POSIX: two processes may both transfer a file, each moving it into place whole
+            yield
+        finally:
+            _unlock(held)
+
+    def _flock(self, kind: str, key: str, shared: bool, wait: bool = True, name: str | None = None):
+        """An flock on ``key``'s lock file in ``kind`` (``.locks``: transfers, ``.pins``: files in use), one of 1024
+        per kind so their number stays bounded (two keys sharing one only wait for each other, rarely), or on the
+        file ``name``; None where
+        flock does not exist (not POSIX: each process then knows only its own transfers and pins) or, without
+        ``wait``, when another process holds a conflicting lock."""
+        if fcntl is None:
+            return None
+        folder = self.root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        name = name or f"{int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1024:04d}"
+        fh = open(folder / name, "a+")
+        try:
+            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.close()
+            return None
+        except BaseException:
+            fh.close()
+            raise
+        return fh
+
+    @contextlib.contextmanager
+    def _reserved(self, size: int | None) -> Iterator[None]:
+        """Room for a transfer of ``size`` bytes: files evicted until the cached files, the transfers other
+        processes have under way (``.reserved/SIZE-PID-ID``) and this one fit the bound, decided under one lock for
+        the whole folder so that two transfers starting together both count; the reservation lasts the transfer."""
+        if not size:
             yield
             return
-        folder = self.root / ".locks"
+        folder = self.root / ".reserved"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / hashlib.sha256(key.encode()).hexdigest()[:32], "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        mark = folder / f"{size}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        room = self._flock(".locks", "", shared=False, name="room")  # not a key's: this thread may hold that
+        try:
+            self._evict_over_bound(keep=None, incoming=size)
+            mark.touch()
+        finally:
+            _unlock(room)
+        try:
+            yield
+        finally:
+            mark.unlink(missing_ok=True)
+
+    def _reserved_bytes(self) -> int:
+        """Bytes of the transfers under way in live processes (a killed process's reservations are removed)."""
+        total = 0
+        try:
+            marks = list((self.root / ".reserved").iterdir())
+        except FileNotFoundError:
+            return 0
+        for mark in marks:
             try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                size, pid = (int(x) for x in mark.name.split("-")[:2])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                mark.unlink(missing_ok=True)
+                continue
+            total += size
+        return total
 
     def read(self, key: str, fetch: Callable[[Path], None], size: int | None = None) -> bytes:
         """The bytes of ``key``, brought by ``fetch`` when absent (see :meth:`pinned`)."""
@@ -503,16 +569,21 @@ class BoundedFileCache:
         arrive, fit the bound."""
         with self._lock:
             usage = self.usage()
-            total = sum(size for size, _ in usage.values()) + incoming
+            total = sum(size for size, _ in usage.values()) + self._reserved_bytes() + incoming
             for key, (size, _) in sorted(usage.items(), key=lambda item: item[1][1]):
                 if total <= self.max_bytes:
                     break
                 if key == keep or self._pins.get(key):
                     continue
+                free = self._flock(".pins", key, shared=False, wait=False)
+                if free is None and fcntl is not None:
+                    continue  # in use in another process
                 try:
                     self.path(key).unlink()
                 except FileNotFoundError:
                     pass
+                finally:
+                    _unlock(free)
                 total -= size
                 self.stats.evicted += 1
             self._over = total > self.max_bytes
@@ -524,6 +595,22 @@ def _has_size(path: Path, size: int | None) -> bool:
     except FileNotFoundError:
         return False
     return size is None or st.st_size == size
+
+
+def _unlock(fh) -> None:
+    if fh is not None:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _touch(path: Path) -> None:

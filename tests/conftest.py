@@ -77,6 +77,25 @@ def demo_cache(demo_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def val_shard_cache(demo_shards, tmp_path_factory) -> Path:
+    """A teacher cache built from the demo val shards (9 images, 45 captions; chunks of 16 rows, 4 neighbors): the
+    training data of the runs that train from shards."""
+    from pipeline.build import BuildConfig, build_store
+
+    import torch
+
+    out = tmp_path_factory.mktemp("shard-cache") / "store"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_store(BuildConfig(annotations=demo_shards["val"], out=str(out), chunk_rows=16, neighbors=4,
+                                workers=0, device="cpu", progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture
 def cache_copy(demo_cache, tmp_path) -> Path:
     """A private copy of the demo cache that a test may damage."""

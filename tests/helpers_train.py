@@ -150,3 +150,11 @@ def assert_same_training(a: Path, b: Path) -> None:
         assert set(ca[key]) == set(cb[key])
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
     assert without_timings(read_jsonl(a / "metrics.jsonl")) == without_timings(read_jsonl(b / "metrics.jsonl"))
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``Error:`` line of a command that stopped as it should: exit status 1, no traceback."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]

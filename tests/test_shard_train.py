@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 from helpers_train import METRIC_KEYS, invoke_json, one_torch_thread
-from pipeline.build import BuildConfig, build_store
 from pipeline.cli import main
 from train.ablate_cli import ablate_main
 from train.cli import eval_main, train_main
@@ -32,13 +31,9 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def shard_store(demo_shards, tmp_path_factory) -> Path:
+def shard_store(val_shard_cache) -> Path:
     """A teacher cache built from the val shards (9 images, 45 captions): the training data of these runs."""
-    out = tmp_path_factory.mktemp("shard-cache") / "store"
-    with one_torch_thread():
-        build_store(BuildConfig(annotations=demo_shards["val"], out=str(out), chunk_rows=16, neighbors=4,
-                                workers=0, device="cpu", progress=False))
-    return out
+    return val_shard_cache
 
 
 def shard_train_args(demo_shards, cache: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]:
