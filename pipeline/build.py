@@ -255,7 +255,7 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
     prefetch = 4
     # shards at URLs (pipe:, compressed) this rank reads come into the shard cache ahead of its workers
     ahead = ShardReadAhead.for_rows(manifest, row_batches if needs_pixels else [],
-                                    in_flight=cfg.workers * prefetch)
+                                    in_flight=cfg.workers * prefetch, readers=cfg.workers)
     # closed on errors too, so an error message starts on a line of its own
     with tqdm(total=total, desc="images", unit="img", disable=not show, dynamic_ncols=True) as bar, ahead:
         if needs_pixels:

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.shards import ShardLayout
+from teacher_cache.remote import redact_text
 from teacher_cache.store import Store
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -294,7 +295,7 @@ def build_report(store_path: str | Path, annotations: str | Path, out: str | Pat
     plot_histograms(histograms, files["histograms"])
     plot_examples(image_examples, manifest, files["examples"])
     report = {
-        "store": str(store.path), "annotations": str(annotations), "split": split,
+        "store": str(store.path), "annotations": redact_text(str(annotations)), "split": split,
         "teachers": {"image": store.teachers.get("image", {}).get("spec"),
                      "text": store.teachers.get("text", {}).get("spec")},
         "counts": {"images": int(len(img.query_rows)), "captions": int(len(txt.query_rows)),

@@ -39,7 +39,6 @@ from pipeline.errors import ImageError, ManifestError
 from pipeline.file_stat import FileStat
 from pipeline.manifest_table import shard_file_name
 from pipeline.tar_index import compression_of, scan_tar
-from teacher_cache.errors import RemoteError
 from teacher_cache.remote import (BoundedFileCache, RemoteLocation, RetryPolicy, TruncatedTransfer, default_cache_dir,
                                   download, info_mtime_ns, info_version, is_url, location_slug, one_line,
                                   redact_text, redact_url, with_retries)
@@ -129,6 +128,7 @@ class ShardCache:
         self.cache = BoundedFileCache(settings.root, settings.max_bytes)
         self.policy = policy
         self._locations: dict[str, RemoteLocation] = {}
+        self._keys: dict[FileStat, str] = {}
         self._stats: dict[str, FileStat] = {}
         self._lock = threading.Lock()
 
@@ -197,6 +197,12 @@ class ShardCache:
     # -------------------------------------------------------------------------------- local copies
     def key(self, stat: FileStat) -> str:
         """The cache key of a shard version: readable (the shard's name) and unique (a hash of where and which)."""
+        found = self._keys.get(stat)
+        if found is None:  # asked once per image read: worked out once per shard
+            found = self._keys.setdefault(stat, self._key(stat))
+        return found
+
+    def _key(self, stat: FileStat) -> str:
         name = shard_file_name(stat.path)
         for suffix in COMPRESSED_SUFFIXES:
             if name.lower().endswith(suffix):

@@ -4,10 +4,12 @@ already there.
 
 A loop is described by its batches in the order it consumes them (the rows of each); :meth:`ShardReadAhead.follow`
 wraps the loop's iterator (a DataLoader's, say) and counts what it has consumed. The thread fetches, in order of first
-use, the shards of the batches in flight (the ``in_flight`` batches DataLoader workers are already reading) and then
-``ahead`` more, never holding more not-yet-finished shards than the shard cache's bound allows: shards of batches
-already consumed are the only ones it may evict. Each process (a torchrun rank, the main process of a build) plans
-only the batches it reads, so it fetches only its own shards. A loop over plain local shards gets no thread at all.
+use, the shards of the batches in flight (the ``in_flight`` batches DataLoader workers may be reading) and then
+``ahead`` more, as long as the shards the loop has not finished with fit the shard cache's bound (the loop's next
+shard comes whatever its size; a shard the bound leaves out is fetched by its reader when it gets there). A fetched
+shard stays pinned until the loop has consumed its first batch, so a shard fetched ahead is never evicted before it
+is read. Each process (a torchrun rank, the main process of a build) plans only the batches it reads, so it fetches
+only its own shards. A loop over plain local shards gets no thread at all.
 
 A transfer that fails after its retries is raised by :meth:`follow` at the next batch (one line naming the URL and
 the shard); what the loop finished before stays finished.
@@ -35,7 +37,7 @@ class ShardReadAhead:
     the loop consumes, the (shard, version) pairs it reads; see the module docstring."""
 
     def __init__(self, batches: Sequence[Sequence[tuple[str, FileStat | None]]], in_flight: int = 0,
-                 ahead: int = DEFAULT_AHEAD, cache: ShardCache | None = None):
+                 ahead: int = DEFAULT_AHEAD, cache: ShardCache | None = None, readers: int = 0):
         first: dict[str, int] = {}
         last: dict[str, int] = {}
         stats: dict[str, FileStat | None] = {}
@@ -52,6 +54,11 @@ class ShardReadAhead:
         self.stats = [stats[s] for s in self.order]
         self.in_flight = max(0, int(in_flight))
         self.ahead = max(0, int(ahead))
+        # other processes reading the batches (DataLoader workers; 0: the loop's own thread), which fetch by
+        # themselves the shards this thread has not brought yet: room is kept for theirs
+        self.readers = max(0, int(readers))
+        self.shards_per_batch = max((sum(needs_cache(shard) for shard, _ in batch) for batch in batches), default=0)
+        self._largest_listed = max((st.size for st in self.stats if st is not None and st.size > 0), default=0)
         self._cache = cache
         self._consumed = 0  # batches the loop has been handed
         self._stop = False
@@ -63,9 +70,9 @@ class ShardReadAhead:
 
     @classmethod
     def for_rows(cls, manifest, row_batches: Iterable[Sequence[int] | np.ndarray], in_flight: int = 0,
-                 ahead: int = DEFAULT_AHEAD) -> "ShardReadAhead":
+                 ahead: int = DEFAULT_AHEAD, readers: int = 0) -> "ShardReadAhead":
         """The read-ahead of a loop over a manifest's image rows, batch by batch (nothing to do unless its images
-        are in shards read through the shard cache)."""
+        are in shards read through the shard cache), read by ``readers`` DataLoader workers (0: by the loop)."""
         columns = getattr(manifest.images, "shards", None)
         if columns is None or not any(needs_cache(s) for s in columns.shards):
             return cls([], in_flight, ahead)
@@ -74,7 +81,7 @@ class ShardReadAhead:
         for rows in row_batches:
             codes = np.unique(columns.shard[np.asarray(rows, dtype=np.int64)]) if len(rows) else []
             batches.append([(names[int(c)], columns.stats.get(names[int(c)])) for c in codes])
-        return cls(batches, in_flight, ahead)
+        return cls(batches, in_flight, ahead, readers=readers)
 
     @property
     def active(self) -> bool:
@@ -122,7 +129,12 @@ class ShardReadAhead:
         if j >= needed + self.ahead:
             return False
         live = np.flatnonzero(self.last_use[:j + 1] >= self._consumed)  # shards a batch not yet consumed reads
-        return len(live) <= 1 or self._bytes(live) <= self.cache.cache.max_bytes
+        if len(live) <= 1:
+            return True
+        # room for what the readers (DataLoader workers) may be fetching on their own meanwhile: a batch's shards each
+        largest = max(self._largest_listed, max(self._local_sizes.values(), default=0))
+        reserve = self.readers * self.shards_per_batch * largest
+        return self._bytes(live) + reserve <= self.cache.cache.max_bytes
 
     def _bytes(self, indexes: np.ndarray) -> int:
         """What the local copies of these shards take: their size once fetched; before, the size their listing

@@ -17,21 +17,24 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from helpers_build import BIN, BUILD_ARGS, assert_same_rows, one_thread_env, one_torch_thread, val_reference
 from helpers_train import METRIC_KEYS, TINY_CLIP, assert_same_training, invoke_json, one_error_line, subprocess_env
 from pipeline.cli import main as cache_main
+from pipeline.console import error_line
 from pipeline.errors import CusaError
 from pipeline.file_stat import FileStat
 from pipeline.manifest import read_manifest
 from pipeline.shard_cache import SHARD_CACHE_ENV, SHARD_CACHE_GIB_ENV, ShardCache, ShardCacheSettings, shard_cache
 from pipeline.shard_read_ahead import ShardReadAhead
-from servers import FileServer, environment, http_server, s3_server  # noqa: F401 (fixtures)
+from servers import FileServer, environment, s3_server  # noqa: F401 (a fixture)
 from teacher_cache.errors import RemoteError, StoreError
 from teacher_cache.store import Store
 from train.cli import eval_main, train_main
@@ -131,6 +134,37 @@ def test_a_build_from_remote_shards_stores_the_local_builds_bytes_through_a_boun
         assert len(per_file) == 3 and all(" " not in g for g in server.gets)  # whole files: no Range requests
         # indexed once, fetched again by the build (the cache holds 1.5 shards): never a request per image
         assert all(1 <= n <= 2 for n in per_file.values()) and sum(per_file.values()) < 9
+
+
+def test_the_shard_cache_stays_within_its_bound_while_workers_and_the_read_ahead_fetch_at_once(
+        demo_shards, tmp_path, request):
+    sources, server = served("http", demo_shards, tmp_path, request, splits=("val", "test"))
+    files = shard_files(demo_shards, "train")
+    for path in files:
+        shutil.copy(path, server.root / path.name)
+    source = server.url("train-{000000..000010}.tar")
+    bound = 4 * max(p.stat().st_size for p in files)  # 4 of the 11 shards
+    folder, peak, stop = tmp_path / "shards", [0], threading.Event()
+
+    def sample() -> None:  # every file counts here, transfers in progress included
+        while not stop.is_set():
+            peak[0] = max(peak[0], sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        out = tmp_path / "store"
+        result = CliRunner().invoke(cache_main, ["build", source, "--out", str(out), "--chunk-rows", "4", "--neighbors",
+                                                 "0", "--workers", "2", "--batch-size", "4", "--device", "cpu",
+                                                 "--shard-cache", str(folder), "--shard-cache-gib", str(bound / 2**30)])
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.exit_code == 0, result.output
+    assert Store.open(out, require_complete=True).fingerprint == read_manifest(demo_shards["train"]).fingerprint()
+    assert 0 < peak[0] <= bound
+    assert max(fetches(server).values()) <= 3  # indexed, then read: no shard fetched over and over
 
 
 def test_a_shard_cache_that_holds_the_source_fetches_each_shard_once(demo_shards, reference, tmp_path, request):
@@ -368,3 +402,22 @@ def test_gs_and_hf_sources_reach_fsspec_and_say_what_is_missing(tmp_path):
     with environment({"HF_HUB_OFFLINE": "1"}), pytest.raises((RemoteError, CusaError, StoreError)) as err:
         read_manifest("hf://datasets/someone/data/shards/train-{000000..000001}.tar")
     assert str(err.value).startswith("hf://datasets/someone/data/shards: ") and "\n" not in str(err.value)
+
+
+class _FailingReads(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise RemoteError("http://127.0.0.1:9/val-000001.tar: cannot transfer the tar shard val-000001.tar after 4 "
+                          "tries over 3.5 s (ServerDisconnectedError: Server disconnected); check the connection")
+
+
+def test_a_transfer_that_failed_in_a_dataloader_worker_is_reported_as_its_own_line():
+    loader = torch.utils.data.DataLoader(_FailingReads(), batch_size=2, num_workers=1)
+    with pytest.raises(RemoteError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith("Caught RemoteError in DataLoader worker process 0")  # what torch makes of it
+    assert error_line(err.value) == ("http://127.0.0.1:9/val-000001.tar: cannot transfer the tar shard val-000001.tar "
+                                     "after 4 tries over 3.5 s (ServerDisconnectedError: Server disconnected); check "
+                                     "the connection")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from teacher_cache.remote import redact_url
+from teacher_cache.remote import redact_text, redact_url
 from train.config import TrainConfig, build_config
 from train.data import load_config_split
 from train.evaluation_run import evaluate_run
@@ -157,7 +157,9 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
         require_report_targets(cfg.report_to)
     first = runs[0][2]
     eval_manifest = load_config_split(first, eval_data, eval_split)
-    request = {"eval_data": eval_data, "eval_split": eval_split, "eval_fingerprint": eval_manifest.fingerprint()}
+    # recorded in every run's eval.json and in results.json: a URL's secrets never are
+    request = {"eval_data": redact_text(eval_data), "eval_split": eval_split,
+               "eval_fingerprint": eval_manifest.fingerprint()}
     earlier_fingerprint = functools.cache(lambda: eval_manifest.fingerprint(1))
     # every run is checked before any trains: a grid that must refuse does so at once, not hours later
     plan = []

@@ -266,7 +266,7 @@ def pair_loader(pairs: TrainingPairs, batches: list[np.ndarray], preprocess: Cal
     # the shards of this rank's batches (at URLs, pipe:, compressed) come into the shard cache ahead of its workers:
     # under the chunk-local order, a window's shards, then the next window's
     with ShardReadAhead.for_rows(pairs.manifest, [pairs.image_rows[b] for b in batches],
-                                 in_flight=workers * DATALOADER_PREFETCH) as ahead:
+                                 in_flight=workers * DATALOADER_PREFETCH, readers=workers) as ahead:
         for batch in ahead.follow(loader):
             if isinstance(batch, BadImage):
                 raise ImageError(f"{batch.message}; the cache read this image when it was built, so the file has "

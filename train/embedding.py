@@ -209,9 +209,10 @@ class StudentEmbedder:
         parts: list[torch.Tensor] = []
         errors: dict[int, str] = {}
         manifest_rows = getattr(dataset, "manifest_rows", None)  # images of shards: fetched ahead of the workers
-        ahead = ShardReadAhead.for_rows(manifest_rows[0], consecutive_batches(manifest_rows[1], size),
-                                        in_flight=self.workers * DATALOADER_PREFETCH) if manifest_rows else \
-            ShardReadAhead([])
+        ahead = ShardReadAhead([])
+        if manifest_rows:
+            ahead = ShardReadAhead.for_rows(manifest_rows[0], consecutive_batches(manifest_rows[1], size),
+                                            in_flight=self.workers * DATALOADER_PREFETCH, readers=self.workers)
         with autocast(self.device), tqdm(total=len(dataset), desc="images", unit="img", disable=not progress,
                                dynamic_ncols=True, leave=False) as bar, ahead:
             for batch in ahead.follow(loader):

@@ -168,7 +168,7 @@ def _embed_images(student, manifest: Manifest, rows: np.ndarray, device: str, ba
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_rows)
     read, parts, bad = [], [], {}
     ahead = ShardReadAhead.for_rows(manifest, consecutive_batches(dataset.rows, batch_size),
-                                    in_flight=workers * DATALOADER_PREFETCH)
+                                    in_flight=workers * DATALOADER_PREFETCH, readers=workers)
     with autocast(device), ahead:
         for batch_rows, images, failures in ahead.follow(loader):
             for failure in failures:

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.manifest import Manifest
 from pipeline.shards import ShardLayout, is_shard_source
+from teacher_cache.remote import redact_text
 from train.data import load_split
 from train.evaluation_set import run_stores, skipped_by_stores
 from train.model import TrainedModel
@@ -54,7 +55,7 @@ class Collection:
     manifest_rows: np.ndarray | None = None  # the manifest rows of the images (None: every row, in order)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "images": len(self.image_ids),
+        return {"source": redact_text(self.source), "kind": self.kind, "images": len(self.image_ids),
                 "captions": len(self.captions), "fingerprint": self.fingerprint, "skipped": self.skipped}
 
     def without_unreadable(self, skipped: list[dict]) -> "Collection":
