@@ -81,7 +81,7 @@ def scan_shard(shard: str, split: str, rules: ScanRules) -> ShardScan:
     members = scan_tar(shard)
     if not members.names and members.damage:
         raise ManifestError(f"{shard}: not a readable tar archive ({members.damage})")
-    samples = _group(members.names)
+    samples = group_samples(members.names)
     out = _ScanBuilder(shard, split, rules)
     if not samples:
         reason = _damage_text(members) if members.damage else "no samples in the shard (no member named KEY.EXT)"
@@ -112,7 +112,7 @@ def _damage_text(members: TarMembers) -> str:
     return f"truncated or corrupt tar{last} ({members.damage})"
 
 
-def _group(member_names: list[str]) -> list[tuple[str, dict[str, int], dict[str, str], str]]:
+def group_samples(member_names: list[str]) -> list[tuple[str, dict[str, int], dict[str, str], str]]:
     """(key, extension -> member position, extension -> member name, problem) of each sample, in archive order."""
     samples: list[tuple[str, dict[str, int], dict[str, str], str]] = []
     key_ext = _KEY_EXT.match
