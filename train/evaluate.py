@@ -47,9 +47,14 @@ def _as_float32(emb: torch.Tensor | np.ndarray, name: str, device: torch.device 
     return F.normalize(t, dim=1)
 
 
+def _writable(rows: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """A read-only array (a memory-mapped manifest column) copied: torch shares memory only with writable arrays."""
+    return rows.copy() if isinstance(rows, np.ndarray) and not rows.flags.writeable else rows
+
+
 def _as_rows(text_image_row: torch.Tensor | np.ndarray, n_texts: int, n_images: int,
              device: torch.device) -> torch.Tensor:
-    rows = torch.as_tensor(text_image_row)
+    rows = torch.as_tensor(_writable(text_image_row))
     if rows.ndim != 1 or rows.shape[0] != n_texts:
         raise ValueError(f"text_image_row: expected shape [{n_texts}] (one image row per caption), "
                          f"got {tuple(rows.shape)}")
@@ -204,7 +209,7 @@ def _five_folds(n_images: int, n_texts: int, text_image_row, device, fold_metric
     expected = COCO_FOLDS * COCO_FOLD_SIZE
     if n_images != expected:
         raise ValueError(f"COCO 1K 5-fold evaluation needs exactly {expected} images, got {n_images}")
-    rows = torch.as_tensor(text_image_row).to(torch.int64)
+    rows = torch.as_tensor(_writable(text_image_row)).to(torch.int64)
     if rows.ndim != 1 or rows.shape[0] != n_texts:
         raise ValueError(f"text_image_row: expected shape [{n_texts}] (one image row per caption), "
                          f"got {tuple(rows.shape)}")
