@@ -110,10 +110,12 @@ class ShardColumns:
     missing: dict[int, str] = field(default_factory=dict)
 
     def take(self, rows: np.ndarray) -> "ShardColumns":
-        new_of_old = {int(r): i for i, r in enumerate(rows) if int(r) in self.missing} if self.missing else {}
+        missing = {}
+        if self.missing:
+            at = np.flatnonzero(np.isin(rows, np.fromiter(self.missing, dtype=np.int64, count=len(self.missing))))
+            missing = {int(i): self.missing[int(rows[i])] for i in at}
         return ShardColumns(self.shards, self.shard[rows], self.keys.take(rows), self.ext[rows], self.ext_table,
-                            self.offset[rows], self.size[rows], {new_of_old[r]: m for r, m in self.missing.items()
-                                                                 if r in new_of_old})
+                            self.offset[rows], self.size[rows], missing)
 
     def member_name(self, row: int) -> str:
         ext = self.ext_table[int(self.ext[row])]
