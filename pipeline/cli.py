@@ -122,6 +122,7 @@ def info(store_path, as_json):
         "dims": store.dims,
         "teachers": store.teachers,
         "fingerprint": store.fingerprint,
+        "fingerprint_format": store.fingerprint_format,
         "split_fingerprints": store.split_fingerprints,
         "splits": {s: int(n) for s, n in zip(*np.unique(store.image_splits, return_counts=True))},
         "chunk_rows": store.chunk_rows,
@@ -144,7 +145,8 @@ def info(store_path, as_json):
              "splits         " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
              f"image teacher  {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
              f"text teacher   {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
-             f"fingerprint    {d['fingerprint']}"]
+             f"fingerprint    {d['fingerprint']}" + ("" if d["fingerprint_format"] >= 2 else
+                                                       "  (earlier format: `cusa-cache upgrade` rewrites it)")]
     for m, n in (d["neighbors"] or {}).items():
         if n:
             lines.append(f"neighbors      {m}: K={n.get('k')} {n.get('factory')}")
