@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.cli_options import FORMAT_CHOICES, manifest_cache_option, shard_layout_options
+from pipeline.cli_options import FORMAT_CHOICES, csv_column_options, manifest_cache_option, shard_layout_options
 from pipeline.console import emit, human_bytes, user_errors
 from pipeline.errors import CusaError
 
@@ -43,9 +43,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a store built from another manifest or teacher.")
 @click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Rows per stored chunk (the unit of resumption).")
-@click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
-@click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
-@click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@csv_column_options
 @shard_layout_options()
 @manifest_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -266,9 +264,7 @@ def _row_neighbors(store, modality: str, row: int, k: int):
 @click.option("--data", "annotations", required=True, type=click.Path(),
               help="The annotations (or shards) the store was built from.")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
-@click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
-@click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
-@click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@csv_column_options
 @shard_layout_options()
 @manifest_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
