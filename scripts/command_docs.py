@@ -99,7 +99,7 @@ def _takes(param: click.Option, context: click.Context) -> str:
     if isinstance(param.type, click.Choice):
         return " \\| ".join(f"`{c}`" for c in param.type.choices)
     if param.metavar:
-        return f"`{param.metavar}`"
+        return f"`{_cell(param.metavar)}`"
     if isinstance(param.type, click.Path):
         word = "DIR" if not param.type.file_okay else "FILE" if not param.type.dir_okay else "PATH"
     elif isinstance(param.type, (click.IntRange, click.FloatRange)):
