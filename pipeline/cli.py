@@ -31,15 +31,18 @@ def main() -> None:
 @click.option("--split", default="all", show_default=True, help="all, train, val, test (or any split label).")
 @click.option("--text-teacher", default=None, help="Encoder spec [default: minilm-l6].")
 @click.option("--image-teacher", default=None, help="Encoder spec [default: efficientnet-lite0].")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images or captions per teacher forward pass.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Image decoding processes (overlapped with the teacher's forward pass).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the teachers run (auto: cuda when present).")
 @click.option("--neighbors", "k", default=32, show_default=True, type=click.IntRange(min=0),
               help="Teacher neighbors kept per row (self excluded); 0 skips the table.")
 @click.option("--index", "factory", default="Flat", show_default=True,
               help="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32.")
-@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]))
+@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="An unreadable image or shard sample: stop naming it, or leave it out and list it in the store.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built from another manifest or teacher.")
 @click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Rows per stored chunk (the unit of resumption).")
@@ -102,7 +105,7 @@ def _build_lines(d: dict) -> list[str]:
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the store's description as JSON.")
 @user_errors
 def info(store_path, as_json):
     """Counts, dims, teachers, fingerprint, completeness and size of a store (a folder or a URL)."""
@@ -161,8 +164,8 @@ def info(store_path, as_json):
 @click.option("--image", "image", default=None, help="Image row number or image id.")
 @click.option("--caption", "caption", default=None, type=int, help="Caption row number.")
 @click.option("--query", "query", default=None, help="Free text, embedded with the store's text teacher.")
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbors to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the neighbors as JSON.")
 @user_errors
 def neighbors(store_path, image, caption, query, k, as_json):
     """Nearest images or captions of one row (or a text query) by the teacher."""
@@ -263,7 +266,8 @@ def _row_neighbors(store, modality: str, row: int, k: int):
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @click.option("--data", "annotations", required=True, type=click.Path(),
               help="The annotations (or shards) the store was built from.")
-@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data (auto detects it).")
 @csv_column_options
 @shard_layout_options()
 @manifest_cache_option
@@ -289,7 +293,7 @@ def upgrade(store_path, annotations, fmt, image_column, caption_column, id_colum
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the verification report as JSON.")
 @user_errors
 def verify(store_path, as_json):
     """Re-check chunk checksums, completeness, row norms and NaN/Inf of a store (a folder or a URL: every chunk is
@@ -354,7 +358,8 @@ def pull(url, out, overwrite, as_json):
               help="The annotations (or shards) the store was built from (or one of their splits, with --split).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Report folder [default: STORE-report next to the store, STORE-report-SPLIT for one split].")
-@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data (auto detects it).")
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to.")
 @click.option("--split", default="all", show_default=True, help="Report on this split of --data only.")
 @click.option("--examples", default=4, show_default=True, type=click.IntRange(min=0),
@@ -378,13 +383,15 @@ def report(store_path, annotations, out, fmt, image_root, split, examples, seed,
 
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10),
+              help="Images in the set, 5 captions each.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the scenes and their captions.")
 @click.option("--splits", default="0.5,0.15,0.35", show_default=True, help="train,val,test fractions.")
 @click.option("--shards", is_flag=True, help="Also write the set as webdataset shards: OUT/shards/SPLIT-NNNNNN.tar "
               "(KEY.png, KEY.txt with the 5 captions, KEY.json with image_id).")
-@click.option("--samples-per-shard", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--samples-per-shard", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Samples a shard holds with --shards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
     """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON

@@ -172,7 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {**PAPER, STUDENT_DEFAULTS_KEY: {"frozen": {"lr": 1e-3, "min_lr": 1e-4}}},
     # SGR/SAF with CUSA, the paper's appendix (Table 7 and text), with α (CSA) / β (USA) by student; the temperatures
     # are the paper's. grad_clip 2.0 is SGRAF's own training setting. The triplet loss is averaged over the batch:
-    # summed (VSE++, SGRAF), it leaves the appendix rates' soft-label terms inert (README, "Region-based students").
+    # summed (VSE++, SGRAF), it leaves the appendix rates' soft-label terms inert (docs/region-students.md, "Reduction").
     # The lr is explicit and the same for both students.
     "sgraf-paper": {
         "lr": 2e-4, "min_lr": 1e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 40, "grad_clip": 2.0,
