@@ -30,6 +30,9 @@ _LOSS_TERMS = {
 }
 _LOSS_KEYS = ("contrastive", "itr", "csa", "usa", "tau_soft")
 SAMPLERS = ("random", "teacher-neighbors")
+# the retrieval embedding of an open_clip student: CUSA's LayerNorm → Linear head on CLIP's projected embedding
+# (reference), or that projected embedding itself (none), which stock open_clip loading reproduces
+CROSS_HEADS = ("reference", "none")
 ON_BAD_IMAGE = ("fail", "skip")
 # a preset's key holding its values per kind of student (parse_student_spec's kinds), applied over the preset
 STUDENT_DEFAULTS_KEY = "students"
@@ -81,6 +84,7 @@ class TrainConfig:
     data: str = ""
     cache: str = ""
     student: str = DEFAULT_STUDENT
+    cross_head: str = "reference"  # reference | none (open_clip students: CLIP's own embedding serves retrieval)
     val_data: str | None = None
     out: str = "runs/cusa"
     preset: str = "paper"
@@ -298,6 +302,8 @@ def apply_overrides(cfg: TrainConfig, updates: Mapping[str, Any]) -> TrainConfig
 def _coerce_top(key: str, value: Any, current: Any) -> Any:
     if key == "head_lr" and current is None and value is not None:
         current = 0.0  # an optional number: coerce as one
+    if key == "cross_head" and value is None:
+        return "none"  # --set cross_head=none reads as null
     return coerce_setting(value, current, key)
 
 
@@ -305,6 +311,9 @@ def check_schedule(cfg: TrainConfig) -> TrainConfig:
     """The checks between settings, made once every layer is applied (a later layer may fix an earlier one's lr)."""
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise ValueError(f"min_lr must lie in [0, lr = {cfg.lr:g}], got {cfg.min_lr:g}; set it with --set min_lr=X")
+    if cfg.cross_head == "none" and parse_student_spec(cfg.student).kind != "open_clip":
+        raise ValueError(f"cross_head=none is for open_clip students (CLIP's projected embedding then serves "
+                         f"retrieval); {cfg.student!r} keeps its cross heads")
     return cfg
 
 
@@ -319,6 +328,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"save_every_steps must be ≥ 0 (0: checkpoints at epoch ends only), got {cfg.save_every_steps}")
     if cfg.head_lr is not None and not cfg.head_lr > 0:
         raise ValueError(f"head_lr must be > 0 (or none: the same as lr), got {cfg.head_lr}")
+    if cfg.cross_head not in CROSS_HEADS:
+        raise ValueError(f"cross_head must be one of {', '.join(CROSS_HEADS)}, got {cfg.cross_head!r}")
     if cfg.on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):

@@ -12,7 +12,7 @@ from pipeline.distributed import resolve_device
 from teacher_cache.errors import StoreError
 from teacher_cache.store import Store
 from train.config import TrainConfig
-from train.evaluate import evaluate_similarity
+from train.evaluate import clip_benchmark_names, evaluate_similarity
 from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs
 from train.students import REGION_KINDS, parse_student_spec
 from train.trainer import CHECKPOINT_BEST, CHECKPOINT_LAST, build_student, load_checkpoint
@@ -45,7 +45,8 @@ def load_trained_student(checkpoint: Path, device: str):
             raise ValueError(f"{checkpoint}: a region student's checkpoint without its word vocabulary")
         vocab = Vocabulary.from_dict(ckpt["vocab"])
     student = build_student(cfg.student, vars(cfg.frozen), dims.get("image_dim"), dims.get("text_dim"),
-                            weights_from_checkpoint=True, region_opts=vars(cfg.region), vocab=vocab)
+                            weights_from_checkpoint=True, region_opts=vars(cfg.region), vocab=vocab,
+                            cross_head=cfg.cross_head)
     student.load_state_dict(ckpt["student"])
     return student.to(device).eval(), cfg, ckpt
 
@@ -134,7 +135,7 @@ def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = 
                    for c, m, m_cfg in ((checkpoint, evaluation, cfg), (other, second, second_cfg))]
         metrics = _ensemble(evaluation, second, [checkpoint, other])
         inputs.backbone_passes += second_inputs.backbone_passes
-    result = {**metrics["all"], "split": split, "images": evaluation.images, "captions": evaluation.captions,
+    result = {**metrics["all"], **clip_benchmark_names(metrics["all"]), "split": split, "images": evaluation.images, "captions": evaluation.captions,
               "skipped_images": len(evaluation.skipped),
               "skipped_image_details": [s.to_dict() for s in evaluation.skipped],
               "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", 0)),

@@ -54,7 +54,8 @@ def seed_everything(seed: int) -> None:
 
 def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = None,
                   text_dim: int | None = None, weights_from_checkpoint: bool = False, *,
-                  region_opts: dict | None = None, vocab: Vocabulary | None = None) -> torch.nn.Module:
+                  region_opts: dict | None = None, vocab: Vocabulary | None = None,
+                  cross_head: str = "reference") -> torch.nn.Module:
     """The student a spec names; ``weights_from_checkpoint``: its weights are loaded next, so pretrained ones are
     not fetched first. Frozen students need their feature widths; region students (sgr/saf) the width of a region
     feature (``image_dim``), their sizes (``region_opts``, RegionConfig's fields) and the vocabulary."""
@@ -71,7 +72,7 @@ def build_student(cfg_student: str, frozen_opts: dict, image_dim: int | None = N
     if spec.kind == "frozen":
         return FeatureStudent(image_dim, text_dim, embed_dim=frozen_opts["embed_dim"], hidden=frozen_opts["hidden"],
                               dropout=frozen_opts["dropout"])
-    return OpenClipStudent.from_spec(spec, weights_from_checkpoint=weights_from_checkpoint)
+    return OpenClipStudent.from_spec(spec, weights_from_checkpoint=weights_from_checkpoint, cross_head=cross_head)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -162,7 +163,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, show_progress: bool
         student = build_student(cfg.student, vars(cfg.frozen), train_regions.features.region_dim,
                                 region_opts=vars(cfg.region), vocab=vocab)
     else:
-        student = build_student(cfg.student, vars(cfg.frozen), weights_from_checkpoint=resume and last_path.exists())
+        student = build_student(cfg.student, vars(cfg.frozen), weights_from_checkpoint=resume and last_path.exists(),
+                                cross_head=cfg.cross_head)
     val = None
     if cfg.val_data:
         # images a store lists as skipped (and, for a frozen student, those its features lack) are left out
