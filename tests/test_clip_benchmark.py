@@ -43,7 +43,8 @@ def benchmark_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(demo_dir, demo_cache, tmp_path_factory) -> dict[str, Path]:
-    """Tiny open_clip students trained on the demo: without cross heads (exported too) and with the reference ones."""
+    """Tiny open_clip students trained on the demo, without cross heads (exported too) and with the reference ones,
+    and a frozen-backbone student."""
     root = tmp_path_factory.mktemp("cb_runs")
     (root / "arch").mkdir()
     (root / "arch" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
@@ -53,6 +54,8 @@ def runs(demo_dir, demo_cache, tmp_path_factory) -> dict[str, Path]:
             out[name] = root / name
             invoke_json(train_main, train_args(demo_dir, demo_cache, out[name], "--student",
                                                f"open_clip:local-dir:{root / 'arch'}", *extra, epochs=3))
+        out["frozen"] = root / "frozen"
+        invoke_json(train_main, train_args(demo_dir, demo_cache, out["frozen"], epochs=1))
         out["exported"] = root / "exported"
         invoke_json(export_main, [out["plain"], out["exported"], "--json"])
     return out
@@ -182,11 +185,13 @@ def test_clip_benchmark_with_a_named_architecture_and_the_weights_file(runs, ben
     assert_same_recalls(metrics, cusa_eval(runs["plain"], benchmark_data / "clip_benchmark"))
 
 
-def test_clip_benchmark_with_cusas_loader_evaluates_a_run_with_heads(runs, benchmark_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("run", ["heads", "frozen"])
+def test_clip_benchmark_with_cusas_loader_evaluates_students_open_clip_cannot_load(run, runs, benchmark_data, tmp_path,
+                                                                                 monkeypatch):
     from train.clip_benchmark import main
 
     metrics = run_clip_benchmark(monkeypatch, main, [
-        "--model_type", "cusa", "--model", "cusa", "--pretrained", str(runs["heads"]), "--dataset", "wds/demo",
+        "--model_type", "cusa", "--model", "cusa", "--pretrained", str(runs[run]), "--dataset", "wds/demo",
         "--dataset_root", str(benchmark_data / "clip_benchmark"), "--task", "zeroshot_retrieval"],
-        tmp_path / "heads.json")
-    assert_same_recalls(metrics, cusa_eval(runs["heads"], benchmark_data / "clip_benchmark"))
+        tmp_path / f"{run}.json")
+    assert_same_recalls(metrics, cusa_eval(runs[run], benchmark_data / "clip_benchmark"))
