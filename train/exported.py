@@ -28,6 +28,12 @@ def is_exported_folder(path: str | Path) -> bool:
     return p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file() and (p / HEADS_FILE).is_file()
 
 
+def open_clip_folder_without_heads(path: str | Path) -> bool:
+    """Whether ``path`` is an open_clip folder (``local-dir:``) that ``cusa-export`` did not write."""
+    p = Path(path)
+    return p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file() and not (p / HEADS_FILE).is_file()
+
+
 def read_heads(folder: str | Path) -> tuple[dict, dict[str, str]]:
     """(head tensors by state-dict name, metadata) of an exported folder's heads file; ValueError naming it."""
     from safetensors import SafetensorError, safe_open
@@ -48,6 +54,9 @@ def load_exported(folder: str | Path, device: str = "cpu") -> tuple[OpenClipStud
     """(student in eval mode on ``device``, its run's configuration, the epoch it was exported after) of a folder
     that ``cusa-export`` wrote; the towers come from open_clip's own loading of the folder."""
     folder = Path(folder).resolve()
+    if not any((folder / name).is_file() for name in (OPEN_CLIP_WEIGHTS, OPEN_CLIP_WEIGHTS_BIN)):
+        # open_clip would build the towers randomly initialised, with a warning only
+        raise ValueError(f"{folder}: no {OPEN_CLIP_WEIGHTS} (or {OPEN_CLIP_WEIGHTS_BIN}) beside {OPEN_CLIP_CONFIG}")
     heads, meta = read_heads(folder)
     try:
         run_config = json.loads(meta["config"])

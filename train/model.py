@@ -118,7 +118,7 @@ def load_model(run: str | os.PathLike, device: str = "cpu", batch_size: int = 25
     ``batch_size`` inputs go through the model at a time; ``workers`` DataLoader processes decode image files.
     """
     from train.evaluation_run import load_trained_student, resolve_checkpoint
-    from train.exported import is_exported_folder, load_exported
+    from train.exported import is_exported_folder, load_exported, open_clip_folder_without_heads
 
     _checked(batch_size)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
@@ -128,6 +128,9 @@ def load_model(run: str | os.PathLike, device: str = "cpu", batch_size: int = 25
         student, cfg, epoch = load_exported(run, device)
         embedder = StudentEmbedder(student, cfg.student, device, batch_size, workers, config=cfg)
         return TrainedModel(embedder, Path(run), epoch)
+    if open_clip_folder_without_heads(run):
+        raise ValueError(f"{run}: an open_clip folder without cusa_heads.safetensors (not written by cusa-export); "
+                         f"load it with open_clip.create_model_and_transforms('local-dir:{run}')")
     checkpoint = resolve_checkpoint(run)
     device = resolve_device(device)
     student, cfg, ckpt = load_trained_student(checkpoint, device)
