@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from train.losses import LossConfig
 from train.metrics_log import parse_report_to
 from train.settings import coerce_setting
-from train.students import DEFAULT_STUDENT, parse_student_spec
+from train.students import CROSS_HEADS, DEFAULT_STUDENT, parse_student_spec
 
 LOSS_CHOICES = ("contrastive", "csa", "usa", "cusa")
 _LOSS_TERMS = {
@@ -30,9 +30,6 @@ _LOSS_TERMS = {
 }
 _LOSS_KEYS = ("contrastive", "itr", "csa", "usa", "tau_soft")
 SAMPLERS = ("random", "teacher-neighbors")
-# the retrieval embedding of an open_clip student: CUSA's LayerNorm → Linear head on CLIP's projected embedding
-# (reference), or that projected embedding itself (none), which stock open_clip loading reproduces
-CROSS_HEADS = ("reference", "none")
 ON_BAD_IMAGE = ("fail", "skip")
 # a preset's key holding its values per kind of student (parse_student_spec's kinds), applied over the preset
 STUDENT_DEFAULTS_KEY = "students"

@@ -135,7 +135,8 @@ def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = 
                    for c, m, m_cfg in ((checkpoint, evaluation, cfg), (other, second, second_cfg))]
         metrics = _ensemble(evaluation, second, [checkpoint, other])
         inputs.backbone_passes += second_inputs.backbone_passes
-    result = {**metrics["all"], **clip_benchmark_names(metrics["all"]), "split": split, "images": evaluation.images, "captions": evaluation.captions,
+    result = {**metrics["all"], **clip_benchmark_names(metrics["all"]), "split": split, "images": evaluation.images,
+              "captions": evaluation.captions,
               "skipped_images": len(evaluation.skipped),
               "skipped_image_details": [s.to_dict() for s in evaluation.skipped],
               "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", 0)),

@@ -39,6 +39,9 @@ _SPEC_HELP = ("expected 'frozen:IMAGE_SPEC+TEXT_SPEC', 'open_clip:ARCH[:CHECKPOI
               "(REGIONS: grid:IMAGE_SPEC or precomp:DIR)")
 REGION_KINDS: tuple[str, ...] = ("sgr", "saf")  # region-based students (train/region_students.py)
 REGION_SOURCES: tuple[str, ...] = ("grid", "precomp")
+# an open_clip student's retrieval embedding: CUSA's LayerNorm → Linear head on CLIP's projected embedding
+# (reference), or that projected embedding itself (none), which stock open_clip loading reproduces
+CROSS_HEADS: tuple[str, ...] = ("reference", "none")
 
 
 @dataclass(frozen=True)
@@ -262,8 +265,8 @@ class OpenClipStudent(_TwoHeadStudent):
 
         self.embed_dim = self._projected_dim()
         self.cross_head = cross_head
-        if cross_head not in ("reference", "none"):
-            raise ValueError(f"{label}: cross_head must be reference or none, got {cross_head!r}")
+        if cross_head not in CROSS_HEADS:
+            raise ValueError(f"{label}: cross_head must be one of {', '.join(CROSS_HEADS)}, got {cross_head!r}")
         with_heads = cross_head == "reference"
         self.cross_head_v = ProjectionHead(self.embed_dim) if with_heads else nn.Identity()
         self.cross_head_t = ProjectionHead(self.embed_dim) if with_heads else nn.Identity()
