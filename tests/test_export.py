@@ -26,7 +26,7 @@ from train.export_cli import export_main
 from train.model import load_model
 
 OPEN_CLIP_FILES = {"open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
-                   "cusa_heads.safetensors", "README.md"}
+                   "cusa_heads.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,22 @@ def test_cross_head_none_export_gives_the_runs_embeddings_in_stock_open_clip(pla
     safe = load_file(str(out / "open_clip_model.safetensors"))
     binary = torch.load(out / "open_clip_pytorch_model.bin", weights_only=True)
     assert safe.keys() == binary.keys() and all(torch.equal(safe[k], binary[k]) for k in safe)
+
+
+def test_clip_bpe_tokenizer_files_tokenize_as_open_clip_does(plain_run, demo_dir, tmp_path):
+    import open_clip
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "exported"
+    export(plain_run, out)
+    _, captions = split_inputs(demo_dir)
+    captions += ["Hello, World!! It's a naïve café — 123 [x]", "   spaced \t out  "]
+    mine = open_clip.get_tokenizer(f"local-dir:{out}")  # what open_clip tokenizes with: its own BPE
+    hub = AutoTokenizer.from_pretrained(str(out))  # what the files give Hugging Face tools
+    for caption in captions:
+        ids = mine([caption])[0]
+        assert hub(caption, truncation=True)["input_ids"] == ids[: int((ids != 0).sum())].tolist()
+    assert hub.model_max_length == TINY_CLIP["text_cfg"]["context_length"]
 
 
 def test_reference_heads_export_round_trips_through_load_model_and_not_through_open_clip(heads_run, demo_dir,
@@ -245,8 +261,8 @@ def test_a_student_with_a_hugging_face_tokenizer_exports_the_tokenizer_files_ope
                                            "--set", "cross_head=none", epochs=1))
     out = tmp_path / "exported"
     summary = export(run, out)
-    tokenizer_files = set(summary["files"]) - OPEN_CLIP_FILES
-    assert {"tokenizer.json", "tokenizer_config.json"} <= tokenizer_files <= {p.name for p in out.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(summary["files"]) == {p.name for p in out.iterdir()}
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
     paths, captions = split_inputs(demo_dir)
     trained = load_model(run)
     images, texts = stock_open_clip_embeddings(out, paths, captions)

@@ -2,8 +2,9 @@
 
 OUT holds ``open_clip_config.json`` (``model_cfg``: the student's architecture exactly as open_clip built it;
 ``preprocess_cfg``: its image preprocessing), ``open_clip_model.safetensors`` (and ``open_clip_pytorch_model.bin``
-unless safetensors only) with CLIP's towers, the tokenizer files open_clip reads from a ``local-dir:`` folder (those
-of a Hugging Face tokenizer; the CLIP BPE tokenizer ships with open_clip and needs none), ``cusa_heads.safetensors``
+unless safetensors only) with CLIP's towers, the tokenizer's files (a Hugging Face tokenizer's, which open_clip reads
+from a ``local-dir:`` folder; for the CLIP BPE tokenizer, which ships with open_clip, its Hugging Face form, as
+``push_to_hf_hub`` uploads it), ``cusa_heads.safetensors``
 (the heads open_clip has no place for, and the run's configuration) and ``README.md``, the model card.
 
 A run trained with ``--set cross_head=none`` retrieves with CLIP's own projected embeddings, so stock open_clip
@@ -46,7 +47,7 @@ class ExportSource:
 
 def resolve_export_checkpoint(run: str | os.PathLike, checkpoint: str = "best") -> tuple[Path, Path]:
     """(run folder, checkpoint file): ``best`` and ``last`` name RUN/best.pt and RUN/last.pt, anything else a file.
-    RUN may itself be a checkpoint file (its folder is then the run folder)."""
+    RUN may itself be a checkpoint file. A checkpoint file's folder is the run folder the model card reads."""
     run = Path(run)
     if run.is_file():
         return run.parent, run
@@ -63,7 +64,7 @@ def resolve_export_checkpoint(run: str | os.PathLike, checkpoint: str = "best") 
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"--checkpoint {checkpoint}: expected best, last or a checkpoint file; no such file")
-    return run, path
+    return path.parent, path
 
 
 def check_exportable(source: ExportSource) -> dict:
@@ -154,6 +155,8 @@ def _write_open_clip_files(student, model_cfg: dict, out: Path, safetensors_only
     save_tokenizer = getattr(student.tokenizer, "save_pretrained", None)
     if save_tokenizer is not None:  # an HF tokenizer: local-dir loading reads its files from the folder
         save_tokenizer(str(out))
+    else:
+        write_clip_bpe_tokenizer(out, int(model_cfg.get("text_cfg", {}).get("context_length", 77)))
     files += sorted(set(os.listdir(out)) - before)
     preprocess = {k: list(v) if isinstance(v, tuple) else v
                   for k, v in dict(student.model.visual.preprocess_cfg).items()}
@@ -161,6 +164,29 @@ def _write_open_clip_files(student, model_cfg: dict, out: Path, safetensors_only
                                                    indent=2) + "\n", encoding="utf-8")
     files.append(OPEN_CLIP_CONFIG)
     return files
+
+
+def write_clip_bpe_tokenizer(out: Path, context_length: int) -> None:
+    """The CLIP BPE tokenizer as Hugging Face tools read it (what open_clip's ``push_to_hf_hub`` uploads for such a
+    model, there fetched from openai/clip-vit-large-patch14), built offline from the vocabulary open_clip ships. open_clip
+    itself tokenizes with its own copy; these files serve the hub and transformers."""
+    import gzip
+    import tempfile
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    # the vocabulary exactly as open_clip's SimpleTokenizer builds it, its two special tokens under OpenAI's names
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                  model_max_length=context_length)
+        tokenizer.save_pretrained(str(out))
 
 
 def _write_heads(student, config: dict, epoch: int, out: Path) -> str:
