@@ -6,9 +6,7 @@ folder (to a stand-in of the hub's API on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +162,7 @@ def test_model_card_states_data_loss_teachers_epochs_and_recalls(heads_run, demo
     val = torch.load(heads_run / "best.pt", weights_only=True)["best"]["metrics"]
     assert summary["val"] == val
     row = " | ".join(f"{val[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"))
-    assert f"Validation, epoch 2:\n\n| i2t r1" in body and f"| {row} |" in body
+    assert "Validation, epoch 2:\n\n| i2t r1" in body and f"| {row} |" in body
     test = summary["test"]
     assert test["images"] == 9 and test["captions"] == 45 and test["split"] == "test"
     assert f"Test, `{demo_dir / 'test.json'}` [test], 9 images, 45 captions:" in body
