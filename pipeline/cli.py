@@ -389,13 +389,15 @@ def report(store_path, annotations, out, fmt, image_root, split, examples, seed,
 @click.option("--splits", default="0.5,0.15,0.35", show_default=True, help="train,val,test fractions.")
 @click.option("--shards", is_flag=True, help="Also write the set as webdataset shards: OUT/shards/SPLIT-NNNNNN.tar "
               "(KEY.png, KEY.txt with the 5 captions, KEY.json with image_id).")
+@click.option("--clip-benchmark", is_flag=True, help="Also write the test split in CLIP_benchmark's webdataset "
+              "retrieval layout: OUT/clip_benchmark/{dataset_type.txt,test/nshards.txt,test/N.tar}.")
 @click.option("--samples-per-shard", default=100, show_default=True, type=click.IntRange(min=1),
               help="Samples a shard holds with --shards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
+def demo_data(out, n_images, seed, splits, shards, clip_benchmark, samples_per_shard, as_json):
     """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON
-    (and with --shards the same set as webdataset shards)."""
+    (and with --shards the same set as webdataset shards, with --clip-benchmark its test split for CLIP_benchmark)."""
     from pipeline.demo_data import write_demo_dataset
 
     try:
@@ -404,13 +406,16 @@ def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
         raise click.BadParameter(f"expected three numbers like 0.5,0.15,0.35, got {splits!r}",
                                  param_hint="--splits") from None
     summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions, shards=shards,
-                                 samples_per_shard=samples_per_shard)
+                                 samples_per_shard=samples_per_shard, clip_benchmark=clip_benchmark)
     counts = summary["counts"]
     lines = [f"demo set  {summary['root']}  ({counts['images']} images, {counts['captions']} captions; "
              + ", ".join(f"{split} {n}" for split, n in counts.items() if split not in ("images", "captions")) + ")",
              f"images    {summary['images_dir']}"]
     lines += [f"{split:<9} {path}" for split, path in summary["files"].items()]
     lines += [f"{split:<9} {pattern}  (shards)" for split, pattern in summary.get("shards", {}).items()]
+    if "clip_benchmark" in summary:
+        lines.append(f"test      {summary['clip_benchmark']['root']}  (CLIP_benchmark: --dataset wds/demo "
+                     f"--dataset_root {summary['clip_benchmark']['root']})")
     emit(summary, as_json, "\n".join(lines))
 
 

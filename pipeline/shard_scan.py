@@ -212,9 +212,12 @@ class _ScanBuilder:
                 return f"{names[ext]}: not UTF-8 text (byte {exc.start})"
             if text[:1] == "\ufeff":
                 text = text[1:]
-            lines = text.split("\n") if "\r" not in text else _LINE_BREAK.split(text)  # line breaks only
             if rules.escaped_newlines:
-                lines = [line.replace("\\n", "\n") for line in lines]
+                # CLIP_benchmark's reader splits with str.splitlines (every Unicode line boundary); its writer
+                # writes a line break inside a caption as a literal \n
+                lines = [line.replace("\\n", "\n") for line in text.splitlines()]
+            else:
+                lines = text.split("\n") if "\r" not in text else _LINE_BREAK.split(text)  # line breaks only
             if _ODD_IN_TEXT.search(text) is None:  # the usual case: no control character but the line breaks
                 captions = [c for c in (line.strip() for line in lines) if c]
             else:

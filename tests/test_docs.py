@@ -23,6 +23,25 @@ DEMO_COMMAND = "bash scripts/demo.sh"
 TEST_COMMAND = "bash scripts/test.sh"
 # flags of other programs that the documents show next to cusa's: torchrun, tensorboard, open_clip's training
 OTHER_TOOLS_FLAGS = {"--nproc_per_node", "--logdir", "--train-data"}
+
+
+def _clip_benchmark_flags() -> set[str]:
+    """The options of CLIP_benchmark's `clip_benchmark eval` (docs/export.md shows that command), from its parser."""
+    import argparse
+
+    from clip_benchmark.cli import get_parser_args
+
+    argv, sys.argv = sys.argv, ["clip_benchmark", "eval"]  # it parses the command line it is given too
+    try:
+        parser, _ = get_parser_args()
+    finally:
+        sys.argv = argv
+    flags: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= {o for a in sub._actions for o in a.option_strings}
+    return flags
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 _SEGMENT_ENDS = {"|", "||", "&&", ";", "&", ">", ">>", "2>", "2>&1"}
 _PLACEHOLDER = re.compile(r"^(\.\.\.|[A-Z][A-Z0-9_]*)$")
@@ -208,17 +227,26 @@ def _check_arguments(doc: command_docs.CommandDoc, args: list[str]) -> list[str]
     return problems
 
 
-def _setting_problem(assignment: str) -> str | None:
-    """Why ``KEY=VALUE`` (one `--set`, or one value of a `--grid` axis) is not a cusa-train setting, or None."""
+def _setting_problem(assignment: str, student: str | None = None) -> str | None:
+    """Why ``KEY=VALUE`` (one `--set`, or one value of a `--grid` axis) is not a cusa-train setting, or None; with the
+    ``--student`` its command line names, where it does (some settings are for some students only)."""
     from train.config import build_config
 
     key, _, value = assignment.partition("=")
     if not value or _PLACEHOLDER.match(key):
         return None
+    # without a --student on its line, a setting of some students only (cross_head) is fine for one of them
+    students = [student] if student and not _PLACEHOLDER.search(student) else [None, "open_clip:ViT-B-32"]
     for v in value.split("|"):
-        try:
-            build_config("paper", flags={}, overrides=[f"{key}={v}"])
-        except ValueError as exc:
+        errors = []
+        for s in students:
+            try:
+                build_config("paper", flags={"student": s} if s else {}, overrides=[f"{key}={v}"])
+                break
+            except ValueError as exc:
+                errors.append(exc)
+        else:
+            exc = errors[0]
             if re.search(r"unknown (\w+ )?setting", str(exc)) or not _PLACEHOLDER.match(v):
                 return f"--set {key}={v}: {exc}"
     return None
@@ -342,22 +370,24 @@ def test_every_cusa_command_line_in_the_documents_names_a_real_subcommand_and_re
 def test_every_setting_the_documents_set_or_grid_is_a_training_setting():
     assignments = []
     for path in DOCUMENTS:
-        text = path.read_text(encoding="utf-8")
-        for flag, value in re.findall(r"(--set|--grid)[ =]([\w.]+=[^\s`'\"),]*(?:,[^\s`'\"),]+)*)", text):
-            key, _, values = value.partition("=")
-            for v in (values.split(",") if flag == "--grid" else [values]):
-                if v not in ("", "..."):
-                    assignments.append((path.relative_to(REPO), f"{key}={v}"))
+        for line in path.read_text(encoding="utf-8").splitlines():
+            student = re.search(r"--student[ =]([^\s`]+)", line)
+            for flag, value in re.findall(r"(--set|--grid)[ =]([\w.]+=[^\s`'\"),]*(?:,[^\s`'\"),]+)*)", line):
+                key, _, values = value.partition("=")
+                for v in (values.split(",") if flag == "--grid" else [values]):
+                    if v not in ("", "..."):
+                        assignments.append((path.relative_to(REPO), f"{key}={v}", student and student.group(1)))
     assert len(assignments) > 30
-    problems = [f"{where}: {p}" for where, a in assignments if (p := _setting_problem(a))]
+    problems = [f"{where}: {p}" for where, a, student in assignments if (p := _setting_problem(a, student))]
     assert not problems, "\n".join(problems)
 
 
 def test_every_flag_the_documents_name_is_an_option_of_a_cusa_command_or_of_the_script_shown():
     """A `--flag` anywhere in a document is one a cusa command takes, one the benchmark or script named on its line
     takes (its source declares it; on the benchmarks page, any benchmark's), or one of another program shown beside
-    them (torchrun, tensorboard, open_clip)."""
+    them (torchrun, tensorboard, open_clip, CLIP_benchmark's eval)."""
     cusa_flags = set().union(*(command_docs.option_names(d.command, d.context) for d in COMMANDS.values()))
+    clip_benchmark_flags = _clip_benchmark_flags()
     script_sources = {p.name: p.read_text(encoding="utf-8")
                       for p in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "scripts").glob("*.py")]}
     unknown = []
@@ -367,7 +397,7 @@ def test_every_flag_the_documents_name_is_an_option_of_a_cusa_command_or_of_the_
             if not scripts and path.name == "benchmarks.md":
                 scripts = [s for s in script_sources if s.startswith("bench_")]
             for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", line):
-                if flag in cusa_flags or flag in OTHER_TOOLS_FLAGS:
+                if flag in cusa_flags or flag in OTHER_TOOLS_FLAGS or flag in clip_benchmark_flags:
                     continue
                 if scripts and any(f'"{flag}"' in script_sources[s] for s in scripts):
                     continue

@@ -242,6 +242,16 @@ def evaluate_similarity(sim: torch.Tensor | np.ndarray, text_image_row: torch.Te
     return results
 
 
+def clip_benchmark_names(metrics: dict[str, float]) -> dict[str, float]:
+    """The recalls under CLIP_benchmark's zeroshot_retrieval names and scale (fractions in [0, 1]):
+    ``image_retrieval_recall@K`` is text→image (a caption finds its image), ``text_retrieval_recall@K`` image→text."""
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        out[f"image_retrieval_recall@{k}"] = metrics[f"t2i_r{k}"] / 100.0
+        out[f"text_retrieval_recall@{k}"] = metrics[f"i2t_r{k}"] / 100.0
+    return out
+
+
 def gain(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     """b − a for every metric key (e.g. a = contrastive baseline, b = CUSA)."""
     missing = [k for k in METRIC_KEYS if k not in a or k not in b]
