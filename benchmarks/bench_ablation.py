@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,6 +33,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    from _common import scratch_folder
     from pipeline.build import BuildConfig, build_store
     from pipeline.demo_data import write_demo_dataset
     from train.ablate import run_grid
@@ -42,38 +41,38 @@ def main() -> None:
     from train.evaluation_run import evaluate_run
     from train.trainer import train
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="cusa-bench-ablation-"))
-    data = work / "data"
-    if not (data / "all.json").is_file():
-        write_demo_dataset(data, n_images=args.images)
-    annotations = str(data / "all.json")
-    flags = {"val_data": annotations, "epochs": args.epochs, "lr": args.lr, "device": "cpu"}
-    losses = args.losses.split(",")
+    with scratch_folder(args.workdir, "cusa-bench-ablation-") as work:
+        data = work / "data"
+        if not (data / "all.json").is_file():
+            write_demo_dataset(data, n_images=args.images)
+        annotations = str(data / "all.json")
+        flags = {"val_data": annotations, "epochs": args.epochs, "lr": args.lr, "device": "cpu"}
+        losses = args.losses.split(",")
 
-    # (a) one cache, then the grid
-    t0 = time.perf_counter()
-    build_store(BuildConfig(annotations=annotations, out=str(work / "cache"), device="cpu", progress=False))
-    t_cache = time.perf_counter() - t0
-    grid = run_grid(data=annotations, eval_data=annotations, cache=str(work / "cache"), student=None,
-                    grid=[f"loss={','.join(losses)}"], seeds=args.seeds, out=str(work / "grid-cached"),
-                    flags=flags, show=False)
-    t_cached = time.perf_counter() - t0
+        # (a) one cache, then the grid
+        t0 = time.perf_counter()
+        build_store(BuildConfig(annotations=annotations, out=str(work / "cache"), device="cpu", progress=False))
+        t_cache = time.perf_counter() - t0
+        grid = run_grid(data=annotations, eval_data=annotations, cache=str(work / "cache"), student=None,
+                        grid=[f"loss={','.join(losses)}"], seeds=args.seeds, out=str(work / "grid-cached"),
+                        flags=flags, show=False)
+        t_cached = time.perf_counter() - t0
 
-    # (b) every run embeds with the teachers itself before training
-    t0 = time.perf_counter()
-    teacher_passes = 0
-    for loss in losses:
-        for seed in range(args.seeds):
-            private = work / "per-run" / f"{loss}-{seed}"
-            shutil.rmtree(private, ignore_errors=True)
-            build_store(BuildConfig(annotations=annotations, out=str(private / "cache"), device="cpu",
-                                    progress=False))
-            teacher_passes += 1
-            cfg = build_config("paper", None, {**flags, "data": annotations, "cache": str(private / "cache"),
-                                               "loss": loss, "seed": seed, "out": str(private / "run")}, [])
-            train(cfg, show_progress=False)
-            evaluate_run(private / "run", annotations, split="test", device="cpu", progress=False)
-    t_per_run = time.perf_counter() - t0
+        # (b) every run embeds with the teachers itself before training
+        t0 = time.perf_counter()
+        teacher_passes = 0
+        for loss in losses:
+            for seed in range(args.seeds):
+                private = work / "per-run" / f"{loss}-{seed}"
+                shutil.rmtree(private, ignore_errors=True)
+                build_store(BuildConfig(annotations=annotations, out=str(private / "cache"), device="cpu",
+                                        progress=False))
+                teacher_passes += 1
+                cfg = build_config("paper", None, {**flags, "data": annotations, "cache": str(private / "cache"),
+                                                   "loss": loss, "seed": seed, "out": str(private / "run")}, [])
+                train(cfg, show_progress=False)
+                evaluate_run(private / "run", annotations, split="test", device="cpu", progress=False)
+        t_per_run = time.perf_counter() - t0
 
     runs = len(losses) * args.seeds
     summary = {
@@ -91,8 +90,6 @@ def main() -> None:
         print(f"  one cache + grid       {t_cached:8.1f} s  (cache build {t_cache:.1f} s, 1 teacher pass)")
         print(f"  teachers in every run  {t_per_run:8.1f} s  ({teacher_passes} teacher passes)")
         print(f"  ratio                  {t_per_run / t_cached:8.2f}×")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

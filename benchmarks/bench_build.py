@@ -31,7 +31,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, median, rotated, spread  # noqa: E402
+from _common import machine, machine_line, median, rotated, scratch_folder, spread  # noqa: E402
 
 import pipeline.build as build_module  # noqa: E402
 from pipeline.build import BuildConfig, build_store  # noqa: E402
@@ -185,14 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine()
     print(machine_line(info), flush=True)
 
-    tmp = None
-    if args.workdir:
-        root = Path(args.workdir)
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="cusa-bench-build-")
-        root = Path(tmp.name)
-    try:
+    with scratch_folder(args.workdir, "cusa-bench-build-") as root:
         t0 = time.perf_counter()
         annotations, data = make_jpeg_dataset(root, args.images, args.width, args.height, args.jpeg_quality,
                                               args.grain, args.seed, args.captions_per_image)
@@ -238,9 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
                     times[(workers, threads)].setdefault(key, []).append(value)
                 shown = ", ".join(f"{k} {v:.1f}" for k, v in r.items())
                 print(f"  rep {rep + 1}/{args.repeats} {_label(workers, threads)}: {shown}", flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     result = {
         "benchmark": "bench_build", "machine": info, "data": data, "batch_size": args.batch_size,

@@ -11,7 +11,7 @@ optimizer and inputs (random grid regions [B, 49, 1280], COCO-like captions toke
 
 The step is the trainer's: forward (every image scored against every caption of the batch), loss, zero_grad,
 backward, AdamW step, gradient clipping, temperature clamp, losses read back. The share of the CUSA terms is
-(cusa − triplet) / cusa of the median CPU times (wall times swing on a shared machine; see benchmarks/README.md).
+(cusa − triplet) / cusa of the median CPU times (wall times swing on a shared machine; see docs/benchmarks.md).
 The pieces are also timed alone: the pair-scoring forward, and the CSA + USA loss terms with their backward to the
 scores and embeddings (what CUSA adds, without the student).
 
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import captions, machine, machine_line, median, peak_rss_bytes, rotated, spread  # noqa: E402
-from bench_train_step import make_store  # noqa: E402
+from _common import (captions, machine, machine_line, make_store, median, peak_rss_bytes, rotated,  # noqa: E402
+                     scratch_folder, spread)
 
 from teacher_cache.soft_labels import SoftLabelSource  # noqa: E402
 from train.config import PRESETS, STUDENT_DEFAULTS_KEY, build_config, resolved_losses  # noqa: E402
@@ -165,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workdir", default=None, help="where the synthetic store goes (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print one JSON summary at the end")
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "region_dim": args.region_dim, "sizes": {"word_dim": args.word_dim, "embed_dim": args.embed_dim,
                                                              "sim_dim": args.sim_dim, "vocab": args.vocab},
                     "students": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        store = make_store(Path(tmp) / "store", args.cache_images, 1280, args.cache_captions, 384, 4096, args.seed)
+    with scratch_folder(args.workdir, "cusa-bench-region-") as workdir:
+        store = make_store(workdir / "store", args.cache_images, 1280, args.cache_captions, 384, 4096, args.seed)
         soft = SoftLabelSource(store, store, mode="dense", device="cpu")
         for kind in args.students:
             r = measure(kind, args, soft)

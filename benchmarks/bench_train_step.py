@@ -40,7 +40,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (captions, current_rss_bytes, machine, machine_line, make_store, median,  # noqa: E402
-                     peak_rss_bytes, rotated, spread)
+                     peak_rss_bytes, rotated, scratch_folder, spread)
 
 from teacher_cache.soft_labels import SoftLabelSource  # noqa: E402
 from teacher_cache.store import Store  # noqa: E402
@@ -330,14 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(machine_line(info), flush=True)
     result: dict = {"benchmark": "bench_train_step", "machine": info,
                     "authors_ratios_4xV100": AUTHORS, "target_cached_ratio": TARGET_CACHED_RATIO}
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="cusa-bench-train-")
-        workdir = Path(tmp.name)
-    try:
+    with scratch_folder(args.workdir, "cusa-bench-train-") as workdir:
         torch.manual_seed(args.seed)
         kinds = ["contrastive", "cached", "text-live"] + (["both-live"] if args.both_live else [])
         if not (args.skip_clip and args.skip_frozen):
@@ -397,9 +389,6 @@ def main(argv: list[str] | None = None) -> dict:
                       f"text-live/contrastive {live:.3f}x (authors' released code 1.18x, both live 1.39x)")
         if not args.skip_memory:
             result["memory"] = measure_memory(args, workdir)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     if args.json:
         print(json.dumps(result, indent=2))
     return result

@@ -268,9 +268,8 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
                 persistent_workers=False,
             )
             batches = ahead.follow(iter(loader))
-        else:
-            ids = manifest.images.ids()
-            batches = ((rows, None, {}) for rows in row_batches)
+        else:  # features looked up (by id, or by row in the shards): the batch is the embeddings themselves
+            batches = (_looked_up(encoder, manifest, rows) for rows in row_batches)
         for c in chunks:
             start, stop = store.chunk_range("images", c)
             out = np.zeros((stop - start, store.dims["images"]), dtype=np.float32)
@@ -286,8 +285,7 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
                                      "reason": redact_text(message)})
                 good = [r for r in rows if r not in errors]
                 if good:
-                    emb = encoder.encode(batch) if needs_pixels else encoder.encode_ids(
-                        [ids[r] for r in good], paths=[manifest.images.path(r) for r in good])
+                    emb = encoder.encode(batch) if needs_pixels else batch
                     out[np.asarray(good) - start] = normalize_rows(emb, "image")
                 filled += len(rows)
                 bar.update(len(rows))
@@ -295,6 +293,25 @@ def _embed_images(store: Store, manifest: Manifest, encoder: Encoder, chunks: li
             store.write_chunk("images", c, out, bad_rows=bad_rows, rank=rank,
                               before_marker=lambda: faults.at("image_chunk_data", str(store.path)))
             faults.at("image_chunk_written")
+
+
+def _looked_up(encoder: Encoder, manifest: Manifest, rows: list[int]) -> tuple[list[int], np.ndarray, dict]:
+    """(rows, embeddings of the readable ones, {row: message} of the others) from an encoder that runs no model: by
+    image id and path, or by manifest row (an embedding a row lacks is an unreadable image, named)."""
+    if not getattr(encoder, "by_row", False):
+        ids = manifest.images.ids()
+        return rows, encoder.encode_ids([ids[r] for r in rows], paths=[manifest.images.path(r) for r in rows]), {}
+    try:
+        return rows, encoder.encode_rows(np.asarray(rows)), {}
+    except ImageError:  # find which rows, and keep the others
+        parts, errors = [], {}
+        for r in rows:
+            try:
+                parts.append(encoder.encode_rows(np.asarray([r])))
+            except ImageError as exc:
+                errors[r] = str(exc)
+        dim = getattr(encoder, "dim", 0)
+        return rows, np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32), errors
 
 
 def _embed_texts(store: Store, manifest: Manifest, encoder: Encoder, chunks: list[int], cfg: BuildConfig,
@@ -481,6 +498,10 @@ def build_store(cfg: BuildConfig, image_encoder: Encoder | None = None,
         device = resolve_device(cfg.device, ctx)
         image_encoder = image_encoder or build_encoder(cfg.image_teacher, "image", device=device)
         text_encoder = text_encoder or build_encoder(cfg.text_teacher, "text", device=device)
+        for encoder in (image_encoder, text_encoder):
+            bind = getattr(encoder, "bind_manifest", None)
+            if bind is not None:  # an encoder reading the data's own members learns the rows here
+                bind(manifest)
         check = getattr(text_encoder, "check_captions", None)
         if check is not None:  # embeddings made elsewhere must cover these captions: said before anything is written
             check(teacher_captions(manifest.caption_texts())[0],

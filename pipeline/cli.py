@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.cli_options import (FORMAT_CHOICES, manifest_cache_option, shard_cache_options,
+from pipeline.cli_options import (FORMAT_CHOICES, csv_column_options, manifest_cache_option, shard_cache_options,
                                   shard_layout_options)
 from pipeline.console import emit, human_bytes, user_errors
 from pipeline.errors import CusaError
@@ -32,21 +32,22 @@ def main() -> None:
 @click.option("--split", default="all", show_default=True, help="all, train, val, test (or any split label).")
 @click.option("--text-teacher", default=None, help="Encoder spec [default: minilm-l6].")
 @click.option("--image-teacher", default=None, help="Encoder spec [default: efficientnet-lite0].")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images or captions per teacher forward pass.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Image decoding processes (overlapped with the teacher's forward pass).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the teachers run (auto: cuda when present).")
 @click.option("--neighbors", "k", default=32, show_default=True, type=click.IntRange(min=0),
               help="Teacher neighbors kept per row (self excluded); 0 skips the table.")
 @click.option("--index", "factory", default="Flat", show_default=True,
               help="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32.")
-@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]))
+@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="An unreadable image or shard sample: stop naming it, or leave it out and list it in the store.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built from another manifest or teacher.")
 @click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Rows per stored chunk (the unit of resumption).")
-@click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
-@click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
-@click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@csv_column_options
 @shard_layout_options()
 @manifest_cache_option
 @shard_cache_options
@@ -106,7 +107,7 @@ def _build_lines(d: dict) -> list[str]:
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the store's description as JSON.")
 @user_errors
 def info(store_path, as_json):
     """Counts, dims, teachers, fingerprint, completeness and size of a store (a folder or a URL)."""
@@ -124,6 +125,7 @@ def info(store_path, as_json):
         "dims": store.dims,
         "teachers": store.teachers,
         "fingerprint": store.fingerprint,
+        "fingerprint_format": store.fingerprint_format,
         "split_fingerprints": store.split_fingerprints,
         "splits": {s: int(n) for s, n in zip(*np.unique(store.image_splits, return_counts=True))},
         "chunk_rows": store.chunk_rows,
@@ -146,7 +148,8 @@ def info(store_path, as_json):
              "splits         " + ", ".join(f"{k or '-'}: {v}" for k, v in d["splits"].items()),
              f"image teacher  {d['teachers']['image'].get('spec')}  ({d['teachers']['image'].get('weights')})",
              f"text teacher   {d['teachers']['text'].get('spec')}  ({d['teachers']['text'].get('weights')})",
-             f"fingerprint    {d['fingerprint']}"]
+             f"fingerprint    {d['fingerprint']}" + ("" if d["fingerprint_format"] >= 2 else
+                                                       "  (earlier format: `cusa-cache upgrade` rewrites it)")]
     for m, n in (d["neighbors"] or {}).items():
         if n:
             lines.append(f"neighbors      {m}: K={n.get('k')} {n.get('factory')}")
@@ -163,8 +166,8 @@ def info(store_path, as_json):
 @click.option("--image", "image", default=None, help="Image row number or image id.")
 @click.option("--caption", "caption", default=None, type=int, help="Caption row number.")
 @click.option("--query", "query", default=None, help="Free text, embedded with the store's text teacher.")
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbors to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the neighbors as JSON.")
 @user_errors
 def neighbors(store_path, image, caption, query, k, as_json):
     """Nearest images or captions of one row (or a text query) by the teacher."""
@@ -265,10 +268,9 @@ def _row_neighbors(store, modality: str, row: int, k: int):
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @click.option("--data", "annotations", required=True, type=click.Path(),
               help="The annotations (or shards) the store was built from.")
-@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
-@click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")
-@click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")
-@click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data (auto detects it).")
+@csv_column_options
 @shard_layout_options()
 @manifest_cache_option
 @shard_cache_options
@@ -294,7 +296,7 @@ def upgrade(store_path, annotations, fmt, image_column, caption_column, id_colum
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the verification report as JSON.")
 @user_errors
 def verify(store_path, as_json):
     """Re-check chunk checksums, completeness, row norms and NaN/Inf of a store (a folder or a URL: every chunk is
@@ -359,7 +361,8 @@ def pull(url, out, overwrite, as_json):
               help="The annotations (or shards) the store was built from (or one of their splits, with --split).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Report folder [default: STORE-report next to the store, STORE-report-SPLIT for one split].")
-@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMAT_CHOICES),
+              help="Format of --data (auto detects it).")
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder image paths are relative to.")
 @click.option("--split", default="all", show_default=True, help="Report on this split of --data only.")
 @click.option("--examples", default=4, show_default=True, type=click.IntRange(min=0),
@@ -384,17 +387,21 @@ def report(store_path, annotations, out, fmt, image_root, split, examples, seed,
 
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--images", "n_images", default=800, show_default=True, type=click.IntRange(min=10),
+              help="Images in the set, 5 captions each.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the scenes and their captions.")
 @click.option("--splits", default="0.5,0.15,0.35", show_default=True, help="train,val,test fractions.")
 @click.option("--shards", is_flag=True, help="Also write the set as webdataset shards: OUT/shards/SPLIT-NNNNNN.tar "
               "(KEY.png, KEY.txt with the 5 captions, KEY.json with image_id).")
-@click.option("--samples-per-shard", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--clip-benchmark", is_flag=True, help="Also write the test split in CLIP_benchmark's webdataset "
+              "retrieval layout: OUT/clip_benchmark/{dataset_type.txt,test/nshards.txt,test/N.tar}.")
+@click.option("--samples-per-shard", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Samples a shard holds with --shards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
+def demo_data(out, n_images, seed, splits, shards, clip_benchmark, samples_per_shard, as_json):
     """Write the built-in demo set: rendered shape scenes with 5 captions each, train/val/test caption JSON
-    (and with --shards the same set as webdataset shards)."""
+    (and with --shards the same set as webdataset shards, with --clip-benchmark its test split for CLIP_benchmark)."""
     from pipeline.demo_data import write_demo_dataset
 
     try:
@@ -403,13 +410,16 @@ def demo_data(out, n_images, seed, splits, shards, samples_per_shard, as_json):
         raise click.BadParameter(f"expected three numbers like 0.5,0.15,0.35, got {splits!r}",
                                  param_hint="--splits") from None
     summary = write_demo_dataset(Path(out), n_images=n_images, seed=seed, split_fractions=fractions, shards=shards,
-                                 samples_per_shard=samples_per_shard)
+                                 samples_per_shard=samples_per_shard, clip_benchmark=clip_benchmark)
     counts = summary["counts"]
     lines = [f"demo set  {summary['root']}  ({counts['images']} images, {counts['captions']} captions; "
              + ", ".join(f"{split} {n}" for split, n in counts.items() if split not in ("images", "captions")) + ")",
              f"images    {summary['images_dir']}"]
     lines += [f"{split:<9} {path}" for split, path in summary["files"].items()]
     lines += [f"{split:<9} {pattern}  (shards)" for split, pattern in summary.get("shards", {}).items()]
+    if "clip_benchmark" in summary:
+        lines.append(f"test      {summary['clip_benchmark']['root']}  (CLIP_benchmark: --dataset wds/demo "
+                     f"--dataset_root {summary['clip_benchmark']['root']})")
     emit(summary, as_json, "\n".join(lines))
 
 

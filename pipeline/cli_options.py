@@ -91,3 +91,12 @@ def store_cache_options(defaults_from_run: bool = False):
         return fn
 
     return decorate
+
+
+def csv_column_options(fn):
+    """``--image-column``, ``--caption-column`` and ``--id-column``: which columns of a CSV/TSV annotation file hold
+    the image path, the caption and (optionally) the image id."""
+    fn = click.option("--id-column", default=None, help="CSV/TSV: image id column [default: the image path].")(fn)
+    fn = click.option("--caption-column", default="caption", show_default=True, help="CSV/TSV: caption column.")(fn)
+    fn = click.option("--image-column", default="image", show_default=True, help="CSV/TSV: image path column.")(fn)
+    return fn

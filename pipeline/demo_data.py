@@ -79,7 +79,7 @@ class Scene:
 
 def write_demo_dataset(out_dir: Path, n_images: int = 800, seed: int = 0, image_size: int = 128,
                        split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS, shards: bool = False,
-                       samples_per_shard: int = 100) -> dict[str, Any]:
+                       samples_per_shard: int = 100, clip_benchmark: bool = False) -> dict[str, Any]:
     """Write PNG scenes under ``out_dir/images`` and caption-list JSON files train/val/test/all.json.
 
     Returns a summary with the files written and the counts. Each JSON entry is
@@ -90,6 +90,11 @@ def write_demo_dataset(out_dir: Path, n_images: int = 800, seed: int = 0, image_
     ``out_dir/shards/{train,val,test}-NNNNNN.tar`` with ``samples_per_shard`` samples each (``KEY.png``, ``KEY.txt``
     with the 5 captions, ``KEY.json`` with the image id; see ``pipeline.shard_writer``); the summary's ``"shards"``
     gives each split's brace pattern.
+
+    With ``clip_benchmark`` the test split is also written in CLIP_benchmark's webdataset retrieval layout,
+    ``out_dir/clip_benchmark/{dataset_type.txt, test/nshards.txt, test/0.tar, ...}`` (``pipeline.shard_writer``), which
+    ``clip_benchmark eval --dataset wds/NAME --dataset_root out_dir/clip_benchmark`` and every cusa command read; the
+    summary's ``"clip_benchmark"`` gives its root and shards.
     """
     if n_images < len(SPLIT_NAMES):
         raise ValueError(f"n_images must be at least {len(SPLIT_NAMES)} (one per split), got {n_images}")
@@ -141,6 +146,12 @@ def write_demo_dataset(out_dir: Path, n_images: int = 800, seed: int = 0, image_
                                          samples_per_shard)["pattern"]
             for split in SPLIT_NAMES
         }
+    if clip_benchmark:
+        from pipeline.manifest import read_manifest
+        from pipeline.shard_writer import write_clip_benchmark_split
+
+        summary["clip_benchmark"] = write_clip_benchmark_split(read_manifest(files["test"]),
+                                                               out_dir / "clip_benchmark", "test", samples_per_shard)
     return summary
 
 

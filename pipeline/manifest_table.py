@@ -119,10 +119,12 @@ class ShardColumns:
     stats: dict[str, "FileStat"] = field(default_factory=dict)
 
     def take(self, rows: np.ndarray) -> "ShardColumns":
-        new_of_old = {int(r): i for i, r in enumerate(rows) if int(r) in self.missing} if self.missing else {}
+        missing = {}
+        if self.missing:
+            at = np.flatnonzero(np.isin(rows, np.fromiter(self.missing, dtype=np.int64, count=len(self.missing))))
+            missing = {int(i): self.missing[int(rows[i])] for i in at}
         return ShardColumns(self.shards, self.shard[rows], self.keys.take(rows), self.ext[rows], self.ext_table,
-                            self.offset[rows], self.size[rows], {new_of_old[r]: m for r, m in self.missing.items()
-                                                                 if r in new_of_old}, self.stats)
+                            self.offset[rows], self.size[rows], missing, self.stats)
 
     def member_name(self, row: int) -> str:
         ext = self.ext_table[int(self.ext[row])]
@@ -157,9 +159,41 @@ def shard_file_name(shard: str) -> str:
     return text.rstrip("/").rsplit("/", 1)[-1]
 
 
-class ImageTable(Sequence[ImageRecord]):
+class _Rows(Sequence):
+    """A table's rows as a read-only sequence of records made on demand (``record(i)``), comparable to a list."""
+
+    _what = "row"
+
+    def record(self, i: int):
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.record(j) for j in range(*i.indices(len(self)))]
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{self._what} {i} of {n}")
+        return self.record(i)
+
+    def __iter__(self) -> Iterator:
+        return (self.record(i) for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, type(self))):
+            return len(other) == len(self) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ImageTable(_Rows):
     """Image rows as columns: ids, paths (written, or for shard members derived from shard name, key and
     extension), split labels (codes into ``split_labels``) and, for shard sources, where the bytes are."""
+
+    _what = "image row"
 
     def __init__(self, split_codes: np.ndarray, split_labels: list[str], *, paths: StringColumn | None = None,
                  ids: StringColumn | None = None, shards: ShardColumns | None = None):
@@ -197,27 +231,6 @@ class ImageTable(Sequence[ImageRecord]):
 
     def __len__(self) -> int:
         return len(self.split_codes)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.record(j) for j in range(*i.indices(len(self)))]
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"image row {i} of {n}")
-        return self.record(i)
-
-    def __iter__(self) -> Iterator[ImageRecord]:
-        return (self.record(i) for i in range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (list, tuple, ImageTable)):
-            return len(other) == len(self) and list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     def record(self, row: int) -> ImageRecord:
         return ImageRecord(self.image_id(row), self.path(row), self.split(row),
@@ -277,8 +290,10 @@ class ImageTable(Sequence[ImageRecord]):
         strings_from_codes(self.split_codes[start:stop], self.split_labels).hash_into(digest)
 
 
-class CaptionTable(Sequence[CaptionRecord]):
+class CaptionTable(_Rows):
     """Caption rows as columns: texts, the image row of each, and (shard sources) the shard that held it."""
+
+    _what = "caption row"
 
     def __init__(self, texts: StringColumn, image_rows: np.ndarray, shard_codes: np.ndarray | None = None,
                  shards: list[str] | None = None):
@@ -300,27 +315,6 @@ class CaptionTable(Sequence[CaptionRecord]):
 
     def __len__(self) -> int:
         return len(self.image_rows)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.record(j) for j in range(*i.indices(len(self)))]
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"caption row {i} of {n}")
-        return self.record(i)
-
-    def __iter__(self) -> Iterator[CaptionRecord]:
-        return (self.record(i) for i in range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (list, tuple, CaptionTable)):
-            return len(other) == len(self) and list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     def record(self, j: int) -> CaptionRecord:
         shard = self.shards[int(self.shard_codes[j])] if self.shard_codes is not None else None

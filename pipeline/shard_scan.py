@@ -82,7 +82,7 @@ def scan_shard(shard: str, split: str, rules: ScanRules, local: str | None = Non
     members = scan_tar(local or shard, shown=shard)
     if not members.names and members.damage:
         raise ManifestError(f"{shard}: not a readable tar archive ({members.damage})")
-    samples = _group(members.names)
+    samples = group_samples(members.names)
     out = _ScanBuilder(shard, split, rules)
     if not samples:
         reason = _damage_text(members) if members.damage else "no samples in the shard (no member named KEY.EXT)"
@@ -113,7 +113,7 @@ def _damage_text(members: TarMembers) -> str:
     return f"truncated or corrupt tar{last} ({members.damage})"
 
 
-def _group(member_names: list[str]) -> list[tuple[str, dict[str, int], dict[str, str], str]]:
+def group_samples(member_names: list[str]) -> list[tuple[str, dict[str, int], dict[str, str], str]]:
     """(key, extension -> member position, extension -> member name, problem) of each sample, in archive order."""
     samples: list[tuple[str, dict[str, int], dict[str, str], str]] = []
     key_ext = _KEY_EXT.match
@@ -213,9 +213,12 @@ class _ScanBuilder:
                 return f"{names[ext]}: not UTF-8 text (byte {exc.start})"
             if text[:1] == "\ufeff":
                 text = text[1:]
-            lines = text.split("\n") if "\r" not in text else _LINE_BREAK.split(text)  # line breaks only
             if rules.escaped_newlines:
-                lines = [line.replace("\\n", "\n") for line in lines]
+                # CLIP_benchmark's reader splits with str.splitlines (every Unicode line boundary); its writer
+                # writes a line break inside a caption as a literal \n
+                lines = [line.replace("\\n", "\n") for line in text.splitlines()]
+            else:
+                lines = text.split("\n") if "\r" not in text else _LINE_BREAK.split(text)  # line breaks only
             if _ODD_IN_TEXT.search(text) is None:  # the usual case: no control character but the line breaks
                 captions = [c for c in (line.strip() for line in lines) if c]
             else:

@@ -56,6 +56,8 @@ from pipeline.shard_scan import ScanRules
 from teacher_cache.remote import RemoteLocation, is_url, redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# CLIP_benchmark's reader takes the first of these a sample holds (webdataset's to_tuple over a list of keys)
+CLIP_BENCHMARK_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 DEFAULT_CAPTION_KEY = "txt"
 _COMPRESSED = COMPRESSED_SUFFIXES
 _SHARD_LIST_SUFFIXES = (".txt", ".lst")
@@ -316,9 +318,12 @@ def shard_name(shard: str) -> str:
 
 
 def scan_rules(layout: ShardLayout, escaped_newlines: bool = False) -> ScanRules:
-    """What :func:`pipeline.shard_scan.scan_shard` needs of a layout."""
-    return ScanRules(layout.image_extensions, layout.caption_key.lower().lstrip("."), layout.caption_json_field,
-                     layout.id_field, escaped_newlines)
+    """What :func:`pipeline.shard_scan.scan_shard` needs of a layout. A CLIP_benchmark split (``escaped_newlines``)
+    without an explicit ``--image-key`` prefers image members in CLIP_benchmark's own order."""
+    images = CLIP_BENCHMARK_IMAGE_EXTENSIONS if escaped_newlines and layout.image_key is None \
+        else layout.image_extensions
+    return ScanRules(images, layout.caption_key.lower().lstrip("."), layout.caption_json_field, layout.id_field,
+                     escaped_newlines)
 
 
 def shard_stats(shards: list[str]) -> list[FileStat]:

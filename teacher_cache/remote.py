@@ -149,8 +149,13 @@ def failure_kind(exc: BaseException) -> str:
         status = getattr(link, "status", None) or getattr(link, "status_code", None)
         if isinstance(status, int) and status in (401, 403):
             return "denied"
-    for link in chain:
+    for i, link in enumerate(chain):
         kind = _own_kind(link)
+        if kind == "missing" and isinstance(link, FileNotFoundError) and i + 1 < len(chain):
+            # fsspec's http turns any failure of its HEAD-then-GET probe into FileNotFoundError: a cause that is a
+            # network failure (a dropped pooled connection, a timeout) is worth retrying, not a missing file
+            cause = _own_kind(chain[i + 1])
+            kind = cause if cause == "transient" else kind
         if kind is not None:
             return kind
     return "fatal"

@@ -146,9 +146,15 @@ def test_the_shard_cache_stays_within_its_bound_while_workers_and_the_read_ahead
     bound = 4 * max(p.stat().st_size for p in files)  # 4 of the 11 shards
     folder, peak, stop = tmp_path / "shards", [0], threading.Event()
 
+    def size(path: Path) -> int:  # a file may go between listing and stat: evicted, or renamed into place
+        try:
+            return path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            return 0
+
     def sample() -> None:  # every file counts here, transfers in progress included
         while not stop.is_set():
-            peak[0] = max(peak[0], sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+            peak[0] = max(peak[0], sum(size(p) for p in folder.rglob("*")))
             stop.wait(0.005)
 
     watcher = threading.Thread(target=sample, daemon=True)

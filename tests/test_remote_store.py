@@ -111,9 +111,16 @@ def test_a_transient_failure_is_retried_with_growing_waits_then_named_in_one_lin
                               "after 3 tries") and "\n" not in message and "p@" not in message
 
 
+def wrapped(exc: BaseException, cause: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
 @pytest.mark.parametrize("exc, kind", [
     (FileNotFoundError("no such key"), "missing"), (PermissionError("403"), "denied"),
     (ConnectionRefusedError(), "transient"), (TruncatedTransfer("short"), "transient"), (ValueError("x"), "fatal"),
+    (wrapped(FileNotFoundError("http://h/x.tar"), ConnectionResetError()), "transient"),  # fsspec http's probe
+    (wrapped(FileNotFoundError("http://h/x.tar"), ValueError("x")), "missing"),
 ])
 def test_failures_are_classified_so_that_only_transient_ones_are_retried(exc, kind):
     assert failure_kind(exc) == kind

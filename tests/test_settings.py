@@ -4,9 +4,7 @@ errors naming the key, and the paper's values (train/paper.py) are what the defa
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +13,6 @@ from train.losses import LossConfig
 from train.paper import PAPER
 from train.settings import flat_settings
 
-REPO = Path(__file__).resolve().parents[1]
 OPEN_CLIP = {"student": "open_clip:ViT-B-32"}
 
 
@@ -118,23 +115,3 @@ def test_the_paper_values_are_the_defaults_and_the_paper_preset_of_a_fine_tuned_
     assert sgr["csa.tau.init"] == sgr["usa.tau_texts.init"] == 0.45 and sgr["contrastive.tau.max"] == 0.10
     assert (sgr["csa.rate"], sgr["usa.rate"], sgr["lr"], sgr["epochs"], sgr["itr.reduction"]) == (0.6, 0.75, 2e-4, 40,
                                                                                                    "mean")
-
-
-def test_every_document_the_repository_cites_is_in_the_repository():
-    """A path to a .md document named in code or docs (a top-level folder's, or an upper-case name such as
-    README.md) exists; names of files that commands write (report.md, results.md, examples.md) are not citations."""
-    top = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    cited: dict[str, str] = {}
-    for folder, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith(".egg-info") and d not in ("runs",
-                                                                                                       "build")]
-        for file in files:
-            path = Path(folder) / file
-            if path.suffix not in (".py", ".md", ".toml"):
-                continue
-            for name in re.findall(r"[A-Za-z0-9_./-]*[A-Za-z0-9_-]\.md\b", path.read_text(errors="replace")):
-                name = name.lstrip("./")
-                if name.split("/")[0] in top or ("/" not in name and name[:-3].isupper()):
-                    cited.setdefault(name, str(path.relative_to(REPO)))
-    missing = {name: where for name, where in cited.items() if not (REPO / name).is_file()}
-    assert "docs/method.md" in cited and not missing, missing

@@ -6,6 +6,7 @@ the shards) and for a random-init open_clip student (images decoded from the tar
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,12 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def shard_store(val_shard_cache) -> Path:
-    """A teacher cache built from the val shards (9 images, 45 captions): the training data of these runs."""
-    return val_shard_cache
+def shard_store(val_shard_cache, tmp_path_factory) -> Path:
+    """A teacher cache built from the val shards (9 images, 45 captions): the training data of these runs. A copy of
+    its own, so that the backbone features cached next to it are only those these tests compute."""
+    copy = tmp_path_factory.mktemp("shard-train") / "cache"
+    shutil.copytree(val_shard_cache, copy)
+    return copy
 
 
 def shard_train_args(demo_shards, cache: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]:

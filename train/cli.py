@@ -29,18 +29,21 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 @click.option("--loss", default=None, type=click.Choice(LOSS_CHOICES),
               help="Terms: the student's own ITR loss only (contrastive: InfoNCE, or the triplet loss for sgr/saf), "
                    "+csa, +usa, or cusa (all) [default: cusa].")
-@click.option("--epochs", default=None, type=click.IntRange(min=1))
-@click.option("--batch-size", default=None, type=click.IntRange(min=2))
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Epochs to train [default: the preset's].")
+@click.option("--batch-size", default=None, type=click.IntRange(min=2),
+              help="Pairs per step and process (under torchrun each rank's) [default: the preset's].")
 @click.option("--lr", default=None, type=float,
               help="Peak learning rate (cosine to min_lr) [default: the preset's for the student: paper fine-tunes "
                    "open_clip at 1e-5 and trains a frozen student's new layers at 1e-3]; --set head_lr=X gives the "
                    "new heads their own.")
-@click.option("--seed", default=None, type=int)
-@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=None, type=int, help="Seed of the initialisation and the batch order [default: 0].")
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the student trains [default: auto, cuda when present].")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder [default: runs/cusa].")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint, with its own settings (config.json); "
-                   "only --epochs (to extend), --device, --workers may differ.")
+                   "only how it runs (--device, --workers, --report-to, --on-bad-image, --save-every-steps, ...) "
+                   "and --epochs (to extend) may differ.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="YAML/JSON file of settings (overrides the preset).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -122,16 +125,19 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.argument("run", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(exists=False))
 @click.option("--data", required=True, type=click.Path(),
               help="Annotations or webdataset shards to evaluate on.")
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default="test", show_default=True, help="Split of --data to evaluate on.")
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data [default: the run's setting].")
 @shard_layout_options(defaults_from_run=True)
 @manifest_cache_option
 @shard_cache_options
 @store_cache_options(defaults_from_run=True)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the student runs (auto: cuda when present).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images or captions per forward pass.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes decoding images.")
 @click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="An image that cannot be read: stop, or leave it and its captions out (counted as "
                    "skipped_images). Images the run's cache skipped at build time are always left out.")

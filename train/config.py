@@ -23,7 +23,7 @@ from train.losses import LossConfig
 from train.metrics_log import parse_report_to
 from train.paper import PAPER
 from train.settings import apply_settings, coerce_setting, flat_settings
-from train.students import DEFAULT_STUDENT, parse_student_spec
+from train.students import CROSS_HEADS, DEFAULT_STUDENT, parse_student_spec
 
 LOSS_CHOICES = ("contrastive", "csa", "usa", "cusa")
 _LOSS_TERMS = {
@@ -56,6 +56,11 @@ def _stream_setting(value: Any, key: str = "soft_labels.stream") -> bool | None:
 def _optional_number(value: Any, key: str) -> float | None:
     """A number, or None for "not set" (head_lr: the same as lr)."""
     return coerce_setting(value, 0.0, key)
+
+
+def _cross_head_setting(value: Any, key: str) -> str:
+    """A cross head choice; ``--set cross_head=none`` reads as null, which is the choice "none"."""
+    return "none" if value is None else coerce_setting(value, "", key)
 
 
 @dataclass
@@ -104,6 +109,8 @@ class TrainConfig:
     data: str = ""
     cache: str = ""
     student: str = DEFAULT_STUDENT
+    # reference | none (open_clip students: CLIP's own embedding serves retrieval)
+    cross_head: str = field(default="reference", metadata={"coerce": _cross_head_setting})
     val_data: str | None = None
     out: str = "runs/cusa"
     preset: str = "paper"
@@ -172,7 +179,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {**PAPER, STUDENT_DEFAULTS_KEY: {"frozen": {"lr": 1e-3, "min_lr": 1e-4}}},
     # SGR/SAF with CUSA, the paper's appendix (Table 7 and text), with α (CSA) / β (USA) by student; the temperatures
     # are the paper's. grad_clip 2.0 is SGRAF's own training setting. The triplet loss is averaged over the batch:
-    # summed (VSE++, SGRAF), it leaves the appendix rates' soft-label terms inert (README, "Region-based students").
+    # summed (VSE++, SGRAF), it leaves the appendix rates' soft-label terms inert (docs/region-students.md, "Reduction").
     # The lr is explicit and the same for both students.
     "sgraf-paper": {
         "lr": 2e-4, "min_lr": 1e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 40, "grad_clip": 2.0,
@@ -283,6 +290,9 @@ def check_schedule(cfg: TrainConfig) -> TrainConfig:
     """The checks between settings, made once every layer is applied (a later layer may fix an earlier one's lr)."""
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise ValueError(f"min_lr must lie in [0, lr = {cfg.lr:g}], got {cfg.min_lr:g}; set it with --set min_lr=X")
+    if cfg.cross_head == "none" and parse_student_spec(cfg.student).kind != "open_clip":
+        raise ValueError(f"cross_head=none is for open_clip students (CLIP's projected embedding then serves "
+                         f"retrieval); {cfg.student!r} keeps its cross heads")
     return cfg
 
 
@@ -299,6 +309,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"head_lr must be > 0 (or none: the same as lr), got {cfg.head_lr}")
     if not cfg.store_cache_gib > 0:
         raise ValueError(f"store_cache_gib must be > 0, got {cfg.store_cache_gib}")
+    if cfg.cross_head not in CROSS_HEADS:
+        raise ValueError(f"cross_head must be one of {', '.join(CROSS_HEADS)}, got {cfg.cross_head!r}")
     if cfg.on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
     if cfg.soft_labels.mode not in ("dense", "sparse"):

@@ -199,11 +199,7 @@ class StudentEmbedder:
                        batch_size: int | None) -> tuple[torch.Tensor, dict[int, str]]:
         _check_embedding(embedding)
         self._check_region_embedding(embedding, "image")
-        encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
-        frozen = self.spec.kind == "frozen"
-        backbone = frozen or self.region
-        preprocess = self._backbone("image").preprocess if backbone else self.student.preprocess_val
-        dataset = make_dataset(preprocess)
+        dataset = make_dataset(self.image_preprocess)
         size = batch_size or self.batch_size
         loader = DataLoader(dataset, batch_size=size, num_workers=self.workers)
         parts: list[torch.Tensor] = []
@@ -223,11 +219,7 @@ class StudentEmbedder:
                         raise ImageError(unreadable)
                     seen = sum(len(p) for p in parts)
                     errors.update({seen + j: m for j, m in enumerate(messages) if m})
-                if self.region:
-                    inputs = self._regions(self._backbone("image").encode(batch))
-                else:
-                    inputs = _store_precision(self._backbone("image").encode(batch)) if frozen else batch
-                parts.append(encode(inputs.to(self.device)).float().cpu())
+                parts.append(self.image_batch(batch, embedding))
                 bar.update(len(batch))
         return (torch.cat(parts) if parts else torch.zeros((0, self.dim))), errors
 
@@ -237,35 +229,54 @@ class StudentEmbedder:
         """Embeddings of sentences, ``batch_size`` at a time: float32 [n, dim]."""
         _check_embedding(embedding)
         self._check_region_embedding(embedding, "text")
-        encode = self.student.encode_texts_uni if embedding == "uni" else self.student.encode_texts
         sentences = list(sentences)
         for i, text in enumerate(sentences):
             if not isinstance(text, str):
                 raise ValueError(f"text {i}: expected a string, got {type(text).__name__}")
-        frozen = self.spec.kind == "frozen"
-        if frozen:
-            from pipeline.captions import teacher_captions
-
-            sentences = teacher_captions(sentences)[0]  # what the backbone read when the features were cached
         step = batch_size or self.batch_size
         parts = []
         with autocast(self.device), tqdm(total=len(sentences), desc="captions", unit="cap", disable=not progress,
                                dynamic_ncols=True, leave=False) as bar:
             for lo in range(0, len(sentences), step):
                 chunk = sentences[lo:lo + step]
-                if frozen:
-                    inputs = _store_precision(self._backbone("text").encode(chunk))
-                elif self.region:  # token ids and lengths, as the run's vocabulary gives them
-                    tokens, lengths = self.student.tokenize(chunk, self.config.region.max_words if self.config
-                                                            else None)
-                    inputs = (tokens.to(self.device), lengths)
-                else:
-                    inputs = self.student.tokenize(chunk)
-                if not self.region:
-                    inputs = inputs.to(self.device)
-                parts.append(encode(inputs).float().cpu())
+                parts.append(self.text_batch(chunk, embedding))
                 bar.update(len(chunk))
         return torch.cat(parts) if parts else torch.zeros((0, self.dim))
+
+    @property
+    def image_preprocess(self) -> Callable:
+        """PIL image → input tensor: an open_clip student's own preprocessing, or its frozen backbone's."""
+        if self.spec.kind == "frozen" or self.region:
+            return self._backbone("image").preprocess
+        return self.student.preprocess_val
+
+    @torch.no_grad()
+    def image_batch(self, batch: torch.Tensor, embedding: str = "cross") -> torch.Tensor:
+        """Embeddings of one batch of images already put through ``image_preprocess``: float32 [n, dim] on the CPU."""
+        encode = self.student.encode_images_uni if embedding == "uni" else self.student.encode_images
+        if self.region:
+            inputs = self._regions(self._backbone("image").encode(batch))
+        elif self.spec.kind == "frozen":
+            inputs = _store_precision(self._backbone("image").encode(batch))
+        else:
+            inputs = batch
+        return encode(inputs.to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def text_batch(self, sentences: list[str], embedding: str = "cross") -> torch.Tensor:
+        """Embeddings of one batch of sentences: float32 [n, dim] on the CPU."""
+        encode = self.student.encode_texts_uni if embedding == "uni" else self.student.encode_texts
+        if self.spec.kind == "frozen":
+            from pipeline.captions import teacher_captions
+
+            # what the backbone read when the features were cached
+            inputs = _store_precision(self._backbone("text").encode(teacher_captions(sentences)[0])).to(self.device)
+        elif self.region:  # token ids and lengths, as the run's vocabulary gives them
+            tokens, lengths = self.student.tokenize(sentences, self.config.region.max_words if self.config else None)
+            inputs = (tokens.to(self.device), lengths)
+        else:
+            inputs = self.student.tokenize(sentences).to(self.device)
+        return encode(inputs).float().cpu()
 
 
 def _check_embedding(embedding: str) -> None:

@@ -47,9 +47,14 @@ def _as_float32(emb: torch.Tensor | np.ndarray, name: str, device: torch.device 
     return F.normalize(t, dim=1)
 
 
+def _writable(rows: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """A read-only array (a memory-mapped manifest column) copied: torch shares memory only with writable arrays."""
+    return rows.copy() if isinstance(rows, np.ndarray) and not rows.flags.writeable else rows
+
+
 def _as_rows(text_image_row: torch.Tensor | np.ndarray, n_texts: int, n_images: int,
              device: torch.device) -> torch.Tensor:
-    rows = torch.as_tensor(text_image_row)
+    rows = torch.as_tensor(_writable(text_image_row))
     if rows.ndim != 1 or rows.shape[0] != n_texts:
         raise ValueError(f"text_image_row: expected shape [{n_texts}] (one image row per caption), "
                          f"got {tuple(rows.shape)}")
@@ -204,7 +209,7 @@ def _five_folds(n_images: int, n_texts: int, text_image_row, device, fold_metric
     expected = COCO_FOLDS * COCO_FOLD_SIZE
     if n_images != expected:
         raise ValueError(f"COCO 1K 5-fold evaluation needs exactly {expected} images, got {n_images}")
-    rows = torch.as_tensor(text_image_row).to(torch.int64)
+    rows = torch.as_tensor(_writable(text_image_row)).to(torch.int64)
     if rows.ndim != 1 or rows.shape[0] != n_texts:
         raise ValueError(f"text_image_row: expected shape [{n_texts}] (one image row per caption), "
                          f"got {tuple(rows.shape)}")
@@ -235,6 +240,16 @@ def evaluate_similarity(sim: torch.Tensor | np.ndarray, text_image_row: torch.Te
     if len(sim) == COCO_FOLDS * COCO_FOLD_SIZE:
         results["coco_1k"] = similarity_coco_1k_5fold(sim, text_image_row, chunk_size=chunk_size)
     return results
+
+
+def clip_benchmark_names(metrics: dict[str, float]) -> dict[str, float]:
+    """The recalls under CLIP_benchmark's zeroshot_retrieval names and scale (fractions in [0, 1]):
+    ``image_retrieval_recall@K`` is text→image (a caption finds its image), ``text_retrieval_recall@K`` image→text."""
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        out[f"image_retrieval_recall@{k}"] = metrics[f"t2i_r{k}"] / 100.0
+        out[f"text_retrieval_recall@{k}"] = metrics[f"i2t_r{k}"] / 100.0
+    return out
 
 
 def gain(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.distributed import resolve_device
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
-from train.evaluate import evaluate_similarity
+from train.evaluate import clip_benchmark_names, evaluate_similarity
 from train.evaluation_set import RetrievalEvaluation, evaluate_retrieval, evaluation_inputs, run_stores
 from train.factory import load_trained_student, resolve_checkpoint
 from train.students import REGION_KINDS, parse_student_spec
@@ -88,7 +88,8 @@ def evaluate_run(run: str | Path, data: str, split: str = "test", device: str = 
                    for c, m, m_cfg in ((checkpoint, evaluation, cfg), (other, second, second_cfg))]
         metrics = _ensemble(evaluation, second, [checkpoint, other])
         inputs.backbone_passes += second_inputs.backbone_passes
-    result = {**metrics["all"], "split": split, "images": evaluation.images, "captions": evaluation.captions,
+    result = {**metrics["all"], **clip_benchmark_names(metrics["all"]), "split": split, "images": evaluation.images,
+              "captions": evaluation.captions,
               "skipped_images": len(evaluation.skipped),
               "skipped_image_details": [s.to_dict() for s in evaluation.skipped],
               "checkpoint": str(checkpoint), "epoch": int(ckpt.get("epoch", 0)),

@@ -216,7 +216,7 @@ def image_links(col: Collection, rows: np.ndarray, out_dir: Path) -> dict[int, s
         used.add(name)
         path = out_dir / IMAGES_DIR / name
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(read_member(member.shard, member.offset, member.size))
+        path.write_bytes(read_member(member.shard, member.offset, member.size, member.stat))
         links[row] = f"{IMAGES_DIR}/{name}"
     return links
 

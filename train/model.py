@@ -3,7 +3,8 @@
 ```python
 from train.model import load_model
 
-model = load_model("runs/coco-cusa", device="cpu")            # a run folder (its best checkpoint) or a .pt file
+model = load_model("runs/coco-cusa", device="cpu")            # a run folder (its best checkpoint), a .pt file
+                                                              # or a folder cusa-export wrote
 img = model.encode_images(["a.jpg", pil_image])               # float32 [2, D], L2-normalised
 txt = model.encode_texts(["a dog on a beach", "two cats"])    # float32 [2, D]
 scores = txt @ img.T                                          # cosine similarities
@@ -111,16 +112,25 @@ def _numpy(emb, dim: int) -> np.ndarray:
 
 
 def load_model(run: str | os.PathLike, device: str = "cpu", batch_size: int = 256, workers: int = 0) -> TrainedModel:
-    """The student of a cusa-train run folder (its best checkpoint, or its last without validation) or of a
-    checkpoint file, on ``device`` ("cpu", "cuda", "cuda:1" or "auto"), in eval mode.
+    """The student of a cusa-train run folder (its best checkpoint, or its last without validation), of a
+    checkpoint file or of a folder that ``cusa-export`` wrote, on ``device`` ("cpu", "cuda", "cuda:1" or "auto"), in eval mode.
 
     ``batch_size`` inputs go through the model at a time; ``workers`` DataLoader processes decode image files.
     """
     from train.factory import load_trained_student, resolve_checkpoint
+    from train.exported import is_exported_folder, load_exported, open_clip_folder_without_heads
 
     _checked(batch_size)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    if is_exported_folder(run):  # a folder cusa-export wrote: open_clip's towers and cusa's heads
+        device = resolve_device(device)
+        student, cfg, epoch = load_exported(run, device)
+        embedder = StudentEmbedder(student, cfg.student, device, batch_size, workers, config=cfg)
+        return TrainedModel(embedder, Path(run), epoch)
+    if open_clip_folder_without_heads(run):
+        raise ValueError(f"{run}: an open_clip folder without cusa_heads.safetensors (not written by cusa-export); "
+                         f"load it with open_clip.create_model_and_transforms('local-dir:{run}')")
     checkpoint = resolve_checkpoint(run)
     device = resolve_device(device)
     student, cfg, ckpt = load_trained_student(checkpoint, device)

@@ -14,7 +14,8 @@ from pipeline.console import emit, user_errors
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", metavar="RUN", type=click.Path())
 @click.option("--collection", required=True, metavar="ANNOTATIONS_OR_SHARDS_OR_IMAGE_DIR",
-              help="An annotation file (its images and captions) or a folder of images (searched recursively).")
+              help="An annotation file or webdataset shards (their images and captions), or a folder of images "
+                   "(searched recursively).")
 @click.option("--query", "queries", multiple=True, metavar="TEXT", help="A text query (repeatable).")
 @click.option("--query-file", default=None, type=click.Path(dir_okay=False),
               help="UTF-8 text file, one query a line (blank lines skipped).")
@@ -25,7 +26,8 @@ from pipeline.console import emit, user_errors
               help="A second run: both runs' results side by side.")
 @click.option("--split", default="all", show_default=True, help="Split of an annotation collection (all: every image).")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "karpathy", "caption-json", "csv"]))
+              type=click.Choice(["auto", "karpathy", "caption-json", "csv"]),
+              help="Format of an annotation collection (auto also detects webdataset shards).")
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
               help="Folder the collection's image paths are relative to [default: the annotation file's folder].")
 @click.option("--index", "factory", default="Flat", show_default=True,
@@ -34,8 +36,10 @@ from pipeline.console import emit, user_errors
               help="Where collection embeddings are cached [default: search-cache/ in the run folder].")
 @manifest_cache_option
 @shard_cache_options
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the student runs (auto: cuda when present).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images or queries per forward pass.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Image decoding processes while embedding the collection.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

@@ -150,13 +150,13 @@ class OpenClipKind(StudentKind):
     def build(cfg: TrainConfig, dims: dict, vocab: Vocabulary | None = None,
               weights_from_checkpoint: bool = False) -> torch.nn.Module:
         return OpenClipStudent.from_spec(parse_student_spec(cfg.student),
-                                         weights_from_checkpoint=weights_from_checkpoint)
+                                         weights_from_checkpoint=weights_from_checkpoint, cross_head=cfg.cross_head)
 
     @classmethod
     def for_training(cls, data: TrainingData) -> "OpenClipKind":
         cfg, cache = data.cfg, data.cache
         student = cls.build(cfg, {}, weights_from_checkpoint=data.weights_from_checkpoint)
-        names = RowNames(data.pairs.store_image_rows[str(cache.path)], f"store {cache.path}")
+        names = RowNames(data.pairs.store_image_rows[str(cache.path)], f"store {cache.location}")
         return cls(student, data.pairs, data.device, cfg.gather and data.distributed, names=names,
                    workers=cfg.workers, seed=cfg.seed)
 

@@ -39,6 +39,9 @@ _SPEC_HELP = ("expected 'frozen:IMAGE_SPEC+TEXT_SPEC', 'open_clip:ARCH[:CHECKPOI
               "(REGIONS: grid:IMAGE_SPEC or precomp:DIR)")
 REGION_KINDS: tuple[str, ...] = ("sgr", "saf")  # region-based students (train/region_students.py)
 REGION_SOURCES: tuple[str, ...] = ("grid", "precomp")
+# an open_clip student's retrieval embedding: CUSA's LayerNorm → Linear head on CLIP's projected embedding
+# (reference), or that projected embedding itself (none), which stock open_clip loading reproduces
+CROSS_HEADS: tuple[str, ...] = ("reference", "none")
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,8 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
 class _TwoHeadStudent(nn.Module):
     """Cross and uni heads for both modalities on top of modality features `_image_features`/`_text_features`."""
 
-    cross_head_v: ProjectionHead
-    cross_head_t: ProjectionHead
+    cross_head_v: nn.Module  # a ProjectionHead, or nn.Identity for an open_clip student without cross heads
+    cross_head_t: nn.Module
     uni_head_v: ProjectionHead
     uni_head_t: ProjectionHead
 
@@ -221,9 +224,12 @@ class OpenClipStudent(_TwoHeadStudent):
     """
 
     def __init__(self, arch: str, pretrained: str | None = None, aug_cfg: dict[str, Any] | None = None,
-                 cache_dir: str | None = None, weights_from_checkpoint: bool = False) -> None:
+                 cache_dir: str | None = None, weights_from_checkpoint: bool = False,
+                 cross_head: str = "reference") -> None:
         """``weights_from_checkpoint``: a cusa checkpoint's weights are loaded next (evaluation, resume), so the
-        pretrained ones are neither fetched nor loaded, and open_clip's "initialized randomly" note is not shown."""
+        pretrained ones are neither fetched nor loaded, and open_clip's "initialized randomly" note is not shown.
+        ``cross_head="none"``: no cross heads; CLIP's own projected embedding (what open_clip's ``encode_image`` /
+        ``encode_text`` give) is the retrieval embedding, so the towers alone reproduce the student."""
         super().__init__()
         import open_clip  # deferred: only this student needs it
 
@@ -258,8 +264,12 @@ class OpenClipStudent(_TwoHeadStudent):
                 param.requires_grad_(False)
 
         self.embed_dim = self._projected_dim()
-        self.cross_head_v = ProjectionHead(self.embed_dim)
-        self.cross_head_t = ProjectionHead(self.embed_dim)
+        self.cross_head = cross_head
+        if cross_head not in CROSS_HEADS:
+            raise ValueError(f"{label}: cross_head must be one of {', '.join(CROSS_HEADS)}, got {cross_head!r}")
+        with_heads = cross_head == "reference"
+        self.cross_head_v = ProjectionHead(self.embed_dim) if with_heads else nn.Identity()
+        self.cross_head_t = ProjectionHead(self.embed_dim) if with_heads else nn.Identity()
         self.uni_head_v = ProjectionHead(self.embed_dim)
         self.uni_head_t = ProjectionHead(self.embed_dim)
 

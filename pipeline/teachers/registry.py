@@ -24,6 +24,7 @@ from pipeline.teachers.open_clip_models import build_open_clip
 from pipeline.teachers.precomputed import build_precomputed_images
 from pipeline.teachers.precomputed_text import build_precomputed_text
 from pipeline.teachers.sentence_models import build_minilm, build_sentence_transformer
+from pipeline.teachers.shard_members import MEMBER_PREFIX, build_member_encoder
 from pipeline.teachers.timm_models import build_timm
 
 DEFAULT_TEXT_TEACHER = "minilm-l6"
@@ -117,6 +118,13 @@ TEACHERS: tuple[TeacherKind, ...] = (
         SpecForm("grid:IMAGE_SPEC", "image",
                  "the last feature map of an EfficientNet-Lite or timm image backbone as regions, for region "
                  "students"),)),
+    TeacherKind(build_member_encoder, prefix=MEMBER_PREFIX, accepts=(
+        SpecForm("member:npz:FIELD", "text",
+                 "caption embeddings that travel in each shard sample's npz member (DataCompDR's text_emb "
+                 "[1 + synthetic captions, D]): a sample's k-th caption takes row k; no model runs"),
+        SpecForm("member:npz:FIELD[:mean]", "image",
+                 "image embeddings in each shard sample's npz member (DataCompDR's image_emb [augmentations, D]): "
+                 "the first row, or the mean of the rows with :mean; no model runs"))),
     TeacherKind(lambda request: NoTextEncoder(), names=(NO_TEXT,), accepts=(
         SpecForm(NO_TEXT, "text", "no text features: a constant per caption, for a store of image regions only"),)),
 )

@@ -107,7 +107,7 @@ def test_a_flipped_byte_is_named_by_verify_and_repaired_by_a_rebuild(damaged, se
     assert len(problems) == 1 and problems[0].startswith("texts chunk 4 (rows 12-14)"), problems
     assert "checksum mismatch" in problems[0] or "unreadable" in problems[0]
     # Opening reads no data, so a same-size edit inside a chunk is left to verify and to the next build; the
-    # guarantee the README states.
+    # guarantee docs/guarantees.md states.
     Store.open(damaged, require_complete=True)
     result = server.run(tiny.build_args(damaged))
     assert result["rc"] == 0, result["stderr"]
