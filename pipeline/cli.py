@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.cli_options import (FORMAT_CHOICES, csv_column_options, manifest_cache_option, shard_cache_options,
+from pipeline.cli_options import (FORMAT_CHOICES, csv_column_options, data_cache_options,
                                   shard_layout_options)
 from pipeline.console import emit, human_bytes, user_errors
 from pipeline.errors import CusaError
@@ -49,8 +49,7 @@ def main() -> None:
               help="Rows per stored chunk (the unit of resumption).")
 @csv_column_options
 @shard_layout_options()
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def build(annotations, out, fmt, image_root, split, text_teacher, image_teacher, batch_size, workers, device, k,
@@ -272,8 +271,7 @@ def _row_neighbors(store, modality: str, row: int, k: int):
               help="Format of --data (auto detects it).")
 @csv_column_options
 @shard_layout_options()
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
 def upgrade(store_path, annotations, fmt, image_column, caption_column, id_column, image_key, caption_key, id_field,
@@ -369,8 +367,7 @@ def pull(url, out, overwrite, as_json):
               help="Example queries shown per modality.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-pair baselines.")
 @shard_layout_options()
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print report.json.")
 @user_errors
 def report(store_path, annotations, out, fmt, image_root, split, examples, seed, image_key, caption_key, id_field,
@@ -439,8 +436,7 @@ def demo_data(out, n_images, seed, splits, shards, clip_benchmark, samples_per_s
 @click.option("--chunk-rows", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Rows per stored chunk (the unit of resumption and of streamed reads).")
 @click.option("--overwrite", is_flag=True, help="Replace a store built from other data or embeddings.")
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def import_clip_retrieval_cmd(folder, out, annotations, id_column, split_column, split_label, model, k, factory,

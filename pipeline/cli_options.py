@@ -1,5 +1,5 @@
 """Command-line options that say how a dataset source is read, shared by every command that reads one
-(`cusa-cache build|report`, `cusa-train`, `cusa-eval`, `cusa-ablate`)."""
+(`cusa-cache build|report|upgrade|import-clip-retrieval`, `cusa-train`, `cusa-eval`, `cusa-ablate`, `cusa-search`)."""
 
 from __future__ import annotations
 
@@ -34,45 +34,36 @@ def shard_layout_options(defaults_from_run: bool = False):
     return decorate
 
 
-def manifest_cache_option(fn):
-    """``--manifest-cache DIR``: where the manifest index of the data this command reads is kept (also from
-    ``$CUSA_MANIFEST_CACHE``). It applies to everything the command starts (torchrun ranks, DataLoader workers,
-    the feature builds of a frozen student), so it travels as that environment variable."""
+def _environment_option(flag: str, env: str, **kwargs):
+    """An option whose value is set as the environment variable ``env`` (and read from it when left out) as soon as
+    it is parsed, instead of being passed to the command: everything the command starts (torchrun ranks, DataLoader
+    workers, scanning processes, the feature builds of a frozen student) then sees it."""
 
     def remember(ctx, param, value):
-        if value:
-            os.environ[MANIFEST_CACHE_ENV] = str(value)
+        if value is not None and value != "":
+            os.environ[env] = str(value)
         return value
 
-    return click.option("--manifest-cache", type=click.Path(file_okay=False), default=None, expose_value=False,
-                        callback=remember, is_eager=True, envvar=MANIFEST_CACHE_ENV,
-                        help="Where the manifest index of the data is kept, so that later commands open it in "
-                             "seconds [default: $CUSA_CACHE_DIR/manifests, else ~/.cache/cusa/manifests].")(fn)
+    return click.option(flag, default=None, expose_value=False, callback=remember, is_eager=True, envvar=env,
+                        **kwargs)
 
 
-def shard_cache_options(fn):
-    """``--shard-cache DIR`` and ``--shard-cache-gib N``: where shards read from URLs, ``pipe:`` commands or compressed
-    files are kept whole, and how much that folder may hold (also ``$CUSA_SHARD_CACHE``, ``$CUSA_SHARD_CACHE_GIB``).
-    Like ``--manifest-cache``, they apply to everything the command starts (DataLoader workers, torchrun ranks,
-    scanning processes), so they travel as those environment variables."""
-
-    def remember(name: str):
-        def callback(ctx, param, value):
-            if value is not None and value != "":
-                os.environ[name] = str(value)
-            return value
-        return callback
-
-    fn = click.option("--shard-cache-gib", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
-                      expose_value=False, callback=remember(SHARD_CACHE_GIB_ENV), is_eager=True,
-                      envvar=SHARD_CACHE_GIB_ENV,
-                      help="The most GiB the shard cache holds; the least recently used shards go first "
-                           "[default: 10].")(fn)
-    fn = click.option("--shard-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
-                      expose_value=False, callback=remember(SHARD_CACHE_ENV), is_eager=True, envvar=SHARD_CACHE_ENV,
-                      help="Folder for whole copies of shards read from URLs (s3://, gs://, https://, hf://), pipe: "
-                           "commands or compressed files [default: $CUSA_CACHE_DIR/shards, else "
-                           "~/.cache/cusa/shards].")(fn)
+def data_cache_options(fn):
+    """``--manifest-cache DIR``: where the manifest index of the data this command reads is kept; ``--shard-cache
+    DIR`` and ``--shard-cache-gib N``: where shards read from URLs, ``pipe:`` commands or compressed files are kept
+    whole, and how much that folder may hold. Each travels as its environment variable (``$CUSA_MANIFEST_CACHE``,
+    ``$CUSA_SHARD_CACHE``, ``$CUSA_SHARD_CACHE_GIB``), which also gives its default."""
+    fn = _environment_option("--shard-cache-gib", SHARD_CACHE_GIB_ENV, metavar="N",
+                             type=click.FloatRange(min=0, min_open=True),
+                             help="The most GiB the shard cache holds; the least recently used shards go first "
+                                  "[default: 10].")(fn)
+    fn = _environment_option("--shard-cache", SHARD_CACHE_ENV, metavar="DIR", type=click.Path(file_okay=False),
+                             help="Folder for whole copies of shards read from URLs (s3://, gs://, https://, hf://), "
+                                  "pipe: commands or compressed files [default: $CUSA_CACHE_DIR/shards, else "
+                                  "~/.cache/cusa/shards].")(fn)
+    fn = _environment_option("--manifest-cache", MANIFEST_CACHE_ENV, type=click.Path(file_okay=False),
+                             help="Where the manifest index of the data is kept, so that later commands open it in "
+                                  "seconds [default: $CUSA_CACHE_DIR/manifests, else ~/.cache/cusa/manifests].")(fn)
     return fn
 
 

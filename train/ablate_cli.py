@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_options import (FORMAT_CHOICES, manifest_cache_option, shard_cache_options, shard_layout_options,
+from pipeline.cli_options import (FORMAT_CHOICES, data_cache_options, shard_layout_options,
                                   store_cache_options)
 from pipeline.console import emit, user_errors
 from train.config import PRESETS
@@ -52,8 +52,7 @@ from train.config import PRESETS
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data, --val-data and --eval-data [default: auto].")
 @shard_layout_options()
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @store_cache_options()
 @click.option("--overwrite", is_flag=True,
               help="Retrain runs in --out made with other settings (re-evaluate those evaluated on other data) "

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from pipeline.cli_options import (FORMAT_CHOICES, manifest_cache_option, shard_cache_options, shard_layout_options,
+from pipeline.cli_options import (FORMAT_CHOICES, data_cache_options, shard_layout_options,
                                   store_cache_options)
 from pipeline.console import emit, user_errors
 from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
@@ -70,8 +70,7 @@ from train.config import LOSS_CHOICES, PRESETS, TrainConfig, build_config
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data and --val-data [default: auto].")
 @shard_layout_options()
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @store_cache_options()
 @click.option("--save-every-steps", default=None, type=click.IntRange(min=0), metavar="N",
               help="Also write last.pt every N optimizer steps, mid-epoch; --resume continues from that step "
@@ -129,8 +128,7 @@ def train_main(data, cache, student, val_data, preset, loss, epochs, batch_size,
 @click.option("--format", "fmt", default=None, type=click.Choice(FORMAT_CHOICES),
               help="Format of --data [default: the run's setting].")
 @shard_layout_options(defaults_from_run=True)
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @store_cache_options(defaults_from_run=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the student runs (auto: cuda when present).")

@@ -7,7 +7,7 @@ import shutil
 
 import click
 
-from pipeline.cli_options import manifest_cache_option, shard_cache_options
+from pipeline.cli_options import data_cache_options
 from pipeline.console import emit, user_errors
 
 
@@ -34,8 +34,7 @@ from pipeline.console import emit, user_errors
               help="FAISS index_factory string for the collection, e.g. Flat, IVF1024,Flat, HNSW32.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Where collection embeddings are cached [default: search-cache/ in the run folder].")
-@manifest_cache_option
-@shard_cache_options
+@data_cache_options
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the student runs (auto: cuda when present).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
