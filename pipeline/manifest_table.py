@@ -355,6 +355,7 @@ class Manifest:
         self.skipped_samples: list[dict] = list(skipped_samples or [])
         self.blocks = blocks if blocks is not None else [Block(0, len(self.images), 0, len(self.captions))]
         self.known_fingerprints: dict[str, str] = dict(fingerprints or {})
+        self._legacy: str | None = None  # the version-1 fingerprint once computed (a pass over every row)
         self.index_path: Path | None = None  # the manifest index version it was opened from, if any
 
     def __repr__(self) -> str:
@@ -367,7 +368,9 @@ class Manifest:
 
         Version 2 (default) combines per-block digests; version 1 is the single hash stores built before used."""
         if version == 1:
-            return self._legacy_fingerprint()
+            if self._legacy is None:
+                self._legacy = self._legacy_fingerprint()
+            return self._legacy
         if version != FINGERPRINT_VERSION:
             raise ValueError(f"unknown manifest fingerprint version {version}")
         known = self.known_fingerprints.get("")

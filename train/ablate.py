@@ -160,7 +160,7 @@ def run_grid(*, data: str, eval_data: str, cache: str, student: str | None, grid
     # recorded in every run's eval.json and in results.json: a URL's secrets never are
     request = {"eval_data": redact_text(eval_data), "eval_split": eval_split,
                "eval_fingerprint": eval_manifest.fingerprint()}
-    earlier_fingerprint = functools.cache(lambda: eval_manifest.fingerprint(1))
+    earlier_fingerprint = functools.partial(eval_manifest.fingerprint, 1)  # computed only if a run needs it
     # every run is checked before any trains: a grid that must refuse does so at once, not hours later
     plan = []
     for s, seed, cfg in runs:
