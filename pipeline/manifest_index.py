@@ -74,9 +74,9 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class IndexPlaces:
     """Where to look for an index (``extra``: read-only copies, e.g. inside a store, tried first) and where to
-    write one (``cache``; None: nowhere, the manifest is read every time)."""
+    write one (``cache``; when it cannot be written, the manifest is read every time)."""
 
-    cache: Path | None
+    cache: Path
     extra: tuple[Path, ...] = ()
 
     @classmethod
@@ -183,9 +183,7 @@ def _trusted(entry: dict, stat: FileStat) -> bool:
     return bool(stat.version) or stat.mtime_ns + _TRUST_SLACK_NS <= int(entry.get("indexed_at_ns", 0))
 
 
-def _writable(cache: Path | None) -> bool:
-    if cache is None:
-        return False
+def _writable(cache: Path) -> bool:
     try:
         cache.mkdir(parents=True, exist_ok=True)
         return os.access(cache, os.W_OK)
@@ -240,16 +238,8 @@ def open_shards(shards: Sequence[ShardToRead], source: str, places: IndexPlaces,
     if not _writable(places.cache):
         return assemble(combine(_scan_all(shards, list(range(len(shards))), workers, progress)), source, id_field)
     family = places.cache / family_key
-    family.mkdir(parents=True, exist_ok=True)
-    folder = _current_version(family)
-    meta = _load_meta(folder) if folder else None
-    if meta and _all_reusable(meta["entries"], shards):
-        return _open_shard_version(folder, meta, shards, source, id_field)
-    with _family_lock(family):
-        folder = _current_version(family)  # another process may have written it while this one waited
-        meta = _load_meta(folder) if folder else None
-        if meta and _all_reusable(meta["entries"], shards):
-            return _open_shard_version(folder, meta, shards, source, id_field)
+
+    def index() -> Callable[[Path], None]:
         known = _ShardsSeen(places.cache, prefix, family)
         scans: list[ShardScan | None] = [None] * len(shards)
         indexed = [time.time_ns()] * len(shards)
@@ -265,9 +255,29 @@ def open_shards(shards: Sequence[ShardToRead], source: str, places: IndexPlaces,
         scan = combine(scans)
         manifest = assemble(scan, source, id_field)  # refuses a source without usable samples before writing
         fingerprints = _fingerprints(manifest)
-        folder = _publish(family, lambda tmp: _write_shard_version(tmp, scan, shards, options, indexed, fingerprints,
-                                                                   source))
-        return _open_shard_version(folder, _load_meta(folder), shards, source, id_field)
+        return lambda tmp: _write_shard_version(tmp, scan, shards, options, indexed, fingerprints, source)
+
+    return _open_or_index(family, lambda meta: _all_reusable(meta["entries"], shards),
+                          lambda folder, meta: _open_shard_version(folder, meta, shards, source, id_field), index)
+
+
+def _open_or_index(family: Path, reusable: Callable[[dict], bool], open_version: Callable[[Path, dict], Manifest],
+                   index: Callable[[], Callable[[Path], None]]) -> Manifest:
+    """The family's current version when ``reusable``, else a new one: ``index()`` (which returns the writer of its
+    files) runs under the family's lock, after looking again, since another process may have written it while this
+    one waited; so two commands indexing the same data at once read it once."""
+    family.mkdir(parents=True, exist_ok=True)
+    folder = _current_version(family)
+    meta = _load_meta(folder) if folder else None
+    if meta and reusable(meta):
+        return open_version(folder, meta)
+    with _family_lock(family):
+        folder = _current_version(family)
+        meta = _load_meta(folder) if folder else None
+        if meta and reusable(meta):
+            return open_version(folder, meta)
+        folder = _publish(family, index())
+    return open_version(folder, _load_meta(folder))
 
 
 class _ShardsSeen:
@@ -408,18 +418,15 @@ def open_annotation_file(path: Path, options: dict, image_root: str, read: Calla
     if not _writable(places.cache):
         return read()
     family = places.cache / _digest({"kind": "annotations", "options": options, "file": os.path.realpath(path)})
-    family.mkdir(parents=True, exist_ok=True)
-    folder = _current_version(family)
-    meta = _load_meta(folder) if folder else None
-    if meta and _trusted(meta["entries"][0], stat):
-        return _open_annotation_version(folder, meta, str(path), image_root)
-    started = time.time_ns()
-    manifest = read()
-    fingerprints = _fingerprints(manifest)
-    with _family_lock(family):
-        folder = _publish(family, lambda tmp: _write_annotation_version(tmp, manifest, stat, started, options,
-                                                                        fingerprints))
-    return _open_annotation_version(folder, _load_meta(folder), str(path), image_root)
+
+    def index() -> Callable[[Path], None]:
+        started = time.time_ns()
+        manifest = read()
+        fingerprints = _fingerprints(manifest)
+        return lambda tmp: _write_annotation_version(tmp, manifest, stat, started, options, fingerprints)
+
+    return _open_or_index(family, lambda meta: _trusted(meta["entries"][0], stat),
+                          lambda folder, meta: _open_annotation_version(folder, meta, str(path), image_root), index)
 
 
 def _write_annotation_version(folder: Path, manifest: Manifest, stat: FileStat, indexed_at: int, options: dict,
