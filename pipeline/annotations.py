@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.columns import StringColumn
 from pipeline.errors import ManifestError
-from pipeline.manifest_table import CaptionTable, ImageTable, Manifest
+from pipeline.manifest_table import CaptionTable, ImageTable, Manifest, narrow_codes
 
 FORMATS = ("karpathy", "caption-json", "csv")
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
@@ -119,7 +119,7 @@ class _Builder:
         if not isinstance(text, str):
             raise ManifestError(f"{self.source}: {where}: caption must be a string, got {type(text).__name__}")
         text = text.strip()
-        if not _CONTROL.sub("", text).strip():
+        if not has_text(text):
             odd = " (only control characters)" if text else ""
             raise ManifestError(f"{self.source}: {where}: caption is empty{odd}")
         self.texts.append(text)
@@ -132,7 +132,7 @@ class _Builder:
         for row, ok in enumerate(self.has_caption):
             if not ok:
                 raise ManifestError(f"{self.source}: {self.where[row]}: image {self.ids[row]!r} has no captions")
-        codes = np.asarray(self.splits, dtype=np.uint8 if len(self.split_labels) <= 256 else np.int32)
+        codes = narrow_codes(np.asarray(self.splits), len(self.split_labels))
         paths = StringColumn.from_strings(self.paths)
         ids = None if self.ids == self.paths else StringColumn.from_strings(self.ids)
         images = ImageTable(codes, list(self.split_labels), paths=paths, ids=ids)
@@ -152,12 +152,19 @@ def _refuse_odd_characters(source: Path, where: str, name: str, value: str | Non
 
 def unusable_characters(value: str) -> str:
     """"the invalid character U+0007 (BELL)" when ``value`` holds a control character or a lone surrogate, else ""."""
+    if value.isascii() and value.isprintable():  # most values: no search needed
+        return ""
     bad = _CONTROL.search(value) or _SURROGATE.search(value)
     if not bad:
         return ""
     char = bad.group()
     label = unicodedata.name(char, "") if not _SURROGATE.match(char) else "lone surrogate"
     return f"the invalid character U+{ord(char):04X}{f' ({label})' if label else ''}"
+
+
+def has_text(value: str) -> bool:
+    """Whether a caption holds text once control characters are set aside."""
+    return bool(_CONTROL.sub("", value).strip())
 
 
 def _id_value(source: Path, where: str, name: str, value: Any) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.annotations import unusable_characters
+from pipeline.annotations import has_text, unusable_characters
 from pipeline.columns import StringColumn
 from pipeline.errors import ManifestError
 from pipeline.manifest_table import Block, CaptionTable, ImageTable, Manifest, ShardColumns, narrow_codes
@@ -34,7 +34,6 @@ FORMAT = "webdataset"
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default: metadata members, never sample members
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _LINE_BREAK = re.compile(r"\r\n|\n|\r")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ODD_IN_TEXT = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but line breaks
 
 
@@ -103,7 +102,7 @@ def scan_shard(shard: str, split: str, rules: ScanRules, local: str | None = Non
 
 def _kept_captions(captions: list[str]) -> list[str]:
     """The captions that hold text once control characters are set aside (kept as written)."""
-    return [c for c in captions if c and _CONTROL.sub("", c).strip()]
+    return [c for c in captions if has_text(c)]
 
 
 def _damage_text(members: TarMembers) -> str:
@@ -156,11 +155,6 @@ class _MemberReader:
     def __call__(self, position: int) -> bytes:
         start = self.offsets[position]
         return self.mapped[start:start + self.sizes[position]]
-
-
-def _usable(value: str) -> str:
-    """"" for a key or id fit to name a row, else what is wrong with it (ASCII printable text is always fit)."""
-    return "" if value.isascii() and value.isprintable() else unusable_characters(value)
 
 
 class _ScanBuilder:
@@ -234,11 +228,11 @@ class _ScanBuilder:
                 return (f"{names['json']}: field {rules.id_field!r} must be a non-empty string or an integer, "
                         f"got {got}")
             image_id = str(value)
-        odd = _usable(key)
+        odd = unusable_characters(key)
         if odd:
             return f"sample key {key!r} contains {odd}"
         if image_id is not key:
-            odd = _usable(image_id)
+            odd = unusable_characters(image_id)
             if odd:
                 return f"image id {image_id!r} contains {odd}"
         sample = len(self.keys)
