@@ -40,11 +40,6 @@ class StringColumn(Sequence[str]):
         return cls(pa.array([v.encode(*_ENCODING) for v in values], type=pa.large_binary()))
 
     @classmethod
-    def from_bytes(cls, values: Iterable[bytes]) -> "StringColumn":
-        """From already-encoded UTF-8 values (the readers decode once to check them, then keep the bytes)."""
-        return cls(pa.array(list(values), type=pa.large_binary()))
-
-    @classmethod
     def empty(cls) -> "StringColumn":
         return cls(pa.array([], type=pa.large_binary()))
 
@@ -120,10 +115,6 @@ class StringColumn(Sequence[str]):
 
     def byte_lengths(self) -> np.ndarray:
         return np.diff(self._offsets)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._offsets[-1] - self._offsets[0]) + 8 * len(self._offsets)
 
     def hash_into(self, digest: "hashlib._Hash", start: int = 0, stop: int | None = None) -> None:
         """Feed rows [start, stop) to ``digest``: their byte lengths (int64, little-endian), then their bytes."""

@@ -50,7 +50,7 @@ import numpy as np
 from pipeline.annotations import split_from_filename
 from pipeline.errors import ImageError, ManifestError
 from pipeline.file_stat import FileStat
-from pipeline.manifest_table import Manifest, shard_file_name
+from pipeline.manifest_table import Manifest
 from pipeline.shard_cache import COMPRESSED_SUFFIXES, is_pipe, is_remote, needs_cache, read_cached_member, shard_cache
 from pipeline.shard_scan import ScanRules
 from teacher_cache.remote import RemoteLocation, is_url, redact_url
@@ -310,11 +310,6 @@ def _check_shard(pattern: str, shard: str) -> None:
         raise ManifestError(f"{where}: shard not found")
     if os.path.isdir(shard):
         raise ManifestError(f"{where}: is a folder, not a tar shard")
-
-
-def shard_name(shard: str) -> str:
-    """The name a shard has in image paths and so in the manifest fingerprint: its file name."""
-    return shard_file_name(shard)
 
 
 def scan_rules(layout: ShardLayout, escaped_newlines: bool = False) -> ScanRules:
