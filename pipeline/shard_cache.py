@@ -163,10 +163,13 @@ class ShardCache:
         for folder, members in folders.items():
             location = self.location(folder)
             listing = self._listing(location) if location.protocol not in _LISTED_PROTOCOLS_SKIP else {}
-            rest = [s for s in members if _split_url(s)[1] not in listing]
+            rest = []  # not in the listing: asked one by one
             for shard in members:
-                if shard not in rest:
-                    out[shard] = _stat_of(shard, listing[_split_url(shard)[1]])
+                info = listing.get(_split_url(shard)[1])
+                if info is None:
+                    rest.append(shard)
+                else:
+                    out[shard] = _stat_of(shard, info)
             if rest:
                 with ThreadPoolExecutor(max_workers=min(_STAT_THREADS, len(rest))) as pool:
                     for shard, stat in zip(rest, pool.map(lambda s: self._info(location, s), rest)):
