@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 from pipeline.errors import ImageError, ManifestError
 from pipeline.file_stat import FileStat
 from pipeline.manifest_table import shard_file_name
-from pipeline.tar_index import compression_of, scan_tar
+from pipeline.tar_index import compression_of, read_at, scan_tar
 from teacher_cache.remote import (BoundedFileCache, RemoteLocation, RetryPolicy, TruncatedTransfer, default_cache_dir,
                                   download, info_mtime_ns, info_version, is_url, location_slug, one_line,
                                   redact_text, redact_url, with_retries)
@@ -234,15 +234,9 @@ class ShardCache:
         for _ in range(3):
             with self.local_copy(shard, stat) as path:
                 try:
-                    with open(path, "rb") as fh:
-                        fh.seek(offset)
-                        data = fh.read(size)
+                    return read_at(path, offset, size, shown(shard))
                 except FileNotFoundError:  # evicted by another process between its check and this read: again
                     continue
-            if len(data) != size:
-                raise ImageError(f"{shown(shard)}: the shard is shorter than when it was indexed ({len(data)} of "
-                                 f"{size} bytes at offset {offset}); was it changed or truncated since?")
-            return data
         raise ImageError(f"{shown(shard)}: its local copy was evicted from the shard cache while being read, three "
                          f"times; give the shard cache more room (--shard-cache-gib)")
 

@@ -53,6 +53,7 @@ from pipeline.file_stat import FileStat
 from pipeline.manifest_table import Manifest
 from pipeline.shard_cache import COMPRESSED_SUFFIXES, is_pipe, is_remote, needs_cache, read_cached_member, shard_cache
 from pipeline.shard_scan import ScanRules
+from pipeline.tar_index import read_at
 from teacher_cache.remote import RemoteLocation, is_url, redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -336,15 +337,9 @@ def read_member(shard: str, offset: int, size: int, stat: FileStat | None = None
     if needs_cache(shard):
         return read_cached_member(shard, offset, size, stat)
     try:
-        with open(shard, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(size)
+        return read_at(shard, offset, size, shard)
     except OSError as exc:
         raise ImageError(f"{shard}: cannot read the shard ({exc.strerror or exc})") from None
-    if len(data) != size:
-        raise ImageError(f"{shard}: the shard is shorter than when it was indexed ({len(data)} of {size} bytes at "
-                         f"offset {offset}); was it changed or truncated since?")
-    return data
 
 
 def shard_row_ranges(manifest: Manifest) -> list[ShardRows]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import ManifestError
+from pipeline.errors import ImageError, ManifestError
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)
@@ -66,6 +66,18 @@ def scan_tar(path: str, shown: str | None = None) -> TarMembers:
         return _scan(mapped, size, shown)
     finally:
         mapped.close()
+
+
+def read_at(path: str | os.PathLike, offset: int, size: int, shown: str) -> bytes:
+    """The ``size`` bytes of a member at ``offset`` of the local tar ``path`` (its index gave both); ImageError naming
+    the shard as ``shown`` when the file is shorter than that. OSError passes through."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise ImageError(f"{shown}: the shard is shorter than when it was indexed ({len(data)} of {size} bytes at "
+                         f"offset {offset}); was it changed or truncated since?")
+    return data
 
 
 def _octal(field: bytes) -> int:

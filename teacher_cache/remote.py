@@ -447,7 +447,8 @@ class BoundedFileCache:
                         else:
                             with self._reserved(size):  # room first: transfers in progress count too
                                 self._fetch(path, fetch, size)
-                            self._evict_over_bound(keep=key)
+                            if not size:  # no room was made ahead (size unknown): make it now
+                                self._evict_over_bound(keep=key)
             yield path
         finally:
             _unlock(in_use)

@@ -85,6 +85,13 @@ class ChunkChecks:
         stop = min(start + self.chunk_rows, int(self.counts.get(modality, 0)))
         return f"{modality} chunk {c} (rows {start}-{stop - 1})"
 
+    def download(self, location: RemoteLocation, rel: str, dest: Path, size: int,
+                 policy: RetryPolicy | None) -> None:
+        """Copy ``rel`` to ``dest`` (see :func:`download`), then check it when it is an embedding chunk."""
+        download(location, rel, dest, size=size, what=f"{self.describe(rel)}, {size} bytes", policy=policy)
+        if self.chunk_of(rel) is not None:
+            self.check(rel, dest.read_bytes(), location.describe(rel))
+
     def check(self, rel: str, data: bytes, where: str) -> None:
         """Raise RemoteError (naming ``where``) when ``rel`` is an embedding chunk whose decoded float16 rows are not
         the ones its build recorded; other files pass (their size is checked as they arrive)."""
@@ -145,11 +152,7 @@ class RemoteStoreFiles:
             return p
 
     def _fetch(self, rel: str, dest: Path) -> None:
-        size = self.files[rel]
-        download(self.location, rel, dest, size=size, what=f"{self.checks.describe(rel)}, {size} bytes",
-                 policy=self.policy)
-        if self.checks.chunk_of(rel) is not None:
-            self.checks.check(rel, dest.read_bytes(), self.location.describe(rel))
+        self.checks.download(self.location, rel, dest, self.files[rel], self.policy)
 
     def size_bytes(self) -> int:
         return sum(self.files.values()) + len(self.root_doc)
@@ -446,8 +449,7 @@ def pull_store(url: str, dest: str | os.PathLike, *, overwrite: bool = False, pr
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            download(remote, rel, tmp, size=int(size), what=f"{checks.describe(rel)}, {size} bytes", policy=policy)
-            checks.check(rel, tmp.read_bytes(), remote.describe(rel))
+            checks.download(remote, rel, tmp, int(size), policy)  # a FAISS index is not read back whole
             os.replace(tmp, target)
             bar.update(int(size))
         tmp = out / f".{ROOT_DOC}.{os.getpid()}.tmp"
