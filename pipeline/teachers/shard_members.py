@@ -75,6 +75,7 @@ class ShardMemberEncoder(EncoderBase):
         self.dim = 0
         self._manifest = None
         self._first_caption: np.ndarray | None = None
+        self._last: tuple[int, np.ndarray] | None = None
         self._maps: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
 
     # ------------------------------------------------------------------ binding
@@ -88,6 +89,7 @@ class ShardMemberEncoder(EncoderBase):
             raise EncoderError(f"{self.spec}: caption rows are read per sample, which --id-field merges across "
                                "samples; build without --id-field")
         self._manifest = manifest
+        self._last = None
         if self.modality == "text":
             rows = manifest.caption_image_rows()
             self._first_caption = np.searchsorted(rows, np.arange(len(images)), side="left")
@@ -136,13 +138,16 @@ class ShardMemberEncoder(EncoderBase):
                                f"({len(array)} rows)")
         return array[k]
 
-    def _where(self, image_row: int) -> str:
-        member = self._manifest.images.member(image_row)
+    def _where(self, image_row: int, member=None) -> str:
+        member = member or self._manifest.images.member(image_row)
         return f"{member.shard}: sample {member.key!r} (image row {image_row})"
 
     def _array(self, image_row: int, error: type[Exception]) -> np.ndarray:
+        """The sample's array; the last one read is kept, since a sample's caption rows come one after another."""
+        if self._last is not None and self._last[0] == image_row:
+            return self._last[1]
         member = self._manifest.images.member(image_row)
-        where = self._where(image_row)
+        where = self._where(image_row, member)
         found = self._members(member.shard, member.stat).get(member.key)
         if found is None:
             raise error(f"{where}: no {self.member.ext} member ({self.spec})")
@@ -159,6 +164,7 @@ class ShardMemberEncoder(EncoderBase):
             array = array[None, :]
         if array.ndim != 2 or not len(array):
             raise error(f"{where}: {self.member.field} has shape {array.shape}, expected [rows, dim]")
+        self._last = (image_row, array)
         return array
 
     def _members(self, shard: str, stat: FileStat | None) -> dict[str, tuple[int, int]]:
