@@ -27,8 +27,9 @@ import numpy as np
 from pipeline.columns import StringColumn
 from pipeline.errors import ManifestError
 from pipeline.manifest_table import CaptionTable, ImageTable, Manifest, narrow_codes
+from pipeline.source_names import ANNOTATION_FORMATS
 
-FORMATS = ("karpathy", "caption-json", "csv")
+FORMATS = ANNOTATION_FORMATS
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")

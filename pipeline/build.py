@@ -4,21 +4,13 @@ The job is resumable chunk by chunk (finished chunks carry a marker and are neve
 split over torchrun ranks (each takes a contiguous share of the unfinished chunks of one store), and
 overlaps image decoding (DataLoader workers) with the teacher's forward pass.
 
-Testing hook: ``CUSA_FAULT_AT="STAGE:N[:ACTION]"`` makes the N-th arrival (1-based) at STAGE end the process with
-SIGKILL (ACTION ``kill``, the default), raise ``OSError(ENOSPC)`` (``enospc``) or hang until killed (``stall``), so
-tests can stop a build at a chosen point. Stages, in build order: ``store_ready``, ``image_batch``,
-``image_chunk_data`` (rows written, marker not yet), ``image_chunk_written``, ``images_done``, ``text_batch``,
-``text_chunk_data``, ``text_chunk_written``, ``texts_done``, ``neighbors_images`` and ``neighbors_texts`` (table
-and index written, marker not yet), ``before_finalize``, ``after_finalize``; and ``push_file`` (after each file
-`cusa-cache push` uploads). Unset, it costs nothing.
+Tests stop a build at a chosen point through ``CUSA_FAULT_AT`` (pipeline/faults.py).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +25,7 @@ from tqdm.auto import tqdm
 from pipeline.captions import TeacherCaptions, teacher_captions
 from pipeline.distributed import DistContext, init_distributed, resolve_device, shutdown_distributed, split_evenly
 from pipeline.errors import CusaError, ImageError
+from pipeline.faults import FaultInjector
 from pipeline.images import open_image
 from pipeline.manifest import FINGERPRINT_VERSION, Manifest, read_manifest
 from pipeline.manifest_index import keep_copy
@@ -47,47 +40,6 @@ from teacher_cache.remote import redact_text
 from teacher_cache.store import DEFAULT_CHUNK_ROWS, MODALITIES, BuildLock, Store, StoreLayout
 
 ON_BAD_IMAGE = ("fail", "skip")
-FAULT_ENV = "CUSA_FAULT_AT"
-FAULT_STAGES = ("store_ready", "image_batch", "image_chunk_data", "image_chunk_written", "images_done", "text_batch",
-                "text_chunk_data", "text_chunk_written", "texts_done", "neighbors_images", "neighbors_texts",
-                "before_finalize", "after_finalize", "push_file")
-FAULT_ACTIONS = ("kill", "enospc", "stall")
-
-
-class FaultInjector:
-    """The testing hook described in the module docstring; built from ``CUSA_FAULT_AT`` by :meth:`from_env`."""
-
-    def __init__(self, stage: str | None = None, count: int = 1, action: str = "kill"):
-        self.stage, self.count, self.action = stage, count, action
-        self.seen = 0
-
-    @classmethod
-    def from_env(cls) -> "FaultInjector":
-        spec = os.environ.get(FAULT_ENV, "").strip()
-        if not spec:
-            return cls()
-        parts = spec.split(":")
-        stage, count, action = parts[0], parts[1] if len(parts) > 1 else "1", parts[2] if len(parts) > 2 else "kill"
-        if stage not in FAULT_STAGES or not count.isdigit() or int(count) < 1 or action not in FAULT_ACTIONS \
-                or len(parts) > 3:
-            raise CusaError(f"{FAULT_ENV}={spec!r}: expected STAGE:N[:ACTION] with STAGE one of "
-                            f"{', '.join(FAULT_STAGES)}, N ≥ 1 and ACTION one of {', '.join(FAULT_ACTIONS)}")
-        return cls(stage, int(count), action)
-
-    def at(self, stage: str, path: str = "") -> None:
-        if stage != self.stage:
-            return
-        self.seen += 1
-        if self.seen != self.count:
-            return
-        if self.action == "enospc":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path or None)
-        if self.action == "stall":
-            while True:
-                time.sleep(60)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 @dataclass
 class BuildConfig:
     annotations: str

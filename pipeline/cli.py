@@ -325,7 +325,7 @@ def push(store_path, url, overwrite, as_json):
     """Upload the complete store STORE to URL (s3://, gs://, hf:// or a folder), each chunk verified first; its
     completion mark goes up last, so an interrupted push leaves a store every reader refuses as incomplete.
     Credentials come from the environment (AWS_*, ~/.aws, Google credentials, HF_TOKEN), never from a flag."""
-    from pipeline.build import FaultInjector
+    from pipeline.faults import FaultInjector
     from teacher_cache.remote_store import push_store
 
     faults = FaultInjector.from_env()

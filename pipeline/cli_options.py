@@ -7,9 +7,7 @@ import os
 
 import click
 
-from pipeline.manifest import FORMATS
-from pipeline.manifest_index import MANIFEST_CACHE_ENV
-from pipeline.shard_cache import SHARD_CACHE_ENV, SHARD_CACHE_GIB_ENV
+from pipeline.source_names import FORMATS, MANIFEST_CACHE_ENV, SHARD_CACHE_ENV, SHARD_CACHE_GIB_ENV
 
 FORMAT_CHOICES = ("auto", *FORMATS)
 

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.annotations import FORMATS as ANNOTATION_FORMATS
 from pipeline.annotations import (CSV_SUFFIXES, json_format, load_json, read_annotations, split_from_filename,
                                   unknown_extension, unusable_characters)
 from pipeline.errors import ManifestError
@@ -27,12 +26,12 @@ from pipeline.manifest_table import (FINGERPRINT_VERSION, Block, CaptionRecord, 
                                      Manifest, ShardMember)
 from pipeline.shard_cache import needs_cache
 from pipeline.shards import ShardLayout, is_shard_source, parse_shard_source, scan_rules, shard_stats
+from pipeline.source_names import FORMATS
 from teacher_cache.remote import is_url, redact_url
 
 __all__ = ["FORMATS", "FINGERPRINT_VERSION", "Block", "CaptionRecord", "CaptionTable", "ImageRecord", "ImageTable",
            "Manifest", "ShardMember", "detect_format", "read_manifest", "split_from_filename", "unusable_characters"]
 
-FORMATS = (*ANNOTATION_FORMATS, "webdataset")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

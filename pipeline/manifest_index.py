@@ -47,12 +47,12 @@ from pipeline.manifest_table import Block, CaptionTable, ImageTable, Manifest, n
 from pipeline.shard_cache import is_remote, needs_cache, shard_cache
 from pipeline.shard_read_ahead import ShardReadAhead
 from pipeline.shard_scan import ScanRules, ShardEntry, ShardScan, SourceScan, assemble, combine, scan_shard
+from pipeline.source_names import MANIFEST_CACHE_ENV
 from teacher_cache.remote import redact_text
 
 INDEX_VERSION = 1
 STORE_INDEX_DIR = "manifest"
 CACHE_ENV = "CUSA_CACHE_DIR"
-MANIFEST_CACHE_ENV = "CUSA_MANIFEST_CACHE"
 _TRUST_SLACK_NS = 2_000_000_000
 _CURRENT = "current"
 _META = "meta.json"

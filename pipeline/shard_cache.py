@@ -38,13 +38,12 @@ from typing import Callable, Iterator, Sequence
 from pipeline.errors import ImageError, ManifestError
 from pipeline.file_stat import FileStat
 from pipeline.manifest_table import shard_file_name
+from pipeline.source_names import SHARD_CACHE_ENV, SHARD_CACHE_GIB_ENV
 from pipeline.tar_index import compression_of, read_at, scan_tar
 from teacher_cache.remote import (BoundedFileCache, RemoteLocation, RetryPolicy, TruncatedTransfer, default_cache_dir,
                                   download, info_mtime_ns, info_version, is_url, location_slug, one_line,
                                   redact_text, redact_url, with_retries)
 
-SHARD_CACHE_ENV = "CUSA_SHARD_CACHE"
-SHARD_CACHE_GIB_ENV = "CUSA_SHARD_CACHE_GIB"
 DEFAULT_SHARD_CACHE_GIB = 10.0
 GIB = 1 << 30
 PIPE = "pipe:"

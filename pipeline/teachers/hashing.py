@@ -8,8 +8,10 @@ import hashlib
 import importlib.metadata
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @functools.lru_cache(maxsize=256)
@@ -46,8 +48,10 @@ def directory_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def state_dict_sha256(module: torch.nn.Module) -> str:
+def state_dict_sha256(module: "torch.nn.Module") -> str:
     """sha256 hex over a module's parameters and buffers (names, dtypes, shapes and bytes)."""
+    import torch  # here: the file hashes above serve commands that never load a model
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
