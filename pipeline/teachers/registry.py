@@ -130,16 +130,16 @@ TEACHERS: tuple[TeacherKind, ...] = (
 )
 
 
-def _forms(table: tuple[TeacherKind, ...] | None, modality: str) -> list[SpecForm]:
-    return [f for kind in (TEACHERS if table is None else table) for f in kind.accepts if f.modality == modality]
+def _forms(modality: str) -> list[SpecForm]:
+    return [f for kind in TEACHERS for f in kind.accepts if f.modality == modality]
 
 
-def accepted_specs(table: tuple[TeacherKind, ...] | None = None) -> str:
-    """The spec forms of the registry (or ``table``) by modality, for error messages: 'text: "minilm-l6", ...;
+def accepted_specs() -> str:
+    """The spec forms of the registry by modality, for error messages: 'text: "minilm-l6", ...;
     image: ...'."""
     parts = []
     for modality in _LISTED:
-        forms = [f'"{f.form}"' for f in _forms(table, modality)]
+        forms = [f'"{f.form}"' for f in _forms(modality)]
         parts.append(f"{modality}: {', '.join(forms)}")
     return "; ".join(parts)
 
@@ -147,13 +147,13 @@ def accepted_specs(table: tuple[TeacherKind, ...] | None = None) -> str:
 ACCEPTED_SPECS = accepted_specs()
 
 
-def find_kind(spec: str, table: tuple[TeacherKind, ...] | None = None) -> TeacherKind:
-    """The row of the registry (or ``table``) that recognises ``spec``; EncoderError naming the accepted forms when
+def find_kind(spec: str) -> TeacherKind:
+    """The row of the registry that recognises ``spec``; EncoderError naming the accepted forms when
     none does."""
-    for kind in TEACHERS if table is None else table:
+    for kind in TEACHERS:
         if kind.matches(spec):
             return kind
-    raise EncoderError(f"unknown encoder spec {spec!r}; accepted: {accepted_specs(table)}")
+    raise EncoderError(f"unknown encoder spec {spec!r}; accepted: {accepted_specs()}")
 
 
 def build_encoder(spec: str, modality: str, device: str = "cpu") -> Encoder:
@@ -171,8 +171,8 @@ def build_encoder(spec: str, modality: str, device: str = "cpu") -> Encoder:
     return kind.build(SpecRequest(spec, body, modality, device))
 
 
-def spec_list_markdown(table: tuple[TeacherKind, ...] | None = None) -> str:
-    """The registry (or ``table``) as the markdown page docs/teachers.md: the spec forms by modality, each with its
+def spec_list_markdown() -> str:
+    """The registry as the markdown page docs/teachers.md: the spec forms by modality, each with its
     help."""
     lines = [
         "# Teacher specs",
@@ -186,7 +186,7 @@ def spec_list_markdown(table: tuple[TeacherKind, ...] | None = None) -> str:
     ]
     for modality in _LISTED:
         lines += ["", f"## {modality.capitalize()}", ""]
-        lines += [f"- `{f.form}`: {f.help}" for f in _forms(table, modality)]
+        lines += [f"- `{f.form}`: {f.help}" for f in _forms(modality)]
     defaults = f"Defaults: text `{DEFAULT_TEXT_TEACHER}`, image `{DEFAULT_IMAGE_TEACHER}`."
     return "\n".join([*lines, "", defaults]) + "\n"
 
