@@ -26,7 +26,7 @@ import torch
 
 from pipeline.errors import one_line
 from train.checkpoint import load_checkpoint
-from train.factory import CHECKPOINT_BEST, CHECKPOINT_LAST, load_trained_student
+from train.factory import CHECKPOINT_BEST, CHECKPOINT_LAST, student_from_checkpoint
 from train.exported import (HEAD_PREFIXES, HEADS_FILE, HEADS_FORMAT, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS,
                             OPEN_CLIP_WEIGHTS_BIN)
 from train.model_card import model_card_facts, render_model_card
@@ -70,8 +70,8 @@ def resolve_export_checkpoint(run: str | os.PathLike, checkpoint: str = "best") 
 
 def check_exportable(source: ExportSource) -> dict:
     """The run's saved configuration; ValueError in one line for a student open_clip cannot express."""
-    config = source.ckpt.get("config")
-    if "student" not in source.ckpt or not isinstance(config, dict):
+    config = source.ckpt["config"]  # load_checkpoint refused a file without it
+    if not isinstance(config, dict):
         raise ValueError(f"{source.checkpoint}: not a cusa-train checkpoint")
     student = str(config.get("student", ""))
     kind = parse_student_spec(student).kind
@@ -88,20 +88,21 @@ def check_exportable(source: ExportSource) -> dict:
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "best", fmt: str = "open_clip",
-               safetensors_only: bool = False, overwrite: bool = False, test: dict | None = None) -> dict[str, Any]:
+               safetensors_only: bool = False, overwrite: bool = False, test: dict | None = None,
+               source: ExportSource | None = None) -> dict[str, Any]:
     """Write the open_clip folder of ``run``'s checkpoint into ``out`` (atomically: a half-written export never
-    stands at OUT). ``test``: recalls measured on test data, for the model card. Returns the export's summary."""
+    stands at OUT). ``test``: recalls measured on test data, for the model card; ``source``: the run's checkpoint
+    already read (as ``cusa-export --test-data`` has it, to refuse before evaluating). Returns the export's summary."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"--format {fmt}: unknown export format (known: {', '.join(EXPORT_FORMATS)})")
-    run_dir, checkpoint_path = resolve_export_checkpoint(run, checkpoint)
+    run_dir, checkpoint_path = (source.run, source.checkpoint) if source else resolve_export_checkpoint(run, checkpoint)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: already exists; choose another folder or pass --overwrite")
-    source = ExportSource(run_dir, checkpoint_path, load_checkpoint(checkpoint_path))
+    source = source or ExportSource(run_dir, checkpoint_path, load_checkpoint(checkpoint_path))
+    ckpt = source.ckpt
     config = check_exportable(source)
-
-
-    student, cfg, ckpt = load_trained_student(checkpoint_path, "cpu")
+    student, cfg = student_from_checkpoint(ckpt, checkpoint_path, "cpu")
     model_cfg = open_clip_model_config(student.arch, checkpoint_path)
     tmp = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)

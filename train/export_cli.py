@@ -32,22 +32,23 @@ def export_main(run, out, fmt, checkpoint, safetensors_only, test_data, test_spl
                 private, revision, as_json):
     """Write RUN's open_clip student into OUT as open_clip's save_for_hf lays it out, with a model card
     (README.md) and CUSA's heads in cusa_heads.safetensors."""
-    from train.export import check_exportable, check_hub_online, export_run, push_folder, resolve_export_checkpoint
+    from train.checkpoint import load_checkpoint
+    from train.export import (ExportSource, check_exportable, check_hub_online, export_run, push_folder,
+                              resolve_export_checkpoint)
 
     if repo_id:
         check_hub_online()  # before any work
-    test = None
+    test, source = None, None
     if test_data:
-        from train.checkpoint import load_checkpoint
         from train.evaluation_run import evaluate_run
-        from train.export import ExportSource
 
         run_dir, path = resolve_export_checkpoint(run, checkpoint)
-        check_exportable(ExportSource(run_dir, path, load_checkpoint(path)))  # refuse before evaluating
+        source = ExportSource(run_dir, path, load_checkpoint(path))  # read once: checked here, exported below
+        check_exportable(source)  # refuse before evaluating
         result = evaluate_run(path, test_data, split=test_split, device=device, progress=not as_json)
         test = {**{k: v for k, v in result.items() if not isinstance(v, (list, dict))}, "data": test_data}
     summary = export_run(run, out, checkpoint=checkpoint, fmt=fmt, safetensors_only=safetensors_only,
-                         overwrite=overwrite, test=test)
+                         overwrite=overwrite, test=test, source=source)
     if repo_id:
         summary["hub"] = push_folder(out, repo_id, private=private, revision=revision)
     lines = [f"exported  {summary['checkpoint']} (epoch {summary['epoch']}) → {summary['out']}",

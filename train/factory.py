@@ -61,11 +61,15 @@ def resolve_checkpoint(run: str | Path) -> Path:
 
 def load_trained_student(checkpoint: Path, device: str) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
     """(the student in eval mode on ``device``, the run's settings, the checkpoint) of a checkpoint file."""
-    ckpt = load_checkpoint(checkpoint)
-    if "student" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{checkpoint}: not a cusa-train checkpoint")
+    ckpt = load_checkpoint(checkpoint)  # refuses a file without the keys every checkpoint has
+    student, cfg = student_from_checkpoint(ckpt, checkpoint, device)
+    return student, cfg, ckpt
+
+
+def student_from_checkpoint(ckpt: dict[str, Any], checkpoint: Path, device: str) -> tuple[torch.nn.Module, TrainConfig]:
+    """(the student in eval mode on ``device``, the run's settings) of a checkpoint already read from ``checkpoint``."""
     cfg = TrainConfig.from_dict(dict(ckpt["config"]))
     vocab = kind_of(cfg.student).recorded_vocab(ckpt, checkpoint)
     student = build_student(cfg, ckpt.get("dims", {}), vocab, weights_from_checkpoint=True)
     student.load_state_dict(ckpt["student"])
-    return student.to(device).eval(), cfg, ckpt
+    return student.to(device).eval(), cfg

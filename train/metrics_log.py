@@ -60,6 +60,17 @@ def _numbers(record: dict[str, Any], path: str = "") -> Iterator[tuple[str, floa
             yield name, float(value)
 
 
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order (none when it does not exist); a line torn by a kill is left out."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
 class MetricsLogger:
     """Appends records to ``metrics.jsonl`` and mirrors them to the requested reporting targets.
 
@@ -79,20 +90,11 @@ class MetricsLogger:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")  # a line torn by a kill stays one bad line instead of spoiling the next record
-        logged = [scalars(r) for r in self._records()] if self.targets else []
+        logged = [scalars(r) for r in read_records(self.path)] if self.targets else []
         if "tensorboard" in self.targets:
             self._open_tensorboard(logged)
         if "wandb" in self.targets:
             self._wandb = WandbReporter(self.run_dir, run_config or {}, logged, resumed)
-
-    def _records(self) -> Iterator[dict[str, Any]]:
-        if not self.path.is_file():
-            return
-        for line in self.path.read_text().splitlines():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
 
     def _open_tensorboard(self, logged: list[tuple[str, int, dict[str, float]]]) -> None:
         from torch.utils.tensorboard import SummaryWriter

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from train.exported import HEADS_FILE
+from train.metrics_log import read_records
 
 _RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -48,14 +49,19 @@ def store_teachers(config: dict) -> dict[str, Any]:
     from teacher_cache.store import Store
 
     out: dict[str, Any] = {}
+    teachers: dict[str, dict | None] = {}  # of each store, opened once (one store serves both roles by default)
     for role, key in (("image", "image_cache"), ("text", "text_cache")):
         path = config.get(key) or config.get("cache")
         if not path:
             continue
-        try:
-            out[role] = Store.open(path).teachers.get(role)
-        except (StoreError, OSError, ValueError):
-            out[role] = {"unknown": f"store {path} not found where the run recorded it"}
+        if path not in teachers:
+            try:
+                teachers[path] = Store.open(path).teachers
+            except (StoreError, OSError, ValueError):
+                teachers[path] = None
+        found = teachers[path]
+        out[role] = found.get(role) if found is not None else {"unknown": f"store {path} not found where the run "
+                                                                          "recorded it"}
     return out
 
 
@@ -66,14 +72,7 @@ def checkpoint_val_recalls(run: Path, ckpt: dict) -> dict | None:
     best = ckpt.get("best") or {}
     if best.get("epoch") == epoch and best.get("metrics"):
         return dict(best["metrics"])
-    log = run / "metrics.jsonl"
-    if not log.is_file():
-        return None
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in read_records(run / "metrics.jsonl"):
         if record.get("kind") == "epoch" and record.get("epoch") == epoch and isinstance(record.get("val"), dict):
             return dict(record["val"])
     return None
